@@ -1,0 +1,5 @@
+"""`python -m imgbatch`."""
+
+from imgbatch.cli import main
+
+main()

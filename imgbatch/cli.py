@@ -1,0 +1,237 @@
+"""The typer app: options -> Settings, call the library, map errors to exit codes.
+
+Nothing here walks, hashes or analyses; every command forwards to one library call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+
+from imgbatch import __version__
+from imgbatch.config import Settings, load_settings, state_dir
+from imgbatch.errors import ExitCode, ImgbatchError
+from imgbatch.output import (
+    JsonlSink,
+    OutputClosed,
+    Progress,
+    human_bytes,
+    human_duration,
+    setup_logging,
+)
+
+log = logging.getLogger("imgbatch")
+
+app = typer.Typer(
+    name="imgbatch",
+    help="Hash and analyse huge image folders, resumably, as JSON Lines on stdout.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# -- shared options ----------------------------------------------------------------
+
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        envvar="IMGBATCH_CONFIG",
+        help="Config file (default: $XDG_CONFIG_HOME/imgbatch/config.toml when it exists).",
+        show_default=False,
+    ),
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs and tracebacks.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Errors only on stderr.")]
+CheckpointOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--checkpoint",
+        help="State folder (hash cache, checkpoint); default: one "
+        "per ROOT under $XDG_CACHE_HOME/imgbatch.",
+        show_default=False,
+    ),
+]
+BatchSizeOpt = Annotated[
+    int | None, typer.Option("--batch-size", help="Files per batch [100].", show_default=False)
+]
+AllFilesOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--all-files/--images-only",
+        help="Every file, not only image extensions.",
+        show_default=False,
+    ),
+]
+HiddenOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--include-hidden/--skip-hidden",
+        help="Descend into hidden files and folders.",
+        show_default=False,
+    ),
+]
+FollowOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--follow-symlinks/--no-follow-symlinks",
+        help="Follow symlinks; each folder is visited once.",
+        show_default=False,
+    ),
+]
+ExcludeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exclude",
+        help="Glob to leave out "
+        "(repeatable): with '/', against the path relative to ROOT; without, "
+        "against any basename.",
+        show_default=False,
+    ),
+]
+LogEveryOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--log-every",
+        help="Seconds between progress lines when stderr is not a terminal [30].",
+        show_default=False,
+    ),
+]
+
+
+@contextmanager
+def _command(verbose: bool, quiet: bool) -> Iterator[None]:
+    """Run a command body: library errors become one stderr line and an exit code."""
+    setup_logging(verbose, quiet)
+    debug = verbose or os.environ.get("IMGBATCH_DEBUG") == "1"
+    try:
+        yield
+    except ImgbatchError as exc:
+        if debug:
+            traceback.print_exc()
+        log.error("error: %s", exc)
+        raise typer.Exit(int(exc.exit_code)) from None
+    except OutputClosed:
+        raise typer.Exit(int(ExitCode.OK)) from None
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        raise typer.Exit(int(ExitCode.SIGINT)) from None
+
+
+def _settings(config: str | None, **flags: Any) -> Settings:
+    if flags.get("exclude") == []:
+        flags["exclude"] = None  # typer gives [] for "not given"
+    return load_settings(config, flags)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"imgbatch {__version__}", err=True)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Hash and analyse huge image folders, resumably, as JSON Lines on stdout."""
+
+
+@app.command()
+def scan(
+    root: Annotated[str, typer.Argument(help="Folder to walk.", show_default=False)],
+    batch_size: BatchSizeOpt = None,
+    all_files: AllFilesOpt = None,
+    include_hidden: HiddenOpt = None,
+    follow_symlinks: FollowOpt = None,
+    exclude: ExcludeOpt = None,
+    hash: Annotated[
+        bool | None,
+        typer.Option(
+            "--hash/--no-hash",
+            help="Hash contents (--no-hash: metadata only, no file opened).",
+            show_default=False,
+        ),
+    ] = None,
+    hash_threads: Annotated[
+        int | None,
+        typer.Option("--hash-threads", help="Threads hashing large files [2].", show_default=False),
+    ] = None,
+    hash_cache: Annotated[
+        bool | None,
+        typer.Option(
+            "--hash-cache/--no-hash-cache",
+            help="Reuse hashes of unchanged files.",
+            show_default=False,
+        ),
+    ] = None,
+    checkpoint: CheckpointOpt = None,
+    log_every: LogEveryOpt = None,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """List every image under ROOT with its content hash: one JSON line per file."""
+    from imgbatch.scanner import run_scan
+
+    with _command(verbose, quiet):
+        settings = _settings(
+            config,
+            batch_size=batch_size,
+            all_files=all_files,
+            include_hidden=include_hidden,
+            follow_symlinks=follow_symlinks,
+            exclude=exclude,
+            hash=hash,
+            hash_threads=hash_threads,
+            hash_cache=hash_cache,
+            checkpoint=checkpoint,
+            log_every=log_every,
+        )
+        start = time.monotonic()
+        sink = JsonlSink(flush_every=settings.batch_size)
+        with Progress("files", settings.log_every, enabled=not quiet) as progress:
+            try:
+                stats = run_scan(root, settings, sink, progress, state_dir(root, settings))
+            finally:
+                _close_quietly(sink.close)
+        skipped = ", ".join(f"{n} {why}" for why, n in sorted(stats.skipped.items()))
+        log.info(
+            "scanned %s files (%s) in %s; %s errors; %s skipped%s",
+            f"{stats.files:,}",
+            human_bytes(stats.bytes),
+            human_duration(time.monotonic() - start),
+            f"{stats.errors:,}",
+            f"{stats.skipped_total:,}",
+            f" ({skipped})" if skipped else "",
+        )
+        if stats.errors:
+            raise typer.Exit(int(ExitCode.ITEM_FAILURES))
+
+
+def _close_quietly(close: Callable[[], None]) -> None:
+    try:
+        close()
+    except (OutputClosed, OSError):
+        pass
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:  # before a command's own handler is in place
+        sys.exit(int(ExitCode.SIGINT))

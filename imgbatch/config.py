@@ -1,0 +1,200 @@
+"""Settings and their loading, in one place: defaults < config file < IMGBATCH_* env < flags.
+
+Every setting is a field of `Settings`; its metadata names the config-file section.
+The key in the file is the field name without the section prefix (`gemini_model` is
+`[gemini] model`); the environment variable is `IMGBATCH_` + the field name in upper
+case (`IMGBATCH_GEMINI_MODEL`, `IMGBATCH_BATCH_SIZE`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imgbatch.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+def _s(default: Any, section: str, help: str) -> Any:
+    if isinstance(default, (list, tuple)):
+        return field(default=tuple(default), metadata={"section": section, "help": help})
+    return field(default=default, metadata={"section": section, "help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of imgbatch with its default; see the top-level config.toml."""
+
+    # [scan]
+    batch_size: int = _s(100, "scan", "files per batch handed to the pipeline")
+    all_files: bool = _s(False, "scan", "list every file, not only image extensions")
+    include_hidden: bool = _s(False, "scan", "descend into hidden files and folders")
+    follow_symlinks: bool = _s(False, "scan", "follow symlinks (each folder visited once)")
+    exclude: tuple[str, ...] = _s((), "scan", "glob patterns to leave out")
+    hash: bool = _s(True, "scan", "hash file contents (xxh3-128)")
+    hash_threads: int = _s(2, "scan", "threads hashing large files")
+    hash_cache: bool = _s(True, "scan", "reuse hashes of unchanged files")
+    # [state]
+    checkpoint: str = _s("", "state", "state folder; '' = per root under the cache dir")
+    # [output]
+    log_every: float = _s(30.0, "output", "seconds between progress lines off a terminal")
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+SECTIONS = ("scan", "state", "output")
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def file_key(name: str) -> tuple[str, str]:
+    """(section, key) under which the setting `name` appears in config.toml."""
+    section = _FIELDS[name].metadata["section"]
+    prefix = section + "_"
+    return section, name[len(prefix) :] if name.startswith(prefix) else name
+
+
+def env_var(name: str) -> str:
+    """The environment variable that sets `name`."""
+    return "IMGBATCH_" + name.upper()
+
+
+_BY_FILE_KEY = {file_key(name): name for name in _FIELDS}
+
+
+def _coerce(name: str, value: Any, origin: str) -> Any:
+    """Check and convert `value` to the type of setting `name`."""
+    default = _FIELDS[name].default
+    from_text = isinstance(value, str)
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            if from_text and value.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if from_text and value.strip().lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError("expected true or false")
+        if isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise ValueError("expected an integer")
+            return int(value)
+        if isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError("expected a number")
+            return float(value)
+        if isinstance(default, tuple):
+            if from_text:
+                return tuple(p.strip() for p in value.split(",") if p.strip())
+            if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                return tuple(value)
+            raise ValueError("expected a list of strings")
+        if not from_text:
+            raise ValueError("expected a string")
+        return value
+    except ValueError as exc:
+        raise ConfigError(f"{origin}: invalid value for {name}: {exc}") from None
+
+
+def config_path(explicit: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path | None:
+    """The config file to read: `--config`, else the user's one if it exists (never the cwd)."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    path = Path(base) / "imgbatch" / "config.toml"
+    return path if path.is_file() else None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Settings from a TOML file, by field name; unknown keys are an error with a hint."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    valid = [f"{s}.{k}" for s, k in _BY_FILE_KEY]
+    out: dict[str, Any] = {}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(_unknown(path, section, valid + list(SECTIONS)))
+        for key, value in table.items():
+            name = _BY_FILE_KEY.get((section, key))
+            if name is None:
+                raise ConfigError(_unknown(path, f"{section}.{key}", valid))
+            out[name] = _coerce(name, value, f"{path} [{section}] {key}")
+    return out
+
+
+def _unknown(path: Path, key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{path}: unknown setting {key!r}{hint}"
+
+
+def load_settings(
+    config: str | os.PathLike[str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Settings with the precedence defaults < config file < environment < flags.
+
+    `flags` holds only the options given on the command line (None means not given).
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = config_path(config or env.get("IMGBATCH_CONFIG"), env)
+    if path is not None:
+        values.update(read_config_file(path))
+    for name in _FIELDS:
+        raw = env.get(env_var(name))
+        if raw is not None:
+            values[name] = _coerce(name, raw, f"environment {env_var(name)}")
+    for name, value in (flags or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value, f"option --{name.replace('_', '-')}")
+    settings = Settings(**values)
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    if s.batch_size < 1:
+        raise ConfigError("batch_size must be at least 1")
+    if s.hash_threads < 1:
+        raise ConfigError("hash_threads must be at least 1")
+    if s.log_every <= 0:
+        raise ConfigError("log_every must be positive")
+
+
+def state_dir(root: str, settings: Settings, env: Mapping[str, str] | None = None) -> Path:
+    """Where the state (hash cache, checkpoint) of ROOT lives.
+
+    `checkpoint` when set, else `$XDG_CACHE_HOME/imgbatch/<name>-<hash of the path>`.
+    """
+    if settings.checkpoint:
+        return Path(settings.checkpoint).expanduser()
+    env = os.environ if env is None else env
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    raw = os.fsencode(os.path.abspath(root))
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    name = (
+        re.sub(
+            r"[^A-Za-z0-9._-]+", "_", os.path.basename(raw.rstrip(b"/")).decode("utf-8", "replace")
+        )[:40]
+        or "root"
+    )
+    return Path(base) / "imgbatch" / f"{name}-{digest}"

@@ -1,0 +1,93 @@
+"""One exception hierarchy, the normalised per-item error codes, and the exit codes."""
+
+from __future__ import annotations
+
+from enum import Enum, IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes; the README's table is generated from the same meanings."""
+
+    OK = 0  # every item of this run ok, or nothing to do
+    ITEM_FAILURES = 1  # finished, but some items of this run failed
+    USAGE = 2  # usage or configuration error
+    LOCKED = 3  # another run holds the checkpoint's lock
+    QUOTA = 4  # the daily quota is exhausted: stopped early, resume later
+    FATAL = 5  # key rejected, checkpoint unusable, anything unexpected
+    SIGINT = 130
+    SIGTERM = 143
+
+
+class ErrorCode(str, Enum):
+    """Normalised per-item error codes, the `error.code` of a failed record."""
+
+    TIMEOUT = "TIMEOUT"
+    RATE_LIMIT = "RATE_LIMIT"
+    NETWORK_ERROR = "NETWORK_ERROR"
+    AI_ERROR = "AI_ERROR"
+    BLOCKED = "BLOCKED"
+    BAD_IMAGE = "BAD_IMAGE"
+    IO_ERROR = "IO_ERROR"
+    AUTH_ERROR = "AUTH_ERROR"
+
+    @property
+    def transient(self) -> bool:
+        """Whether an item that ended with this code is retried by the next run."""
+        return self in _TRANSIENT
+
+
+_TRANSIENT = frozenset(
+    {ErrorCode.TIMEOUT, ErrorCode.RATE_LIMIT, ErrorCode.NETWORK_ERROR, ErrorCode.AI_ERROR}
+)
+
+
+class ImgbatchError(Exception):
+    """Base of every error that stops a command; the CLI maps it to `exit_code`."""
+
+    exit_code: ExitCode = ExitCode.FATAL
+
+
+class UsageError(ImgbatchError):
+    """Bad arguments, a missing root, an invalid configuration file."""
+
+    exit_code = ExitCode.USAGE
+
+
+class ConfigError(UsageError):
+    """The configuration file or environment holds something invalid."""
+
+
+class LockHeldError(ImgbatchError):
+    """Another run holds the checkpoint's lock."""
+
+    exit_code = ExitCode.LOCKED
+
+
+class QuotaExhaustedError(ImgbatchError):
+    """The provider's per-day quota is used up; the next run resumes."""
+
+    exit_code = ExitCode.QUOTA
+
+
+class FatalError(ImgbatchError):
+    """Nothing more can be done in this run: key rejected, checkpoint unusable."""
+
+    exit_code = ExitCode.FATAL
+
+
+class CheckpointError(FatalError):
+    """The checkpoint cannot be opened or has an incompatible format version."""
+
+
+class AuthError(FatalError):
+    """Every configured API key was rejected."""
+
+
+class ItemError(Exception):
+    """A failure of one item; it becomes an error record, never stops a run."""
+
+    def __init__(self, code: ErrorCode, message: str, *, retry_after: float | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after

@@ -1,0 +1,65 @@
+"""Stat-keyed hash cache: one diskcache entry per folder, so a re-scan reads no contents.
+
+Each entry maps a folder (path relative to ROOT) to ``{name: (inode, size, mtime_ns,
+ctime_ns, hash)}``. One row per folder keeps writes at one SQLite transaction per
+folder instead of one per file (75 us each), and the device number is left out of
+the key because it changes across remounts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from imgbatch.errors import CheckpointError
+
+Stamp = tuple[int, int, int, int, str]  # inode, size, mtime_ns, ctime_ns, hash
+FolderHashes = dict[str, Stamp]
+
+#: diskcache settings that keep memory flat: no SQLite mmap, a small page cache, and
+#: no eviction (a cache that silently drops entries would re-hash, or worse, forget).
+DISKCACHE_SETTINGS: dict[str, Any] = {
+    "size_limit": 2**62,
+    "eviction_policy": "none",
+    "sqlite_mmap_size": 0,
+    "sqlite_cache_size": 256,
+    "statistics": False,
+}
+
+
+class HashCache:
+    """Folder-keyed hashes of the files below one ROOT."""
+
+    def __init__(self, directory: Path) -> None:
+        import diskcache  # imported here: `imgbatch --help` should not pay for it
+
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._cache = diskcache.Cache(str(directory), **DISKCACHE_SETTINGS)
+        except Exception as exc:  # sqlite3.DatabaseError, OSError, ...
+            raise CheckpointError(f"cannot open hash cache in {directory}: {exc}") from None
+
+    @staticmethod
+    def _key(rel_dir: str) -> bytes:
+        # bytes keys: a folder name that is not valid UTF-8 cannot be SQLite TEXT
+        return b"d:" + os.fsencode(rel_dir)
+
+    def get(self, rel_dir: str) -> FolderHashes | None:
+        value = self._cache.get(self._key(rel_dir))
+        return value if isinstance(value, dict) else None
+
+    def put(self, rel_dir: str, hashes: FolderHashes) -> None:
+        if hashes:
+            self._cache.set(self._key(rel_dir), hashes)
+        else:
+            self._cache.delete(self._key(rel_dir))
+
+    def close(self) -> None:
+        self._cache.close()
+
+    def __enter__(self) -> HashCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

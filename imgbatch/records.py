@@ -1,0 +1,133 @@
+"""FileRecord, the identity of one file, and its strict-UTF-8 JSON form.
+
+Paths are kept as `str` decoded with the filesystem encoding (surrogateescape), so
+they round-trip to the exact bytes of the name. JSON output never carries a lone
+surrogate: a name that is not valid UTF-8 is written with U+FFFD in `path` and its
+raw bytes, base64-encoded, in `path_bytes_b64`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from imgbatch.errors import ErrorCode
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def utf8_clean(text: str) -> str:
+    """`text` with every undecodable byte (or lone surrogate) replaced by U+FFFD."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace")
+
+
+def is_clean(text: str) -> bool:
+    """Whether `text` encodes to UTF-8 as it is (no surrogates)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def iso_utc(ns: int) -> str:
+    """ISO-8601 UTC timestamp with microseconds, e.g. ``2024-05-01T12:00:00.123456Z``."""
+    sec, rem = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{rem // 1000:06d}Z"
+
+
+def extension_of(path: str) -> str:
+    """Lower-case extension with its dot, or '' when the name has none."""
+    return os.path.splitext(path)[1].lower()
+
+
+@dataclass(slots=True)
+class FileRecord:
+    """One file as the scanner saw it.
+
+    `hash` is the xxh3-128 hex digest of the content (None with `--no-hash` or on
+    error); `ino`/`ctime_ns` are kept for the hash cache and never written out.
+    """
+
+    path: str
+    size: int | None = None
+    mtime_ns: int | None = None
+    hash: str | None = None
+    ino: int = 0
+    ctime_ns: int = 0
+    error_code: ErrorCode | None = None
+    error_message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code is None
+
+    @property
+    def extension(self) -> str:
+        return extension_of(self.path)
+
+    def fields(self) -> dict[str, Any]:
+        """The JSON object of this record (strings cleaned to strict UTF-8)."""
+        out: dict[str, Any] = {"path": self.path}
+        if not is_clean(self.path):
+            out["path"] = utf8_clean(self.path)
+            raw = os.fsencode(self.path)
+            out["path_bytes_b64"] = base64.b64encode(raw).decode("ascii")
+        out["hash"] = self.hash
+        out["size"] = self.size
+        out["extension"] = utf8_clean(self.extension)
+        out["mtime"] = None if self.mtime_ns is None else iso_utc(self.mtime_ns)
+        if self.error_code is None:
+            out["status"] = "ok"
+        else:
+            out["status"] = "error"
+            out["error"] = {
+                "code": self.error_code.value,
+                "message": utf8_clean(self.error_message or ""),
+            }
+        return out
+
+    def to_json(self) -> bytes:
+        """One JSON line (with its newline) as UTF-8 bytes."""
+        if self.error_code is None and self.mtime_ns is not None:
+            # Fast path for the common case, ~3x quicker than json over a dict;
+            # falls back when the name is not valid UTF-8.
+            line = (
+                '{"path":'
+                + _dumps(self.path)
+                + ',"hash":'
+                + ("null" if self.hash is None else '"' + self.hash + '"')
+                + ',"size":'
+                + str(self.size)
+                + ',"extension":'
+                + _dumps(self.extension)
+                + ',"mtime":"'
+                + iso_utc(self.mtime_ns)
+                + '","status":"ok"}\n'
+            )
+            try:
+                return line.encode("utf-8")
+            except UnicodeEncodeError:
+                pass
+        return (_dumps(self.fields()) + "\n").encode("utf-8")
+
+
+def error_record(
+    path: str, code: ErrorCode, message: str, st: os.stat_result | None = None
+) -> FileRecord:
+    """A FileRecord for a file (or folder) that could not be read."""
+    rec = FileRecord(path=path, error_code=code, error_message=message)
+    if st is not None:
+        rec.size, rec.mtime_ns = st.st_size, st.st_mtime_ns
+        rec.ino, rec.ctime_ns = st.st_ino, st.st_ctime_ns
+    return rec
