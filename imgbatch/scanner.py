@@ -82,6 +82,14 @@ def _errmsg(exc: OSError, what: str) -> str:
     return f"{what}: {exc.strerror or exc.__class__.__name__}"
 
 
+def _stat_error(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return _errmsg(exc, "symlink loop")
+    if exc.errno == errno.ENOENT:
+        return _errmsg(exc, "dangling symlink or vanished file")
+    return _errmsg(exc, "cannot stat")
+
+
 class _Excluder:
     """`--exclude` globs: with a '/', matched against the path relative to ROOT;
     without, against any basename (as in .gitignore). A trailing '/' means folders only."""
@@ -209,17 +217,14 @@ class Scanner:
                             os.stat(e.path)
                         except OSError as exc:
                             self.stats.errors += 1
-                            what = (
-                                "symlink loop" if exc.errno == errno.ELOOP else "dangling symlink"
-                            )
-                            yield error_record(e.path, ErrorCode.IO_ERROR, _errmsg(exc, what))
+                            yield error_record(e.path, ErrorCode.IO_ERROR, _stat_error(exc))
                         else:
                             self.stats.skipped["not a regular file"] += 1
                     else:
                         self.stats.skipped["not a regular file"] += 1
-                except OSError as exc:  # lstat needed and failed: the entry vanished
+                except OSError as exc:  # a stat was needed and failed
                     self.stats.errors += 1
-                    yield error_record(e.path, ErrorCode.IO_ERROR, _errmsg(exc, "cannot stat"))
+                    yield error_record(e.path, ErrorCode.IO_ERROR, _stat_error(exc))
             del entries
             yield _Folder(path, rel, files)
             stack.extend(reversed(subdirs))
@@ -244,13 +249,14 @@ class Scanner:
             if n == size < CHUNK:
                 # the whole file in one read: the common case for photos under 1 MiB
                 digest = xxhash.xxh3_128_hexdigest(view[:n])
+                after = st
             else:
                 h = xxhash.xxh3_128(view[:n])
                 while k := os.readv(fd, [view]):
                     h.update(view[:k])
                     n += k
                 digest = h.hexdigest()
-            after = os.fstat(fd)
+                after = os.fstat(fd)  # a file read in several calls may change meanwhile
         except OSError as exc:
             return error_record(path, ErrorCode.IO_ERROR, _errmsg(exc, "cannot read"), st)
         finally:
@@ -343,20 +349,18 @@ class Scanner:
                 if not item.done() and self._on_wait is not None:
                     self._on_wait()
                 item = item.result()
-            if item.ok:
+            account(item, hashes, name)
+            yield item
+
+        def account(rec: FileRecord, hashes: FolderHashes, name: str) -> None:
+            if rec.ok:
                 stats.files += 1
-                stats.bytes += item.size or 0
-                if item.hash is not None:
-                    hashes[name] = (
-                        item.ino,
-                        item.size or 0,
-                        item.mtime_ns or 0,
-                        item.ctime_ns,
-                        item.hash,
-                    )
+                stats.bytes += rec.size or 0
+                if rec.hash is not None:
+                    size, mtime = rec.size or 0, rec.mtime_ns or 0
+                    hashes[name] = (rec.ino, size, mtime, rec.ctime_ns, rec.hash)
             else:
                 stats.errors += 1
-            yield item
 
         def ready() -> bool:
             head = window[0][0]
@@ -402,6 +406,10 @@ class Scanner:
                                 in_flight += 1
                             else:
                                 rec = self._hash_open_file(e.path, fd, st)
+                    if not window and isinstance(rec, FileRecord):
+                        account(rec, hashes, name)  # nothing held back: no queueing
+                        yield rec
+                        continue
                     window.append((rec, hashes, name, old))
                     # keep at most `threads` large files in flight and WINDOW items held
                     while window and (in_flight > threads or len(window) > WINDOW or ready()):

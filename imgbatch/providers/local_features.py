@@ -1,0 +1,203 @@
+"""The offline analyzer's features, computed with Pillow alone from a PreparedImage."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from PIL import Image, ImageFilter, ImageMath, ImageStat
+
+from ..imaging import PreparedImage
+
+__all__ = [
+    "ANALYZER_VERSION",
+    "BLUR_THRESHOLD",
+    "SHARPNESS_SIDE",
+    "color_name",
+    "dominant_colors",
+    "features",
+    "phash",
+    "phash_distance",
+    "sharpness",
+]
+
+# Part of the result cache's fingerprint: bump it whenever any value below can change.
+ANALYZER_VERSION = "local-1"
+
+# Sharpness is measured on a grayscale copy whose long side is at most this many pixels,
+# so that it does not depend on the original's resolution or on max_side (above 512).
+SHARPNESS_SIDE = 512
+
+# Variance of the Laplacian (at SHARPNESS_SIDE) below which an image is called blurry.
+# The classic threshold for 8-bit images is 100; measured here, sharp photos (the
+# scikit-image samples) score 200-3000 and the same photos blurred with a Gaussian of
+# radius 2 px (at 768 px) score below 60.
+BLUR_THRESHOLD = 100.0
+
+# 4-neighbour Laplacian. The offset keeps negative responses from clipping at 0 in mode
+# "I" (Pillow clips them); it is subtracted again before the variance.
+_LAPLACIAN_OFFSET = 1024
+_LAPLACIAN = ImageFilter.Kernel(
+    (3, 3), [0, 1, 0, 1, -4, 1, 0, 1, 0], scale=1, offset=_LAPLACIAN_OFFSET
+)
+
+# pHash: the lowest 8x8 DCT frequencies of a 32x32 grayscale, the zero-frequency row
+# and column excluded (as in libpHash). The cosine table covers frequencies 1..8 only.
+_HASH_N = 32
+_HASH_FREQS = range(1, 9)
+_COS = {
+    u: [math.cos((2 * x + 1) * u * math.pi / (2 * _HASH_N)) for x in range(_HASH_N)]
+    for u in _HASH_FREQS
+}
+
+# Basic colour names, each with a few sRGB prototypes; a colour gets the name of its
+# nearest prototype in CIELAB (where distance roughly follows perceived difference).
+# Several prototypes per name shape the borders: dark and light greys, brown/tan...
+_NAMED_SRGB: dict[str, list[tuple[int, int, int]]] = {
+    "black": [(0, 0, 0), (25, 25, 25)],
+    "gray": [(70, 70, 70), (128, 128, 128), (180, 180, 180)],
+    "white": [(255, 255, 255), (230, 230, 230)],
+    "red": [(220, 30, 30), (170, 20, 20)],
+    "orange": [(245, 140, 30), (220, 120, 50)],
+    "yellow": [(250, 225, 40), (235, 215, 100)],
+    "olive": [(120, 120, 30)],
+    "green": [(40, 160, 50), (30, 90, 30), (140, 210, 110)],
+    "teal": [(0, 128, 128)],
+    "cyan": [(60, 210, 230), (150, 230, 240)],
+    "blue": [(40, 80, 210), (100, 150, 220)],
+    "navy": [(20, 30, 90), (40, 50, 80)],
+    "purple": [(120, 50, 160), (70, 20, 80)],
+    "magenta": [(200, 30, 150)],
+    "pink": [(245, 150, 190), (230, 180, 190)],
+    "brown": [(140, 90, 50), (100, 60, 35), (170, 120, 90), (90, 40, 20)],
+    "beige": [(225, 205, 170), (200, 180, 150)],
+}
+
+
+def features(prep: PreparedImage) -> dict[str, Any]:
+    """All offline features of a prepared image, as JSON-serialisable data."""
+    gray = prep.image.convert("L")
+    score = sharpness(gray)
+    return {
+        "width": prep.width,
+        "height": prep.height,
+        "format": prep.format,
+        "mode": prep.mode,
+        "exif": dict(prep.exif),
+        "dominant_colors": dominant_colors(prep.image),
+        # ITU-R 601 luma of the gamma-encoded pixels, 0 black .. 1 white.
+        "brightness": round(ImageStat.Stat(gray).mean[0] / 255, 4),
+        "sharpness": round(score, 2),
+        "blurry": score < BLUR_THRESHOLD,
+        "phash": phash(gray),
+    }
+
+
+def dominant_colors(image: Image.Image, count: int = 5) -> list[dict[str, Any]]:
+    """Up to `count` main colours by median cut, largest share first: hex, name, fraction."""
+    # 64x64 is plenty for colour shares and keeps median cut well under a millisecond;
+    # squashing the aspect does not change the share of each colour.
+    small = image.convert("RGB").resize((64, 64), Image.Resampling.BOX)
+    quantized = small.quantize(colors=count, method=Image.Quantize.MEDIANCUT)
+    palette = quantized.getpalette() or []
+    total = small.width * small.height
+    result = []
+    for pixels, index in sorted(quantized.getcolors() or [], reverse=True):
+        red, green, blue = palette[3 * index : 3 * index + 3]
+        result.append(
+            {
+                "hex": f"#{red:02x}{green:02x}{blue:02x}",
+                "name": color_name((red, green, blue)),
+                "fraction": round(pixels / total, 3),
+            }
+        )
+    return result
+
+
+def color_name(rgb: tuple[int, int, int]) -> str:
+    """The nearest basic colour name ("brown", "navy"...) of an sRGB colour."""
+    lab = _lab(rgb)
+    return min(_NAMED_LAB, key=lambda named: math.dist(lab, named[1]))[0]
+
+
+def sharpness(gray: Image.Image) -> float:
+    """Variance of the Laplacian of an 8-bit grayscale image, at long side <= SHARPNESS_SIDE."""
+    if gray.mode != "L":
+        gray = gray.convert("L")
+    scale = SHARPNESS_SIDE / max(gray.size)
+    if scale < 1:
+        size = (max(1, round(gray.width * scale)), max(1, round(gray.height * scale)))
+        gray = gray.resize(size, Image.Resampling.BILINEAR)
+    if gray.width < 3 or gray.height < 3:
+        return 0.0
+    # Mode "I" keeps the full -1020..1020 range (an 8-bit result would clip at 0..255);
+    # the 1-pixel border, where Pillow does not apply the kernel, is cropped off.
+    lap = gray.convert("I").filter(_LAPLACIAN).crop((1, 1, gray.width - 1, gray.height - 1))
+    centred = lap.convert("F").point(lambda v: v - _LAPLACIAN_OFFSET)
+    squared = ImageMath.lambda_eval(lambda args: args["x"] * args["x"], x=centred)
+    assert isinstance(squared, Image.Image)
+    # A box resize to 1x1 is an exact mean, computed in C (ImageStat bins "F" images).
+    mean = _mean(centred)
+    return max(0.0, _mean(squared) - mean * mean)
+
+
+def phash(image: Image.Image) -> str:
+    """64-bit DCT perceptual hash as 16 hex digits (libpHash's definition).
+
+    The image is reduced to a 32x32 grayscale (Pillow's antialiasing resize stands in for
+    libpHash's 7x7 mean filter), transformed by a 2-D DCT-II, and the 8x8 frequencies
+    1..8 x 1..8 are compared with their median: bit = coefficient > median, row-major,
+    most significant bit first. Near-duplicates differ in a few bits (see phash_distance).
+    """
+    small = image.convert("L").resize((_HASH_N, _HASH_N), Image.Resampling.LANCZOS)
+    pixels = list(small.tobytes())
+    rows = [pixels[y * _HASH_N : (y + 1) * _HASH_N] for y in range(_HASH_N)]
+    # Separable DCT, only the 8 frequencies we keep: along rows, then down the columns.
+    row_freqs = [
+        [math.fsum(map(float.__mul__, _COS[u], map(float, row))) for u in _HASH_FREQS]
+        for row in rows
+    ]
+    coefficients = [
+        math.fsum(_COS[v][y] * row_freqs[y][u] for y in range(_HASH_N))
+        for v in _HASH_FREQS
+        for u in range(len(_HASH_FREQS))
+    ]
+    median = statistics.median(coefficients)
+    bits = 0
+    for value in coefficients:
+        bits = (bits << 1) | (value > median)
+    return f"{bits:016x}"
+
+
+def phash_distance(first: str, second: str) -> int:
+    """Hamming distance between two phash() values: 0 identical, <= ~6 near-duplicates."""
+    return (int(first, 16) ^ int(second, 16)).bit_count()
+
+
+def _mean(image: Image.Image) -> float:
+    value = image.resize((1, 1), Image.Resampling.BOX).getpixel((0, 0))
+    assert isinstance(value, float)
+    return value
+
+
+def _lab(rgb: tuple[int, int, int]) -> tuple[float, float, float]:
+    """sRGB (0..255) to CIELAB, D65 white."""
+
+    def linear(channel: int) -> float:
+        c = channel / 255
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(channel) for channel in rgb)
+    x = (0.4124 * r + 0.3576 * g + 0.1805 * b) / 0.95047
+    y = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    z = (0.0193 * r + 0.1192 * g + 0.9505 * b) / 1.08883
+
+    def f(t: float) -> float:
+        return t ** (1 / 3) if t > 216 / 24389 else (24389 / 27 * t + 16) / 116
+
+    fx, fy, fz = f(x), f(y), f(z)
+    return 116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)
+
+
+_NAMED_LAB = [(name, _lab(rgb)) for name, shades in _NAMED_SRGB.items() for rgb in shades]
