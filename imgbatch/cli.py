@@ -210,13 +210,15 @@ def scan(
                 _close_quietly(sink.close)
         skipped = ", ".join(f"{n} {why}" for why, n in sorted(stats.skipped.items()))
         log.info(
-            "scanned %s files (%s) in %s; %s errors; %s skipped%s",
+            "scanned %s files (%s) in %s; %s errors; %s skipped%s; read %s, %s from the hash cache",
             f"{stats.files:,}",
             human_bytes(stats.bytes),
             human_duration(time.monotonic() - start),
             f"{stats.errors:,}",
             f"{stats.skipped_total:,}",
             f" ({skipped})" if skipped else "",
+            human_bytes(stats.bytes_read),
+            f"{stats.cache_hits:,}",
         )
         if stats.errors:
             raise typer.Exit(int(ExitCode.ITEM_FAILURES))
