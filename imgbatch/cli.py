@@ -224,6 +224,95 @@ def scan(
             raise typer.Exit(int(ExitCode.ITEM_FAILURES))
 
 
+@app.command()
+def analyze(
+    root: Annotated[str, typer.Argument(help="Folder to analyse.", show_default=False)],
+    provider: Annotated[
+        str | None,
+        typer.Option(
+            "--provider",
+            help="auto | local | gemini [auto: gemini only when a key is configured for imgbatch].",
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Analysing threads [4].", show_default=False)
+    ] = None,
+    max_side: Annotated[
+        int | None,
+        typer.Option(
+            "--max-side", help="Long side of the decoded image in pixels [768].", show_default=False
+        ),
+    ] = None,
+    max_attempts: Annotated[
+        int | None,
+        typer.Option(
+            "--max-attempts", help="Attempts per item for transient errors [4].", show_default=False
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", help="Stop after N processed items.", show_default=False, min=1),
+    ] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Re-process everything (deletes nothing up front).")
+    ] = False,
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed", help="Also retry permanent errors (BAD_IMAGE, BLOCKED, IO_ERROR)."
+        ),
+    ] = False,
+    emit_all: Annotated[
+        bool,
+        typer.Option(
+            "--emit-all",
+            help="Also print stored results of "
+            "unchanged files (default: only what this run processed).",
+        ),
+    ] = False,
+    batch_size: BatchSizeOpt = None,
+    all_files: AllFilesOpt = None,
+    include_hidden: HiddenOpt = None,
+    follow_symlinks: FollowOpt = None,
+    exclude: ExcludeOpt = None,
+    checkpoint: CheckpointOpt = None,
+    log_every: LogEveryOpt = None,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Analyse every new or changed image under ROOT: one JSON line per file, resumable."""
+    from imgbatch.pipeline import RunOptions, analyze_root, summary_lines
+
+    with _command(verbose, quiet):
+        settings = _settings(
+            config,
+            provider=provider,
+            workers=workers,
+            max_side=max_side,
+            max_attempts=max_attempts,
+            batch_size=batch_size,
+            all_files=all_files,
+            include_hidden=include_hidden,
+            follow_symlinks=follow_symlinks,
+            exclude=exclude,
+            checkpoint=checkpoint,
+            log_every=log_every,
+        )
+        options = RunOptions(fresh=fresh, retry_failed=retry_failed, emit_all=emit_all, limit=limit)
+        sink = JsonlSink(flush_every=1)
+        with Progress("images", settings.log_every, enabled=not quiet) as progress:
+            try:
+                summary, scanned = analyze_root(root, settings, options, sink, progress)
+            finally:
+                _close_quietly(sink.close)
+        for line in summary_lines(summary, scanned):
+            log.info("%s", line)
+        if summary.failed:
+            raise typer.Exit(int(ExitCode.ITEM_FAILURES))
+
+
 def _close_quietly(close: Callable[[], None]) -> None:
     try:
         close()

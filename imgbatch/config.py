@@ -46,6 +46,13 @@ class Settings:
     hash: bool = _s(True, "scan", "hash file contents (xxh3-128)")
     hash_threads: int = _s(2, "scan", "threads hashing large files")
     hash_cache: bool = _s(True, "scan", "reuse hashes of unchanged files")
+    # [analyze]
+    provider: str = _s("auto", "analyze", "auto | local | gemini")
+    workers: int = _s(4, "analyze", "threads analysing images")
+    in_flight: int = _s(0, "analyze", "items held in flight at most; 0 = 2 x workers")
+    max_side: int = _s(768, "analyze", "long side of the decoded image, in pixels")
+    max_attempts: int = _s(4, "analyze", "attempts per item for transient errors")
+    retry_delay: float = _s(1.0, "analyze", "first backoff delay in seconds, doubled each retry")
     # [state]
     checkpoint: str = _s("", "state", "state folder; '' = per root under the cache dir")
     # [output]
@@ -55,7 +62,7 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-SECTIONS = ("scan", "state", "output")
+SECTIONS = ("scan", "analyze", "state", "output")
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
@@ -176,6 +183,10 @@ def _validate(s: Settings) -> None:
         raise ConfigError("batch_size must be at least 1")
     if s.hash_threads < 1:
         raise ConfigError("hash_threads must be at least 1")
+    if s.workers < 1 or s.max_attempts < 1 or s.in_flight < 0:
+        raise ConfigError("workers and max_attempts must be at least 1, in_flight at least 0")
+    if s.max_side < 16:
+        raise ConfigError("max_side must be at least 16 pixels")
     if s.log_every <= 0:
         raise ConfigError("log_every must be positive")
 

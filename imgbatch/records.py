@@ -136,6 +136,25 @@ class FileRecord:
         return (_dumps(self.fields()) + "\n").encode("utf-8")
 
 
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return utf8_clean(obj)
+    if isinstance(obj, dict):
+        return {_clean(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def json_line(obj: Any) -> bytes:
+    """`obj` as one strict-UTF-8 JSON line; any lone surrogate becomes U+FFFD."""
+    text = _dumps(obj)
+    try:
+        return (text + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (_dumps(_clean(obj)) + "\n").encode("utf-8")
+
+
 def error_record(
     path: str, code: ErrorCode, message: str, st: os.stat_result | None = None
 ) -> FileRecord:

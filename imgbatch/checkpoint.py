@@ -1,0 +1,173 @@
+"""The checkpoint in diskcache: per-folder item states, results by content, runs, the lock.
+
+Layout (all keys are bytes or tuples, values pickled by diskcache):
+- ``b"format"`` -> FORMAT_VERSION; any other version is refused with a clear error.
+- ``(b"done", fingerprint, folder)`` -> ``{name: (hash or None, error code or None, run)}``:
+  what happened to each file of a folder under one set of result-changing settings.
+  One row per folder keeps a re-run at one read per folder, like the hash cache.
+- ``(b"result", fingerprint, hash)`` -> the stored outcome for that content (ok, or a
+  permanent, content-caused error), so identical content is analysed once.
+- ``(b"run", id)`` -> the run record, rewritten every few seconds while it runs.
+
+One process writes at a time: `lock()` takes an OS-level lock (fcntl) that the kernel
+releases when the process dies, so a crash never leaves a stale lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from imgbatch.errors import CheckpointError, LockHeldError
+from imgbatch.hashcache import DISKCACHE_SETTINGS
+
+FORMAT_VERSION = 1
+RUN_HISTORY = 100  # run records kept
+ItemState = tuple["str | None", "str | None", int]  # hash, error code (None: ok), run id
+FolderStates = dict[str, ItemState]
+
+
+class Checkpoint:
+    """Results and item states of one ROOT (or one `--checkpoint DIR`)."""
+
+    def __init__(self, directory: Path, create: bool = True) -> None:
+        import diskcache
+
+        self.directory = directory
+        db = directory / "checkpoint"
+        if not create and not db.is_dir():
+            raise CheckpointError(f"no checkpoint in {directory}")
+        try:
+            db.mkdir(parents=True, exist_ok=True)
+            self._db = diskcache.Cache(str(db), **DISKCACHE_SETTINGS)
+            version = self._db.get(b"format")
+            if version is None and create:
+                self._db.add(b"format", FORMAT_VERSION)
+                version = self._db.get(b"format")
+        except Exception as exc:  # sqlite3.DatabaseError, OSError
+            raise CheckpointError(f"cannot open the checkpoint in {db}: {exc}") from None
+        if version != FORMAT_VERSION:
+            raise CheckpointError(
+                f"the checkpoint in {db} has format version {version}, this imgbatch reads "
+                f"version {FORMAT_VERSION}; use another --checkpoint folder or delete this one"
+            )
+        self._folders: OrderedDict[tuple[str, str], FolderStates] = OrderedDict()
+        self._lock_fd: int | None = None
+
+    # -- lock --------------------------------------------------------------------
+
+    def lock(self, command: str, wait: bool = False) -> None:
+        """Take the writer's lock, or raise LockHeldError naming its holder."""
+        path = self.directory / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            try:
+                info = json.loads(holder)
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
+                who = f"{info['command']} (pid {info['pid']}) since {since}"
+            except (ValueError, KeyError, TypeError):
+                who = "another imgbatch process"
+            raise LockHeldError(f"{who} holds the lock on {self.directory}") from None
+        info = json.dumps({"pid": os.getpid(), "since": time.time(), "command": command})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        self._lock_fd = fd
+
+    def locked_by_other(self) -> bool:
+        """Whether a live process holds the lock (for readers such as `status`)."""
+        try:
+            fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    # -- items -------------------------------------------------------------------
+
+    def folder(self, fp: str, rel_dir: str) -> FolderStates:
+        """The item states of one folder (kept in a small write-through LRU)."""
+        key = (fp, rel_dir)
+        states = self._folders.get(key)
+        if states is None:
+            states = self._db.get((b"done", fp, os.fsencode(rel_dir))) or {}
+            self._folders[key] = states
+            if len(self._folders) > 256:
+                self._folders.popitem(last=False)
+        else:
+            self._folders.move_to_end(key)
+        return states
+
+    def commit(
+        self,
+        fp: str,
+        rel_dir: str,
+        name: str,
+        state: ItemState,
+        result: dict[str, Any] | None = None,
+    ) -> None:
+        """Record one finished item (and its result by content) in one transaction."""
+        states = self.folder(fp, rel_dir)
+        states[name] = state
+        with self._db.transact():
+            self._db.set((b"done", fp, os.fsencode(rel_dir)), states)
+            if result is not None and state[0] is not None:
+                self._db.set((b"result", fp, state[0]), result)
+
+    def result(self, fp: str, content_hash: str) -> dict[str, Any] | None:
+        value = self._db.get((b"result", fp, content_hash))
+        return value if isinstance(value, dict) else None
+
+    def iter_items(self) -> Any:
+        """(fingerprint, folder, name, state) of every recorded item."""
+        for key in self._db.iterkeys():
+            if isinstance(key, tuple) and key[0] == b"done":
+                states = self._db.get(key) or {}
+                for name, state in states.items():
+                    yield key[1], os.fsdecode(key[2]), name, state
+
+    # -- runs --------------------------------------------------------------------
+
+    def next_run_id(self) -> int:
+        return int(self._db.incr(b"run-counter"))
+
+    def save_run(self, run: dict[str, Any]) -> None:
+        self._db.set((b"run", run["id"]), run)
+        old = run["id"] - RUN_HISTORY
+        if old > 0:
+            self._db.delete((b"run", old))
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Run records, newest first."""
+        last = int(self._db.get(b"run-counter", 0))
+        out = []
+        for rid in range(last, max(0, last - RUN_HISTORY), -1):
+            run = self._db.get((b"run", rid))
+            if run is not None:
+                out.append(run)
+        return out
+
+    def close(self) -> None:
+        self._db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

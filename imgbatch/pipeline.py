@@ -1,0 +1,520 @@
+"""`analyze`: scanner records -> bounded pool -> retries -> sink, then checkpoint.
+
+The stream is never materialised: the scanner is lazy, and at most `in_flight` items
+(analyses plus duplicates waiting for one) are held at a time. Each finished item is
+written to the sink first and committed to the checkpoint second, so a crash between
+the two repeats that line on the next run, and never loses one (at-least-once).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from imgbatch.checkpoint import Checkpoint, ItemState
+from imgbatch.config import Settings, state_dir
+from imgbatch.errors import ErrorCode, ExitCode, ImgbatchError, ItemError, UsageError
+from imgbatch.hashcache import HashCache
+from imgbatch.output import JsonlSink, Progress
+from imgbatch.providers.base import Provider, fingerprint_id
+from imgbatch.records import FileRecord, json_line
+from imgbatch.scanner import Scanner
+
+log = logging.getLogger("imgbatch")
+
+#: errors caused by the content itself: stored by hash, so duplicates share them
+CONTENT_ERRORS = frozenset({ErrorCode.BAD_IMAGE.value, ErrorCode.BLOCKED.value})
+RUN_SAVE_EVERY = 2.0  # seconds between run-record updates (read by `status`)
+
+
+class Limiter(Protocol):
+    """The seam for rate limiting remote requests (see ratelimit.py)."""
+
+    def acquire(self) -> None: ...
+
+
+@dataclass
+class RunOptions:
+    """Per-run choices that are not settings of the results."""
+
+    fresh: bool = False  # re-process everything (deleting nothing up front)
+    retry_failed: bool = False  # also retry permanent errors
+    emit_all: bool = False  # re-emit stored results of unchanged files
+    limit: int | None = None  # stop after this many processed items
+
+
+@dataclass
+class Outcome:
+    """The end of one item's processing."""
+
+    status: str  # "ok" | "error"
+    result: dict[str, Any] | None = None
+    code: str | None = None
+    message: str | None = None
+    attempts: int = 0
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    latency_ms: int | None = None
+
+    def stored(self, provider: str, model: str, run: int) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "provider": provider,
+            "model": model,
+            "result": self.result,
+            "code": self.code,
+            "message": self.message,
+            "attempts": self.attempts,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "latency_ms": self.latency_ms,
+            "run": run,
+        }
+
+    @classmethod
+    def from_stored(cls, d: dict[str, Any]) -> Outcome:
+        return cls(
+            d["status"],
+            d.get("result"),
+            d.get("code"),
+            d.get("message"),
+            d.get("attempts", 0),
+            d.get("input_tokens"),
+            d.get("output_tokens"),
+            d.get("latency_ms"),
+        )
+
+
+@dataclass
+class RunSummary:
+    """Counts of one run; also the body of its run record."""
+
+    id: int
+    provider: str
+    model: str
+    fingerprint: str
+    root: str
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    state: str = "QUEUED"
+    counts: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    messages: Counter[tuple[str, str]] = field(default_factory=Counter)
+    tags: Counter[str] = field(default_factory=Counter)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    exit_code: int | None = None
+
+    @property
+    def failed(self) -> int:
+        return self.counts["failed"]
+
+    @property
+    def elapsed(self) -> float:
+        return (self.ended or time.time()) - self.started
+
+    @property
+    def images_per_min(self) -> float:
+        return 60 * (self.counts["completed"] + self.counts["failed"]) / max(self.elapsed, 1e-9)
+
+    def record(self) -> dict[str, Any]:
+        """The run record stored in the checkpoint (plain data, for `status` and `runs`)."""
+        return {
+            "id": self.id,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "root": self.root,
+            "provider": self.provider,
+            "model": self.model,
+            "fingerprint": self.fingerprint,
+            "started": self.started,
+            "updated": time.time(),
+            "ended": self.ended,
+            "state": self.state,
+            "counts": dict(self.counts),
+            "errors": dict(self.errors),
+            "top_errors": [[c, m, n] for (c, m), n in self.messages.most_common(5)],
+            "tokens": {"input": self.input_tokens, "output": self.output_tokens},
+            "images_per_min": round(self.images_per_min, 1),
+            "exit_code": self.exit_code,
+        }
+
+
+@dataclass
+class _Item:
+    rec: FileRecord
+    rel_dir: str
+    name: str
+
+
+class Pipeline:
+    """One `analyze` run over ROOT. Library API: build it, call `run()`.
+
+    Args:
+        root: the folder to analyse.
+        settings: all settings (scan filters, workers, max side, retries).
+        options: fresh / retry-failed / emit-all / limit.
+        provider: the analysing provider (see providers.base.create).
+        checkpoint: where items, results and runs are recorded (locked by the caller).
+        sink: where output lines go, one per item, flushed each.
+        hash_cache: the scanner's hash cache, or None.
+        limiter: taken before every request of a remote provider.
+        progress: updated as items finish.
+        stop: set it (e.g. from a signal handler) to stop taking new items.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        settings: Settings,
+        options: RunOptions,
+        provider: Provider,
+        checkpoint: Checkpoint,
+        sink: JsonlSink,
+        hash_cache: HashCache | None = None,
+        limiter: Limiter | None = None,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        if not settings.hash:
+            raise UsageError("analyze needs content hashes: --no-hash applies to scan only")
+        self.root = os.path.abspath(root)
+        self.settings = settings
+        self.options = options
+        self.provider = provider
+        self.checkpoint = checkpoint
+        self.sink = sink
+        self.limiter = limiter if provider.remote else None
+        self.progress = progress
+        self.stop = stop or threading.Event()
+        self.scanner = Scanner(self.root, settings, hash_cache, on_wait=sink.flush)
+        self.fp = fingerprint_id({"provider": provider.name, **provider.fingerprint()})
+        self.summary = RunSummary(
+            checkpoint.next_run_id(), provider.name, provider.model, self.fp, self.root
+        )
+        self._pending: dict[Future[Outcome], _Item] = {}
+        self._waiting: dict[str, list[_Item]] = {}  # content hash -> duplicates in flight
+        self._n_waiting = 0
+        self._last_save = 0.0
+        self._fatal: ImgbatchError | None = None
+
+    # -- the run -----------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        """Process ROOT; returns the summary, raises ImgbatchError for a run-level stop."""
+        s = self.summary
+        s.state = "PROCESSING"
+        self._save(force=True)
+        limit = self.options.limit
+        max_in_flight = max(1, self.settings.in_flight or 2 * self.settings.workers)
+        self._pool = pool = ThreadPoolExecutor(self.settings.workers, "imgbatch-ai")
+        try:
+            for rec in self.scanner:
+                if self.stop.is_set() or self._fatal is not None:
+                    break
+                self._take(rec)
+                if limit is not None and s.counts["processed"] >= limit:
+                    break
+                while len(self._pending) + self._n_waiting >= max_in_flight:
+                    self._drain(block=True)
+                if self._pending:
+                    self._drain(block=False)
+            while self._pending and self._fatal is None:
+                self._drain(block=True)
+        except BaseException:  # closed output, interrupt: what is unrecorded is redone
+            self.stop.set()
+            raise
+        finally:
+            self._finish(pool)
+        if self._fatal is not None:
+            raise self._fatal
+        return s
+
+    def _take(self, rec: FileRecord) -> None:
+        """Decide what one scanned file needs: nothing, a stored result, or analysis."""
+        s, opts = self.summary, self.options
+        rel = rec.path[len(self.root) + 1 :]
+        rel_dir, _, name = rel.rpartition("/")
+        item = _Item(rec, rel_dir, name)
+        state = self.checkpoint.folder(self.fp, rel_dir).get(name)
+        if not rec.ok:  # a scan error (IO_ERROR): no content to analyse
+            code = (rec.error_code or ErrorCode.IO_ERROR).value
+            if (
+                state is not None
+                and state[:2] == (None, code)
+                and not opts.fresh
+                and self._final(code)
+            ):
+                s.counts["skipped"] += 1
+                return
+            outcome = Outcome("error", code=code, message=rec.error_message)
+            self._emit(item, outcome, cached=False)
+            return
+        if state is not None and state[0] == rec.hash and not opts.fresh and self._final(state[1]):
+            s.counts["skipped"] += 1
+            if opts.emit_all:
+                stored = self.checkpoint.result(self.fp, rec.hash or "")
+                if stored is not None:
+                    self._write(item, Outcome.from_stored(stored), cached=True)
+            return
+        s.counts["processed"] += 1
+        stored = self.checkpoint.result(self.fp, rec.hash or "")
+        if stored is not None and self._reusable(stored):
+            self._emit(item, Outcome.from_stored(stored), cached=True)
+            return
+        assert rec.hash is not None
+        if rec.hash in self._waiting:
+            self._waiting[rec.hash].append(item)
+            self._n_waiting += 1
+            return
+        self._waiting[rec.hash] = []
+        self._pending[self._pool.submit(self._work, item)] = item
+
+    def _final(self, code: str | None) -> bool:
+        """Whether an item that ended with `code` is done for this run's options."""
+        if code is None:
+            return True
+        return not ErrorCode(code).transient and not self.options.retry_failed
+
+    def _reusable(self, stored: dict[str, Any]) -> bool:
+        if self.options.fresh and stored.get("run") != self.summary.id:
+            return False
+        if stored["status"] == "ok":
+            return True
+        return stored.get("code") in CONTENT_ERRORS and not self.options.retry_failed
+
+    def _drain(self, block: bool) -> None:
+        done, _ = wait(self._pending, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        for fut in done:
+            item = self._pending.pop(fut)
+            try:
+                outcome = fut.result()
+            except ImgbatchError as exc:  # run-level: stop intake, record nothing for it
+                if self._fatal is None:
+                    self._fatal = exc
+                    self.stop.set()
+                self._waiting.pop(item.rec.hash or "", None)
+                continue
+            self._emit(item, outcome, cached=False)
+            waiters = self._waiting.pop(item.rec.hash or "", [])
+            self._n_waiting -= len(waiters)
+            for dup in waiters:
+                if outcome.status == "ok" or outcome.code in CONTENT_ERRORS:
+                    self._emit(dup, outcome, cached=True)
+                else:  # a transient failure: the duplicate tries for itself
+                    self._n_waiting += 1
+                    self._waiting.setdefault(dup.rec.hash or "", []).append(dup)
+            if waiters and item.rec.hash in self._waiting:
+                first = self._waiting[item.rec.hash].pop(0)
+                self._n_waiting -= 1
+                self._pending[self._pool.submit(self._work, first)] = first
+
+    # -- one item ----------------------------------------------------------------
+
+    def _work(self, item: _Item) -> Outcome:
+        """Runs in a pool thread: decode once, then the provider with retries."""
+        from imgbatch.imaging import prepare
+
+        start = time.monotonic()
+        attempts = 0
+        try:
+            image = prepare(item.rec.path, self.settings.max_side)
+            while True:
+                attempts += 1
+                try:
+                    if self.limiter is not None:
+                        self.limiter.acquire()
+                    analysis = self.provider.analyze(image)
+                    break
+                except ItemError as exc:
+                    if not exc.code.transient or attempts >= self.settings.max_attempts:
+                        raise
+                    delay = self._backoff(attempts, exc.retry_after)
+                    if self.stop.wait(delay):
+                        raise
+            return Outcome(
+                "ok",
+                analysis.result,
+                attempts=attempts,
+                input_tokens=analysis.input_tokens,
+                output_tokens=analysis.output_tokens,
+                latency_ms=int((time.monotonic() - start) * 1000),
+            )
+        except ItemError as exc:
+            return Outcome(
+                "error",
+                code=exc.code.value,
+                message=exc.message,
+                attempts=attempts,
+                latency_ms=int((time.monotonic() - start) * 1000),
+            )
+        except ImgbatchError:
+            raise
+        except Exception as exc:  # a provider bug must not kill the run: record it
+            log.debug("unexpected error analysing %s", item.rec.path, exc_info=True)
+            return Outcome(
+                "error",
+                code=ErrorCode.AI_ERROR.value,
+                message=f"unexpected error: {type(exc).__name__}",
+                attempts=attempts,
+            )
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential backoff with full jitter, at least the server's retry delay."""
+        import random
+
+        base = self.settings.retry_delay * (2 ** (attempt - 1))
+        return max(retry_after or 0.0, random.uniform(0, min(base, 60.0)))
+
+    # -- output and bookkeeping ----------------------------------------------------
+
+    def _emit(self, item: _Item, outcome: Outcome, cached: bool) -> None:
+        """Write the line, then commit the item (at-least-once)."""
+        self._write(item, outcome, cached)
+        s, rec = self.summary, item.rec
+        code = outcome.code
+        state: ItemState = (rec.hash, code, s.id)
+        stored = None
+        if not cached and (outcome.status == "ok" or code in CONTENT_ERRORS):
+            stored = outcome.stored(self.provider.name, self.provider.model, s.id)
+        self.checkpoint.commit(self.fp, item.rel_dir, item.name, state, stored)
+        if outcome.status == "ok":
+            s.counts["completed"] += 1
+            tags = (outcome.result or {}).get("tags")
+            if isinstance(tags, list):
+                s.tags.update(t for t in tags if isinstance(t, str))
+        else:
+            s.counts["failed"] += 1
+            s.errors[code or "?"] += 1
+            s.messages[(code or "?", outcome.message or "")] += 1
+        if cached:
+            s.counts["cached"] += 1
+        else:
+            s.input_tokens += outcome.input_tokens or 0
+            s.output_tokens += outcome.output_tokens or 0
+        if self.progress is not None:
+            self.progress.update(
+                s.counts["completed"] + s.counts["failed"],
+                failed=s.counts["failed"],
+                cached=s.counts["cached"],
+            )
+        self._save()
+
+    def _write(self, item: _Item, outcome: Outcome, cached: bool) -> None:
+        out = item.rec.fields()
+        out["status"] = outcome.status
+        out.pop("error", None)
+        out["provider"] = self.provider.name
+        out["model"] = self.provider.model
+        if outcome.status == "ok":
+            out["result"] = outcome.result
+        else:
+            out["error"] = {"code": outcome.code, "message": outcome.message or ""}
+        out["attempts"] = 0 if cached else outcome.attempts
+        out["cached"] = cached
+        out["input_tokens"] = outcome.input_tokens
+        out["output_tokens"] = outcome.output_tokens
+        out["latency_ms"] = 0 if cached else outcome.latency_ms
+        self.sink.write(json_line(out))
+
+    def _save(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_save >= RUN_SAVE_EVERY:
+            self._last_save = now
+            self.summary.counts["processing"] = len(self._pending)
+            self.checkpoint.save_run(self.summary.record())
+
+    def _finish(self, pool: ThreadPoolExecutor) -> None:
+        for fut in self._pending:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        s = self.summary
+        s.ended = time.time()
+        s.counts["processing"] = 0
+        if self._fatal is not None:
+            s.state, s.exit_code = "FAILED", int(self._fatal.exit_code)
+        elif self.stop.is_set():
+            s.state = "ABORTED"
+        elif s.failed:
+            s.state = "PARTIAL" if s.counts["completed"] else "FAILED"
+            s.exit_code = int(ExitCode.ITEM_FAILURES)
+        else:
+            s.state, s.exit_code = "COMPLETED", int(ExitCode.OK)
+        self.checkpoint.save_run(s.record())
+
+
+def summary_lines(s: RunSummary, scanned: int) -> list[str]:
+    """The human summary printed on stderr at the end of a run."""
+    lines = [
+        f"{s.state.lower()}: {s.counts['completed']:,} ok, {s.counts['failed']:,} failed, "
+        f"{s.counts['cached']:,} from stored results, {s.counts['skipped']:,} unchanged "
+        f"(of {scanned:,} files) in {s.elapsed:.1f}s, {s.images_per_min:,.0f} images/min"
+    ]
+    if s.errors:
+        lines.append("errors: " + ", ".join(f"{c} {n}" for c, n in s.errors.most_common()))
+    if s.input_tokens or s.output_tokens:
+        lines.append(f"tokens: {s.input_tokens:,} in, {s.output_tokens:,} out")
+    if s.tags:
+        lines.append("top tags: " + ", ".join(f"{t} ({n})" for t, n in s.tags.most_common(8)))
+    return lines
+
+
+def analyze_root(
+    root: str,
+    settings: Settings,
+    options: RunOptions,
+    sink: JsonlSink,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+    env: Mapping[str, str] | None = None,
+) -> tuple[RunSummary, int]:
+    """`imgbatch analyze`: choose the provider, open and lock the state, run.
+
+    Returns the run summary and the number of files scanned.
+    """
+    from imgbatch.providers import base
+
+    env = os.environ if env is None else env
+    state = state_dir(root, settings, env)
+    name = base.choose(settings.provider, settings, env)
+    if settings.provider == "auto":
+        log.info(
+            "provider: %s%s",
+            name,
+            " (no API key configured: offline analyzer)"
+            if name == "local"
+            else " (an API key is configured)",
+        )
+    Scanner(root, settings)  # validates ROOT before anything is created
+    provider = base.create(name, settings)
+    try:
+        with Checkpoint(state) as checkpoint:
+            checkpoint.lock("analyze")
+            hash_cache = HashCache(state / "hashcache") if settings.hash_cache else None
+            try:
+                pipeline = Pipeline(
+                    root,
+                    settings,
+                    options,
+                    provider,
+                    checkpoint,
+                    sink,
+                    hash_cache,
+                    progress=progress,
+                    stop=stop,
+                )
+                summary = pipeline.run()
+            finally:
+                if hash_cache is not None:
+                    hash_cache.close()
+            return summary, pipeline.scanner.stats.files + pipeline.scanner.stats.errors
+    finally:
+        provider.close()

@@ -1,0 +1,132 @@
+"""The provider protocol and registry: adding a provider is a module and one line here.
+
+A provider turns one prepared image into an analysis. It raises `ItemError` for a
+failure of that item (the pipeline records it and goes on) and an `ImgbatchError`
+for a failure of the run (a rejected key, the day's quota gone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from imgbatch.errors import UsageError
+
+if TYPE_CHECKING:
+    from imgbatch.config import Settings
+    from imgbatch.imaging import PreparedImage
+
+
+@dataclass
+class Analysis:
+    """What a provider returns for one image."""
+
+    result: dict[str, Any]
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Provider(Protocol):
+    """What the pipeline needs from a provider."""
+
+    name: str
+    #: remote providers cost money and are rate-limited; local ones run unthrottled
+    remote: bool
+
+    @property
+    def model(self) -> str:
+        """The model, or the analyzer's version, written in every record."""
+        ...
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Every setting that changes a result (model, prompt, schema, max side, ...)."""
+        ...
+
+    def analyze(self, image: PreparedImage) -> Analysis:
+        """Analyse one image; raise ItemError for this item's failure."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+ProviderFactory = Callable[["Settings"], Provider]
+
+#: name -> "module:attribute" of the factory; imported only when chosen
+_BUILTIN: dict[str, str] = {
+    "local": "imgbatch.providers.local:LocalProvider",
+    "gemini": "imgbatch.providers.gemini:GeminiProvider",
+}
+_registered: dict[str, ProviderFactory] = {}
+#: remote providers and the function telling whether a key is configured for them
+_KEY_CHECKS: dict[str, Callable[[Settings, Mapping[str, str]], bool]] = {}
+
+
+def register(
+    name: str,
+    factory: ProviderFactory,
+    has_key: Callable[[Settings, Mapping[str, str]], bool] | None = None,
+) -> None:
+    """Make `factory` available as `--provider NAME` (tests register fakes this way)."""
+    _registered[name] = factory
+    if has_key is not None:
+        _KEY_CHECKS[name] = has_key
+
+
+def unregister(name: str) -> None:
+    _registered.pop(name, None)
+    _KEY_CHECKS.pop(name, None)
+
+
+def names() -> list[str]:
+    return sorted({*_BUILTIN, *_registered})
+
+
+def _gemini_has_key(settings: Settings, env: Mapping[str, str]) -> bool:
+    return bool(
+        env.get("GEMINI_API_KEY")
+        or env.get("IMGBATCH_GEMINI_API_KEYS")
+        or getattr(settings, "gemini_api_keys", ())
+    )
+
+
+_KEY_CHECKS["gemini"] = _gemini_has_key
+
+
+def choose(requested: str, settings: Settings, env: Mapping[str, str]) -> str:
+    """The provider to use: `auto` picks a remote one only when a key is configured for
+    imgbatch itself (the generic GOOGLE_API_KEY needs an explicit `--provider gemini`)."""
+    if requested != "auto":
+        if requested not in _BUILTIN and requested not in _registered:
+            raise UsageError(
+                f"unknown provider {requested!r}; choose from auto, " + ", ".join(names())
+            )
+        return requested
+    for name, has_key in _KEY_CHECKS.items():
+        if has_key(settings, env):
+            return name
+    return "local"
+
+
+def create(name: str, settings: Settings) -> Provider:
+    """Instantiate provider `name` (importing its module only now)."""
+    factory = _registered.get(name)
+    if factory is None:
+        target = _BUILTIN.get(name)
+        if target is None:
+            raise UsageError(f"unknown provider {name!r}; choose from " + ", ".join(names()))
+        module, attr = target.split(":")
+        factory = getattr(importlib.import_module(module), attr)
+    return factory(settings)
+
+
+def fingerprint_id(parts: Mapping[str, Any]) -> str:
+    """A short stable id of the settings that change a result."""
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -1,0 +1,34 @@
+"""`local`, the offline analyzer: Pillow features, no key, no network, not throttled."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imgbatch.config import Settings
+from imgbatch.imaging import PreparedImage
+from imgbatch.providers.base import Analysis
+from imgbatch.providers.local_features import ANALYZER_VERSION, features
+
+
+class LocalProvider:
+    """Size, format, EXIF, dominant colours, brightness, sharpness and a perceptual hash."""
+
+    name = "local"
+    remote = False
+
+    def __init__(self, settings: Settings) -> None:
+        self._max_side = settings.max_side
+
+    @property
+    def model(self) -> str:
+        return ANALYZER_VERSION
+
+    def fingerprint(self) -> dict[str, Any]:
+        # sharpness and colours are measured on the downscaled image: max_side counts
+        return {"analyzer": ANALYZER_VERSION, "max_side": self._max_side}
+
+    def analyze(self, image: PreparedImage) -> Analysis:
+        return Analysis(features(image))
+
+    def close(self) -> None:
+        pass
