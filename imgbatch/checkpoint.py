@@ -150,6 +150,19 @@ class Checkpoint:
         if old > 0:
             self._db.delete((b"run", old))
 
+    def mark_dead_runs(self) -> int:
+        """Mark runs left QUEUED/PROCESSING as ABORTED: their process died.
+
+        Only a lock holder may call this: holding the lock proves no run is alive.
+        """
+        n = 0
+        for run in self.runs():
+            if run.get("state") in ("QUEUED", "PROCESSING"):
+                run["state"] = "ABORTED"
+                self._db.set((b"run", run["id"]), run)
+                n += 1
+        return n
+
     def runs(self) -> list[dict[str, Any]]:
         """Run records, newest first."""
         last = int(self._db.get(b"run-counter", 0))

@@ -498,6 +498,8 @@ def analyze_root(
     try:
         with Checkpoint(state) as checkpoint:
             checkpoint.lock("analyze")
+            if checkpoint.mark_dead_runs():
+                log.warning("an earlier run was killed; resuming where it stopped")
             hash_cache = HashCache(state / "hashcache") if settings.hash_cache else None
             try:
                 pipeline = Pipeline(

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 NOBODY = 65534
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -69,14 +70,20 @@ def run_cli(
     env: dict[str, str] | None = None,
     user: int | None = None,
     timeout: float = 120,
+    module: str = "imgbatch",
 ) -> CliResult:
-    """Run `python -m imgbatch ARGS` in a subprocess (optionally as another user)."""
-    cmd: list[str | os.PathLike[str]] = [sys.executable, "-m", "imgbatch", *args]
+    """Run `python -m imgbatch ARGS` in a subprocess (optionally as another user).
+
+    `module="tests.fake_cli"` runs the same CLI with the fake remote provider registered.
+    """
+    cmd: list[str | os.PathLike[str]] = [sys.executable, "-m", module, *args]
     if user is not None:
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
     full_env = {**os.environ, **(env or {})}
     full_env.pop("PYTHONPATH", None)
-    proc = subprocess.run(cmd, capture_output=True, env=full_env, timeout=timeout, check=False)
+    proc = subprocess.run(
+        cmd, capture_output=True, env=full_env, timeout=timeout, check=False, cwd=REPO
+    )
     return CliResult(proc.returncode, proc.stdout, proc.stderr.decode("utf-8", "replace"))
 
 
