@@ -53,6 +53,23 @@ class Settings:
     max_side: int = _s(768, "analyze", "long side of the decoded image, in pixels")
     max_attempts: int = _s(4, "analyze", "attempts per item for transient errors")
     retry_delay: float = _s(1.0, "analyze", "first backoff delay in seconds, doubled each retry")
+    upload_format: str = _s("jpeg", "analyze", "upload encoding for remote providers: jpeg | webp")
+    upload_quality: int = _s(85, "analyze", "upload encoding quality, 1-100")
+    # [rate]
+    rpm: float = _s(60.0, "rate", "requests per minute at most, shared by all threads")
+    tpm: float = _s(0.0, "rate", "input tokens per minute at most; 0 = no limit")
+    max_wait: float = _s(600.0, "rate", "seconds one item may spend waiting out rate limits")
+    # [gemini]
+    gemini_api_keys: tuple[str, ...] = _s((), "gemini", "API keys (several: failover)")
+    gemini_model: str = _s("gemini-2.5-flash-lite", "gemini", "model name")
+    gemini_base_url: str = _s("", "gemini", "API endpoint; '' = Google's")
+    gemini_prompt: str = _s("", "gemini", "prompt; '' = the built-in one")
+    gemini_prompt_file: str = _s("", "gemini", "file holding the prompt")
+    gemini_schema: str = _s("", "gemini", "JSON Schema file replacing the built-in schema")
+    gemini_temperature: float = _s(0.2, "gemini", "sampling temperature")
+    gemini_max_output_tokens: int = _s(1024, "gemini", "cap on answer tokens")
+    gemini_media_resolution: str = _s("", "gemini", "low | medium | high; '' = model default")
+    gemini_timeout: float = _s(60.0, "gemini", "seconds per request")
     # [state]
     checkpoint: str = _s("", "state", "state folder; '' = per root under the cache dir")
     # [output]
@@ -62,7 +79,7 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-SECTIONS = ("scan", "analyze", "state", "output")
+SECTIONS = ("scan", "analyze", "rate", "gemini", "state", "output")
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
@@ -187,6 +204,14 @@ def _validate(s: Settings) -> None:
         raise ConfigError("workers and max_attempts must be at least 1, in_flight at least 0")
     if s.max_side < 16:
         raise ConfigError("max_side must be at least 16 pixels")
+    if s.upload_format not in ("jpeg", "webp") or not 1 <= s.upload_quality <= 100:
+        raise ConfigError("upload_format must be jpeg or webp, upload_quality 1-100")
+    if s.rpm <= 0 or s.tpm < 0 or s.max_wait < 0:
+        raise ConfigError("rpm must be positive, tpm and max_wait at least 0")
+    if s.gemini_media_resolution not in ("", "low", "medium", "high"):
+        raise ConfigError("gemini media_resolution must be low, medium or high")
+    if s.gemini_timeout <= 0:
+        raise ConfigError("gemini timeout must be positive")
     if s.log_every <= 0:
         raise ConfigError("log_every must be positive")
 

@@ -86,8 +86,17 @@ class AuthError(FatalError):
 class ItemError(Exception):
     """A failure of one item; it becomes an error record, never stops a run."""
 
-    def __init__(self, code: ErrorCode, message: str, *, retry_after: float | None = None):
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        retryable: bool | None = None,
+    ):
         super().__init__(message)
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        #: whether to retry within this run; None: as the code says (`transient`)
+        self.retryable = code.transient if retryable is None else retryable
