@@ -263,6 +263,72 @@ def analyze(
             "--retry-failed", help="Also retry permanent errors (BAD_IMAGE, BLOCKED, IO_ERROR)."
         ),
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="List what would be sent and its estimated input "
+            "tokens; send nothing, record nothing.",
+        ),
+    ] = False,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Gemini model [gemini-2.5-flash-lite].", show_default=False),
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", help="Prompt replacing the built-in one.", show_default=False),
+    ] = None,
+    prompt_file: Annotated[
+        str | None,
+        typer.Option("--prompt-file", help="File holding the prompt.", show_default=False),
+    ] = None,
+    schema: Annotated[
+        str | None,
+        typer.Option(
+            "--schema",
+            help="JSON Schema file replacing the built-in response schema.",
+            show_default=False,
+        ),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option("--temperature", help="Sampling temperature [0.2].", show_default=False),
+    ] = None,
+    max_output_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-output-tokens", help="Cap on answer tokens [1024].", show_default=False
+        ),
+    ] = None,
+    media_resolution: Annotated[
+        str | None,
+        typer.Option("--media-resolution", help="low | medium | high.", show_default=False),
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", help="Seconds per request [60].", show_default=False),
+    ] = None,
+    rpm: Annotated[
+        float | None,
+        typer.Option(
+            "--rpm",
+            help="Requests per minute at most, all threads together [60].",
+            show_default=False,
+        ),
+    ] = None,
+    tpm: Annotated[
+        float | None,
+        typer.Option(
+            "--tpm", help="Input tokens per minute at most [no limit].", show_default=False
+        ),
+    ] = None,
+    max_wait: Annotated[
+        float | None,
+        typer.Option(
+            "--max-wait", help="Seconds an item may wait out rate limits [600].", show_default=False
+        ),
+    ] = None,
     emit_all: Annotated[
         bool,
         typer.Option(
@@ -299,8 +365,25 @@ def analyze(
             exclude=exclude,
             checkpoint=checkpoint,
             log_every=log_every,
+            gemini_model=model,
+            gemini_prompt=prompt,
+            gemini_prompt_file=prompt_file,
+            gemini_schema=schema,
+            gemini_temperature=temperature,
+            gemini_max_output_tokens=max_output_tokens,
+            gemini_media_resolution=media_resolution,
+            gemini_timeout=timeout,
+            rpm=rpm,
+            tpm=tpm,
+            max_wait=max_wait,
         )
-        options = RunOptions(fresh=fresh, retry_failed=retry_failed, emit_all=emit_all, limit=limit)
+        options = RunOptions(
+            fresh=fresh,
+            retry_failed=retry_failed,
+            emit_all=emit_all,
+            limit=limit,
+            dry_run=dry_run,
+        )
         sink = JsonlSink(flush_every=1)
         with Progress("images", settings.log_every, enabled=not quiet) as progress:
             try:

@@ -58,6 +58,10 @@ _HEIF_BRANDS = frozenset(
 
 _UPLOAD_MIME = {"JPEG": "image/jpeg", "WEBP": "image/webp"}
 
+# Pillow calls a JPEG with a multi-picture (MPF) extension "MPO": most phone photos with
+# a depth or gain map. To users and every viewer they are JPEGs (decoded as one, too).
+_FORMAT_NAMES = {"MPO": "JPEG"}
+
 _EXIF_DATETIME = re.compile(r"(\d{4})[:-](\d{2})[:-](\d{2})[ T](\d{2}):(\d{2}):(\d{2})")
 _EXIF_OFFSET = re.compile(r"[+-]\d{2}:\d{2}")
 
@@ -87,7 +91,7 @@ class PreparedImage:
     image: Image.Image  # RGB, EXIF-transposed, no metadata in .info
     width: int  # size of the original, after EXIF rotation
     height: int
-    format: str  # the file's format as Pillow names it: "JPEG", "PNG", "WEBP", "MPO"...
+    format: str  # as Pillow names it ("JPEG", "PNG", "WEBP", "GIF", "TIFF"...), MPO as JPEG
     mode: str  # the original pixel mode: "RGB", "RGBA", "P", "L", "I;16"...
     exif: ExifInfo
 
@@ -111,7 +115,7 @@ def prepare(path: str | os.PathLike[str], max_side: int = DEFAULT_MAX_SIDE) -> P
         with img:
             _check_pixels(img.width, img.height)
             stored_size = img.size
-            fmt = img.format or "UNKNOWN"
+            fmt = _FORMAT_NAMES.get(img.format or "", img.format or "UNKNOWN")
             mode = img.mode
             if max(stored_size) > max_side:
                 # JPEG decodes at 1/2, 1/4 or 1/8 scale while staying >= the box; the box
@@ -443,3 +447,10 @@ def _degrees(value: Any, ref: Any, negative_ref: str) -> float | None:
     if (_text(ref) or "").upper().startswith(negative_ref):
         degrees = -degrees
     return degrees
+
+
+def fitted_size(path: str | os.PathLike[str], max_side: int = DEFAULT_MAX_SIDE) -> tuple[int, int]:
+    """The size `prepare()` would produce, read from the header only (for --dry-run)."""
+    with _pillow_errors(), _open_regular_file(path) as fp:
+        img = _identify(fp)
+        return _fit(img.size, max_side)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -19,12 +20,15 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import tenacity
+
 from imgbatch.checkpoint import Checkpoint, ItemState
 from imgbatch.config import Settings, state_dir
 from imgbatch.errors import ErrorCode, ExitCode, ImgbatchError, ItemError, UsageError
 from imgbatch.hashcache import HashCache
 from imgbatch.output import JsonlSink, Progress
-from imgbatch.providers.base import Provider, fingerprint_id
+from imgbatch.providers.base import Analysis, Provider, fingerprint_id
+from imgbatch.ratelimit import Interrupted
 from imgbatch.records import FileRecord, json_line
 from imgbatch.scanner import Scanner
 
@@ -36,9 +40,24 @@ RUN_SAVE_EVERY = 2.0  # seconds between run-record updates (read by `status`)
 
 
 class Limiter(Protocol):
-    """The seam for rate limiting remote requests (see ratelimit.py)."""
+    """Rate limiting of remote requests (ratelimit.AdaptiveLimiter)."""
 
-    def acquire(self) -> None: ...
+    def acquire(self, tokens: int = 0) -> None: ...
+
+    def accepted(self) -> None: ...
+
+    def rate_limited_for(self, retry_after: float | None) -> None: ...
+
+
+class Abandoned(Exception):
+    """An item given up because the run is stopping: it is not recorded."""
+
+
+@dataclass
+class _Tries:
+    requests: int = 0
+    failures: int = 0  # failed requests other than 429s
+    limited_since: float | None = None
 
 
 @dataclass
@@ -49,6 +68,7 @@ class RunOptions:
     retry_failed: bool = False  # also retry permanent errors
     emit_all: bool = False  # re-emit stored results of unchanged files
     limit: int | None = None  # stop after this many processed items
+    dry_run: bool = False  # list what would be sent, with estimated tokens; send nothing
 
 
 @dataclass
@@ -271,12 +291,34 @@ class Pipeline:
             self._emit(item, Outcome.from_stored(stored), cached=True)
             return
         assert rec.hash is not None
+        if opts.dry_run:
+            self._dry_run(item)
+            return
         if rec.hash in self._waiting:
             self._waiting[rec.hash].append(item)
             self._n_waiting += 1
             return
         self._waiting[rec.hash] = []
         self._pending[self._pool.submit(self._work, item)] = item
+
+    def _dry_run(self, item: _Item) -> None:
+        """Print what would be sent and its estimated input tokens (header read only)."""
+        from imgbatch.imaging import estimate_tokens, fitted_size
+
+        out = item.rec.fields()
+        try:
+            w, h = fitted_size(item.rec.path, self.settings.max_side)
+            tokens = estimate_tokens(w, h, self.settings.gemini_media_resolution or None)
+        except ItemError as exc:
+            out.update(status="error", error={"code": exc.code.value, "message": exc.message})
+            tokens = 0
+        else:
+            out["status"] = "would-send"
+        out["provider"], out["model"] = self.provider.name, self.provider.model
+        out["estimated_tokens"] = tokens if self.provider.remote else 0
+        self.summary.counts["would_send"] += 1
+        self.summary.input_tokens += out["estimated_tokens"]
+        self.sink.write(json_line(out))
 
     def _final(self, code: str | None) -> bool:
         """Whether an item that ended with `code` is done for this run's options."""
@@ -297,6 +339,9 @@ class Pipeline:
             item = self._pending.pop(fut)
             try:
                 outcome = fut.result()
+            except Abandoned:
+                self._waiting.pop(item.rec.hash or "", None)
+                continue
             except ImgbatchError as exc:  # run-level: stop intake, record nothing for it
                 if self._fatal is None:
                     self._fatal = exc
@@ -324,26 +369,30 @@ class Pipeline:
         from imgbatch.imaging import prepare
 
         start = time.monotonic()
-        attempts = 0
+        tries = _Tries()
         try:
             image = prepare(item.rec.path, self.settings.max_side)
-            while True:
-                attempts += 1
+            tokens = self.provider.estimate_tokens(image)
+
+            def request() -> Analysis:
+                tries.requests += 1
+                if self.limiter is not None:
+                    self.limiter.acquire(tokens)
                 try:
-                    if self.limiter is not None:
-                        self.limiter.acquire()
                     analysis = self.provider.analyze(image)
-                    break
                 except ItemError as exc:
-                    if not exc.code.transient or attempts >= self.settings.max_attempts:
-                        raise
-                    delay = self._backoff(attempts, exc.retry_after)
-                    if self.stop.wait(delay):
-                        raise
+                    if exc.code is ErrorCode.RATE_LIMIT and self.limiter is not None:
+                        self.limiter.rate_limited_for(exc.retry_after)
+                    raise
+                if self.limiter is not None:
+                    self.limiter.accepted()
+                return analysis
+
+            analysis = self._retrying(tries)(request)
             return Outcome(
                 "ok",
                 analysis.result,
-                attempts=attempts,
+                attempts=tries.requests,
                 input_tokens=analysis.input_tokens,
                 output_tokens=analysis.output_tokens,
                 latency_ms=int((time.monotonic() - start) * 1000),
@@ -353,26 +402,53 @@ class Pipeline:
                 "error",
                 code=exc.code.value,
                 message=exc.message,
-                attempts=attempts,
+                attempts=tries.requests,
                 latency_ms=int((time.monotonic() - start) * 1000),
             )
-        except ImgbatchError:
+        except (ImgbatchError, Abandoned):
             raise
+        except Interrupted:
+            raise Abandoned from None
         except Exception as exc:  # a provider bug must not kill the run: record it
             log.debug("unexpected error analysing %s", item.rec.path, exc_info=True)
             return Outcome(
                 "error",
                 code=ErrorCode.AI_ERROR.value,
                 message=f"unexpected error: {type(exc).__name__}",
-                attempts=attempts,
+                attempts=tries.requests,
             )
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        """Exponential backoff with full jitter, at least the server's retry delay."""
-        import random
+    def _retrying(self, tries: _Tries) -> tenacity.Retrying:
+        """Transient errors only, exponential backoff with full jitter; waiting out a 429
+        uses no attempt (the limiter pauses everyone), up to `max_wait` per item."""
+        s = self.settings
 
-        base = self.settings.retry_delay * (2 ** (attempt - 1))
-        return max(retry_after or 0.0, random.uniform(0, min(base, 60.0)))
+        def stop(state: tenacity.RetryCallState) -> bool:
+            exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, ItemError) and exc.code is ErrorCode.RATE_LIMIT:
+                tries.limited_since = tries.limited_since or time.monotonic()
+                return time.monotonic() - tries.limited_since >= s.max_wait
+            tries.failures += 1
+            return tries.failures >= s.max_attempts
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, ItemError) and exc.code is ErrorCode.RATE_LIMIT:
+                return 0.0 if self.limiter is not None else exc.retry_after or 1.0
+            ceiling = min(60.0, s.retry_delay * 2 ** max(0, tries.failures - 1))
+            return max(random.uniform(0, ceiling), getattr(exc, "retry_after", None) or 0.0)
+
+        def sleep(seconds: float) -> None:
+            if self.stop.wait(seconds):
+                raise Abandoned
+
+        return tenacity.Retrying(
+            retry=tenacity.retry_if_exception(lambda e: isinstance(e, ItemError) and e.retryable),
+            stop=stop,
+            wait=wait,
+            sleep=sleep,
+            reraise=True,
+        )
 
     # -- output and bookkeeping ----------------------------------------------------
 
@@ -426,6 +502,8 @@ class Pipeline:
         self.sink.write(json_line(out))
 
     def _save(self, force: bool = False) -> None:
+        if self.options.dry_run:
+            return
         now = time.monotonic()
         if force or now - self._last_save >= RUN_SAVE_EVERY:
             self._last_save = now
@@ -448,11 +526,19 @@ class Pipeline:
             s.exit_code = int(ExitCode.ITEM_FAILURES)
         else:
             s.state, s.exit_code = "COMPLETED", int(ExitCode.OK)
-        self.checkpoint.save_run(s.record())
+        if not self.options.dry_run:
+            self.checkpoint.save_run(s.record())
 
 
 def summary_lines(s: RunSummary, scanned: int) -> list[str]:
     """The human summary printed on stderr at the end of a run."""
+    if "would_send" in s.counts:
+        return [
+            f"dry run: {s.counts['would_send']:,} images would be sent to {s.provider} "
+            f"({s.model}), about {s.input_tokens:,} input tokens for the images; "
+            f"{s.counts['cached']:,} have stored results, {s.counts['skipped']:,} unchanged "
+            f"(of {scanned:,} files); nothing was sent"
+        ]
     lines = [
         f"{s.state.lower()}: {s.counts['completed']:,} ok, {s.counts['failed']:,} failed, "
         f"{s.counts['cached']:,} from stored results, {s.counts['skipped']:,} unchanged "
@@ -495,6 +581,11 @@ def analyze_root(
         )
     Scanner(root, settings)  # validates ROOT before anything is created
     provider = base.create(name, settings)
+    limiter = None
+    if provider.remote:
+        from imgbatch.ratelimit import AdaptiveLimiter
+
+        limiter = AdaptiveLimiter(settings.rpm, settings.tpm, stop=stop)
     try:
         with Checkpoint(state) as checkpoint:
             checkpoint.lock("analyze")
@@ -510,8 +601,9 @@ def analyze_root(
                     checkpoint,
                     sink,
                     hash_cache,
-                    progress=progress,
-                    stop=stop,
+                    limiter,
+                    progress,
+                    stop,
                 )
                 summary = pipeline.run()
             finally:

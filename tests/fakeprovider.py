@@ -45,6 +45,9 @@ class FakeRemote:
     def fingerprint(self) -> dict[str, Any]:
         return {"model": self.model, "max_side": self.max_side}
 
+    def estimate_tokens(self, image: PreparedImage) -> int:
+        return 258
+
     def analyze(self, image: PreparedImage) -> Analysis:
         with self._lock:
             n = self.calls[image.width]

@@ -26,9 +26,15 @@ class CountingLimiter:
         self.n = 0
         self._lock = threading.Lock()
 
-    def acquire(self) -> None:
+    def acquire(self, tokens: int = 0) -> None:
         with self._lock:
             self.n += 1
+
+    def accepted(self) -> None:
+        pass
+
+    def rate_limited_for(self, retry_after: float | None) -> None:
+        pass
 
 
 def run(

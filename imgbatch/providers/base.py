@@ -47,6 +47,10 @@ class Provider(Protocol):
         """Every setting that changes a result (model, prompt, schema, max side, ...)."""
         ...
 
+    def estimate_tokens(self, image: PreparedImage) -> int:
+        """Input tokens a request for this image will cost (0 for a local provider)."""
+        ...
+
     def analyze(self, image: PreparedImage) -> Analysis:
         """Analyse one image; raise ItemError for this item's failure."""
         ...

@@ -27,6 +27,9 @@ class LocalProvider:
         # sharpness and colours are measured on the downscaled image: max_side counts
         return {"analyzer": ANALYZER_VERSION, "max_side": self._max_side}
 
+    def estimate_tokens(self, image: PreparedImage) -> int:
+        return 0
+
     def analyze(self, image: PreparedImage) -> Analysis:
         return Analysis(features(image))
 

@@ -1,0 +1,365 @@
+"""`gemini`: Google Gemini through google-genai, the only module that imports the SDK.
+
+Every failure is classified here, and nowhere else:
+- per item (`ItemError`): TIMEOUT, NETWORK_ERROR (transport exceptions: the SDK's
+  retries are off and it wraps none of them), RATE_LIMIT (429, with the server's retry
+  delay), AI_ERROR (5xx; an answer that is empty or not the JSON asked for), BLOCKED
+  (a blocked prompt or answer; never retried), AI_ERROR not retried (another 400);
+- per run: a per-day quota (429 whose QuotaFailure names a PerDay quota) raises
+  QuotaExhaustedError; a rejected key leaves the pool, and when none is left AuthError;
+  an unknown model is a configuration error.
+API keys never appear in messages: any text taken from an answer is scrubbed of them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx2
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
+
+from imgbatch.config import Settings
+from imgbatch.errors import AuthError, ConfigError, ErrorCode, ItemError, QuotaExhaustedError
+from imgbatch.imaging import PreparedImage, encode_for_upload, estimate_tokens
+from imgbatch.providers.base import Analysis
+
+try:  # the SDK also uses plain httpx when it is installed
+    import httpx
+
+    _TIMEOUTS: tuple[type[BaseException], ...] = (httpx2.TimeoutException, httpx.TimeoutException)
+    _TRANSPORT: tuple[type[BaseException], ...] = (httpx2.TransportError, httpx.TransportError)
+except ImportError:  # pragma: no cover - depends on the environment
+    _TIMEOUTS = (httpx2.TimeoutException,)
+    _TRANSPORT = (httpx2.TransportError,)
+
+DEFAULT_PROMPT = (
+    "Describe this photo for a searchable catalogue. Answer in JSON with: description "
+    "(one or two plain sentences), tags (5 to 15 lower-case keywords), objects (the main "
+    "visible objects), colors (dominant colour names), mood (one or two words) and text "
+    "(any legible text in the image, or an empty string)."
+)
+
+#: the default structured output: documented in the README, field by field
+DEFAULT_SCHEMA: dict[str, Any] = {
+    "type": "OBJECT",
+    "properties": {
+        "description": {"type": "STRING"},
+        "tags": {"type": "ARRAY", "items": {"type": "STRING"}},
+        "objects": {"type": "ARRAY", "items": {"type": "STRING"}},
+        "colors": {"type": "ARRAY", "items": {"type": "STRING"}},
+        "mood": {"type": "STRING"},
+        "text": {"type": "STRING"},
+    },
+    "required": ["description", "tags", "objects", "colors", "mood", "text"],
+    "propertyOrdering": ["description", "tags", "objects", "colors", "mood", "text"],
+}
+
+BLOCK_REASONS = {
+    "SAFETY",
+    "RECITATION",
+    "PROHIBITED_CONTENT",
+    "IMAGE_SAFETY",
+    "BLOCKLIST",
+    "SPII",
+    "OTHER",
+    "LANGUAGE",
+    "IMAGE_PROHIBITED_CONTENT",
+    "IMAGE_RECITATION",
+    "IMAGE_OTHER",
+    "NO_IMAGE",
+    "JAILBREAK",
+}
+_MEDIA = {
+    "low": "MEDIA_RESOLUTION_LOW",
+    "medium": "MEDIA_RESOLUTION_MEDIUM",
+    "high": "MEDIA_RESOLUTION_HIGH",
+}
+
+
+def configured_keys(settings: Settings, env: Mapping[str, str], explicit: bool) -> list[str]:
+    """Keys for imgbatch, in order; GOOGLE_API_KEY only when gemini was asked for by name."""
+    keys = list(settings.gemini_api_keys)
+    for name in ("GEMINI_API_KEY",) + (("GOOGLE_API_KEY",) if explicit else ()):
+        value = env.get(name, "").strip()
+        if value:
+            keys.append(value)
+    return list(dict.fromkeys(k for k in keys if k))  # de-duplicated, order kept
+
+
+def _parse_duration(text: Any) -> float | None:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)s\s*", str(text or ""))
+    return float(match.group(1)) if match else None
+
+
+class KeyPool:
+    """API keys with failover: a key answered 429 cools down, a rejected key leaves."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self._keys = list(keys)
+        self._cool_until = dict.fromkeys(range(len(keys)), 0.0)
+        self._lock = threading.Lock()
+        self._turn = 0
+
+    def __len__(self) -> int:
+        return len(self._cool_until)
+
+    def pick(self) -> int:
+        """The index of the key to use next: the coolest, in turn."""
+        with self._lock:
+            if not self._cool_until:
+                raise AuthError("every configured Gemini API key was rejected")
+            now = time.monotonic()
+            order = sorted(self._cool_until)
+            self._turn += 1
+            ready = [i for i in order if self._cool_until[i] <= now]
+            if ready:
+                return ready[self._turn % len(ready)]
+            return min(order, key=lambda i: self._cool_until[i])
+
+    def key(self, index: int) -> str:
+        return self._keys[index]
+
+    def cool(self, index: int, seconds: float) -> None:
+        with self._lock:
+            if index in self._cool_until:
+                self._cool_until[index] = time.monotonic() + seconds
+
+    def reject(self, index: int) -> int:
+        """Drop a key; returns how many are left."""
+        with self._lock:
+            self._cool_until.pop(index, None)
+            return len(self._cool_until)
+
+    def scrub(self, text: str) -> str:
+        for key in self._keys:
+            if key:
+                text = text.replace(key, "***")
+        return text
+
+
+class GeminiProvider:
+    """Structured image descriptions from a Gemini model."""
+
+    name = "gemini"
+    remote = True
+
+    def __init__(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
+        import os
+
+        env = os.environ if env is None else env
+        explicit = settings.provider == "gemini"
+        keys = configured_keys(settings, env, explicit)
+        if not keys:
+            raise ConfigError(
+                "no Gemini API key: set GEMINI_API_KEY or IMGBATCH_GEMINI_API_KEYS, or "
+                "[gemini] api_keys in the config file"
+            )
+        self.settings = settings
+        self.pool = KeyPool(keys)
+        self.base_url = env.get("IMGBATCH_GEMINI_BASE_URL") or settings.gemini_base_url
+        self._model = settings.gemini_model
+        self.prompt = self._load_prompt(settings)
+        self.json_schema = self._load_schema(settings.gemini_schema)
+        self._clients: dict[int, genai.Client] = {}
+        self._lock = threading.Lock()
+
+    # -- settings ------------------------------------------------------------------
+
+    @staticmethod
+    def _load_prompt(settings: Settings) -> str:
+        if settings.gemini_prompt_file:
+            try:
+                return Path(settings.gemini_prompt_file).expanduser().read_text("utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"cannot read the prompt file: {exc}") from None
+        return settings.gemini_prompt or DEFAULT_PROMPT
+
+    @staticmethod
+    def _load_schema(path: str) -> dict[str, Any] | None:
+        if not path:
+            return None
+        try:
+            schema = json.loads(Path(path).expanduser().read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ConfigError(f"cannot read the JSON Schema {path}: {exc}") from None
+        if not isinstance(schema, dict):
+            raise ConfigError(f"the JSON Schema in {path} is not an object")
+        return schema
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    def fingerprint(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "model": self._model,
+            "prompt": self.prompt,
+            "schema": self.json_schema or DEFAULT_SCHEMA,
+            "max_side": s.max_side,
+            "media_resolution": s.gemini_media_resolution,
+            "temperature": s.gemini_temperature,
+            "max_output_tokens": s.gemini_max_output_tokens,
+            "upload": [s.upload_format, s.upload_quality],
+        }
+
+    def estimate_tokens(self, image: PreparedImage) -> int:
+        w, h = image.image.size
+        return (
+            estimate_tokens(w, h, self.settings.gemini_media_resolution or None)
+            + len(self.prompt) // 4
+        )
+
+    # -- requests ------------------------------------------------------------------
+
+    def _client(self, index: int) -> genai.Client:
+        with self._lock:
+            client = self._clients.get(index)
+            if client is None:
+                options = types.HttpOptions(
+                    timeout=int(self.settings.gemini_timeout * 1000),  # milliseconds
+                    base_url=self.base_url or None,
+                )
+                client = genai.Client(api_key=self.pool.key(index), http_options=options)
+                self._clients[index] = client
+            return client
+
+    def _config(self) -> types.GenerateContentConfig:
+        s = self.settings
+        extra: dict[str, Any] = {}
+        if self.json_schema is not None:
+            extra["response_json_schema"] = self.json_schema
+        else:
+            extra["response_schema"] = DEFAULT_SCHEMA
+        if s.gemini_media_resolution:
+            extra["media_resolution"] = _MEDIA[s.gemini_media_resolution]
+        return types.GenerateContentConfig(
+            response_mime_type="application/json",
+            temperature=s.gemini_temperature,
+            max_output_tokens=s.gemini_max_output_tokens,
+            **extra,
+        )
+
+    def analyze(self, image: PreparedImage) -> Analysis:
+        data, mime = encode_for_upload(
+            image,
+            "WEBP" if self.settings.upload_format == "webp" else "JPEG",
+            self.settings.upload_quality,
+        )
+        contents: list[Any] = [types.Part.from_bytes(data=data, mime_type=mime), self.prompt]
+        while True:
+            index = self.pool.pick()
+            try:
+                resp = self._client(index).models.generate_content(
+                    model=self._model, contents=contents, config=self._config()
+                )
+            except genai_errors.APIError as exc:
+                if self._key_rejected(exc):
+                    left = self.pool.reject(index)
+                    if left:
+                        continue  # another key may work: not this item's failure
+                    raise AuthError(
+                        f"the Gemini API rejected the key ({exc.code} {exc.status}); "
+                        "check GEMINI_API_KEY / IMGBATCH_GEMINI_API_KEYS"
+                    ) from None
+                raise self._classify(exc, index) from None
+            except _TIMEOUTS:
+                raise ItemError(
+                    ErrorCode.TIMEOUT, f"no answer within {self.settings.gemini_timeout:g}s"
+                ) from None
+            except _TRANSPORT as exc:
+                raise ItemError(
+                    ErrorCode.NETWORK_ERROR, f"network error: {type(exc).__name__}"
+                ) from None
+            return self._parse(resp, len(data))
+
+    def _key_rejected(self, exc: genai_errors.APIError) -> bool:
+        if exc.code in (401, 403):
+            return True
+        if exc.code == 400:
+            text = json.dumps(exc.details) if exc.details else ""
+            return "API_KEY_INVALID" in text or "API key not valid" in (exc.message or "")
+        return False
+
+    def _classify(self, exc: genai_errors.APIError, index: int) -> Exception:
+        message = self.pool.scrub(f"{exc.code} {exc.status or ''}: {exc.message or ''}".strip())
+        if exc.code == 429:
+            retry_after, quota_ids = None, []
+            body = exc.details.get("error", {}) if isinstance(exc.details, dict) else {}
+            for detail in body.get("details", []) if isinstance(body, dict) else []:
+                if not isinstance(detail, dict):
+                    continue
+                kind = str(detail.get("@type", ""))
+                if kind.endswith("google.rpc.RetryInfo"):
+                    retry_after = _parse_duration(detail.get("retryDelay"))
+                elif kind.endswith("google.rpc.QuotaFailure"):
+                    quota_ids += [
+                        str(v.get("quotaId", ""))
+                        for v in detail.get("violations", [])
+                        if isinstance(v, dict)
+                    ]
+            if any("PerDay" in q for q in quota_ids):
+                if len(self.pool) > 1:  # another project's key may still have quota
+                    self.pool.reject(index)
+                    return ItemError(ErrorCode.RATE_LIMIT, message, retry_after=0.0)
+                return QuotaExhaustedError(
+                    "the Gemini daily quota is exhausted; the next run resumes "
+                    "(daily quotas reset at midnight Pacific time)"
+                )
+            self.pool.cool(index, retry_after if retry_after is not None else 1.0)
+            return ItemError(ErrorCode.RATE_LIMIT, message, retry_after=retry_after)
+        if exc.code == 404:
+            return ConfigError(f"Gemini model {self._model!r} not found: {message}")
+        if exc.code is not None and exc.code >= 500:
+            return ItemError(ErrorCode.AI_ERROR, message)
+        return ItemError(ErrorCode.AI_ERROR, message, retryable=False)
+
+    def _parse(self, resp: types.GenerateContentResponse, upload_bytes: int) -> Analysis:
+        feedback = resp.prompt_feedback
+        if feedback is not None and feedback.block_reason:
+            raise ItemError(ErrorCode.BLOCKED, f"prompt blocked: {_enum(feedback.block_reason)}")
+        candidate = resp.candidates[0] if resp.candidates else None
+        reason = _enum(candidate.finish_reason) if candidate and candidate.finish_reason else ""
+        if reason in BLOCK_REASONS:
+            raise ItemError(ErrorCode.BLOCKED, f"answer blocked: {reason}")
+        text = resp.text
+        if not text:
+            raise ItemError(ErrorCode.AI_ERROR, f"empty answer (finish reason {reason or '?'})")
+        try:
+            result = json.loads(text)
+        except ValueError:
+            raise ItemError(
+                ErrorCode.AI_ERROR,
+                "the answer is not valid JSON"
+                + (" (cut at max_output_tokens)" if reason == "MAX_TOKENS" else ""),
+            ) from None
+        if not isinstance(result, dict):
+            raise ItemError(ErrorCode.AI_ERROR, "the answer is not a JSON object")
+        usage = resp.usage_metadata
+        return Analysis(
+            result,
+            input_tokens=usage.prompt_token_count if usage else None,
+            output_tokens=usage.candidates_token_count if usage else None,
+            extra={"upload_bytes": upload_bytes},
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients.values():
+                try:
+                    client.close()
+                except Exception:  # closing is best effort
+                    pass
+            self._clients.clear()
+
+
+def _enum(value: Any) -> str:
+    return str(getattr(value, "value", value) or "")

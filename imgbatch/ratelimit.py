@@ -1,0 +1,106 @@
+"""The shared, adaptive rate limiter for remote requests.
+
+Requests are spaced evenly (a GCRA-style schedule: each request takes the next slot
+`60 / rate` seconds after the previous one), so the configured `rpm` is never exceeded
+and there are no bursts. It adapts to the quota the server really has:
+
+- a 429 pauses every thread until the server's retry delay has passed, and lowers the
+  rate to below what the server was seen to accept recently (multiplicative decrease,
+  once per congestion event, however many in-flight requests were refused);
+- each accepted request raises the rate a little again (additive increase), never
+  above `rpm`; so the limiter finds the real quota instead of bouncing off it.
+
+With `tpm`, each request also takes its estimated input tokens from the schedule.
+
+No maintained library fitted: `pyrate-limiter` and `limits` enforce fixed rates but
+neither adapts to 429s nor honours a server's retry delay for all threads at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+MIN_RPM = 1.0
+DECREASE = 0.7  # on a 429: below the accepted rate by this factor
+INCREASE = 0.01  # per accepted request: +1% of the rate (at least +0.5 rpm)
+WINDOW = 60.0  # seconds of accepted requests remembered to measure the accepted rate
+
+
+class Interrupted(Exception):
+    """The limiter was closed while a thread waited in it."""
+
+
+class AdaptiveLimiter:
+    """Thread-safe pacing of remote requests; see the module docstring."""
+
+    def __init__(
+        self,
+        rpm: float,
+        tpm: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.ceiling = float(rpm)
+        self.rate = float(rpm)
+        self.tpm = float(tpm)
+        self._clock = clock
+        self._stop = stop or threading.Event()
+        self._lock = threading.Lock()
+        self._next = 0.0  # the earliest moment the next request may start
+        self._paused_until = 0.0
+        self._last_decrease = -1e18
+        self._accepted: deque[float] = deque()
+        self.rate_limited = 0  # 429s seen
+        self.waited = 0.0  # seconds threads spent waiting here, summed
+
+    def acquire(self, tokens: int = 0) -> None:
+        """Block until this request may start; raises Interrupted if stopping."""
+        with self._lock:
+            now = self._clock()
+            start = max(now, self._next, self._paused_until)
+            interval = 60.0 / self.rate
+            if self.tpm and tokens:
+                interval = max(interval, 60.0 * tokens / self.tpm)
+            self._next = start + interval
+        delay = start - now
+        if delay > 0:
+            self.waited += delay
+            if self._stop.wait(delay):
+                raise Interrupted
+
+    def accepted(self) -> None:
+        """The server accepted a request: remember it, and raise the rate a little."""
+        with self._lock:
+            now = self._clock()
+            self._accepted.append(now)
+            while self._accepted and self._accepted[0] < now - WINDOW:
+                self._accepted.popleft()
+            self.rate = min(self.ceiling, self.rate + max(0.5, self.rate * INCREASE))
+
+    def rate_limited_for(self, retry_after: float | None) -> None:
+        """The server answered 429: pause everyone, and slow down once per event."""
+        with self._lock:
+            now = self._clock()
+            self.rate_limited += 1
+            pause = retry_after if retry_after is not None else 1.0
+            self._paused_until = max(self._paused_until, now + pause)
+            # requests already in flight when the quota ran out are refused too:
+            # they belong to the same event and must not cut the rate again
+            if now - self._last_decrease < max(pause, 1.0):
+                return
+            self._last_decrease = now
+            seen = self._accepted_rate(now)
+            target = self.rate * DECREASE if seen is None else min(self.rate, seen) * DECREASE
+            self.rate = max(MIN_RPM, target)
+
+    def _accepted_rate(self, now: float) -> float | None:
+        """Requests per minute the server accepted recently, or None if too few to tell."""
+        while self._accepted and self._accepted[0] < now - WINDOW:
+            self._accepted.popleft()
+        if len(self._accepted) < 2:
+            return None
+        span = max(now - self._accepted[0], 1.0)
+        return 60.0 * len(self._accepted) / span
