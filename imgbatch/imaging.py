@@ -64,6 +64,7 @@ _FORMAT_NAMES = {"MPO": "JPEG"}
 
 _EXIF_DATETIME = re.compile(r"(\d{4})[:-](\d{2})[:-](\d{2})[ T](\d{2}):(\d{2}):(\d{2})")
 _EXIF_OFFSET = re.compile(r"[+-]\d{2}:\d{2}")
+_MAX_TEXT = 100  # longer EXIF strings are garbage (or an attack on the output's size)
 
 
 class GpsInfo(TypedDict):
@@ -385,7 +386,7 @@ def _text(value: Any) -> str | None:
         return None
     value = value.replace("\x00", " ").strip()
     # Keep JSON strict: no lone surrogates, no control characters.
-    value = "".join(ch for ch in value if ch.isprintable())
+    value = "".join(ch for ch in value if ch.isprintable())[:_MAX_TEXT]
     return value or None
 
 

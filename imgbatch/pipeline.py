@@ -368,6 +368,8 @@ class Pipeline:
         """Runs in a pool thread: decode once, then the provider with retries."""
         from imgbatch.imaging import prepare
 
+        if self.stop.is_set():  # queued behind a run-level stop: don't start
+            raise Abandoned
         start = time.monotonic()
         tries = _Tries()
         try:
@@ -405,7 +407,10 @@ class Pipeline:
                 attempts=tries.requests,
                 latency_ms=int((time.monotonic() - start) * 1000),
             )
-        except (ImgbatchError, Abandoned):
+        except ImgbatchError:
+            self.stop.set()  # a run-level stop: no other thread starts a request
+            raise
+        except Abandoned:
             raise
         except Interrupted:
             raise Abandoned from None

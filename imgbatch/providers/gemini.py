@@ -132,6 +132,13 @@ class KeyPool:
             if index in self._cool_until:
                 self._cool_until[index] = time.monotonic() + seconds
 
+    def ready_in(self) -> float | None:
+        """Seconds until some key is off its cool-down (0: one is ready now)."""
+        with self._lock:
+            if not self._cool_until:
+                return None
+            return max(0.0, min(self._cool_until.values()) - time.monotonic())
+
     def reject(self, index: int) -> int:
         """Drop a key; returns how many are left."""
         with self._lock:
@@ -270,7 +277,14 @@ class GeminiProvider:
                         f"the Gemini API rejected the key ({exc.code} {exc.status}); "
                         "check GEMINI_API_KEY / IMGBATCH_GEMINI_API_KEYS"
                     ) from None
-                raise self._classify(exc, index) from None
+                error = self._classify(exc, index)
+                if isinstance(error, ItemError) and error.code is ErrorCode.RATE_LIMIT:
+                    wait = self.pool.ready_in()
+                    if wait == 0.0:
+                        continue  # another key (another project) is ready: fail over at once
+                    if wait is not None and error.retry_after is not None:
+                        error.retry_after = min(error.retry_after, wait)
+                raise error from None
             except _TIMEOUTS:
                 raise ItemError(
                     ErrorCode.TIMEOUT, f"no answer within {self.settings.gemini_timeout:g}s"
@@ -307,8 +321,7 @@ class GeminiProvider:
                         if isinstance(v, dict)
                     ]
             if any("PerDay" in q for q in quota_ids):
-                if len(self.pool) > 1:  # another project's key may still have quota
-                    self.pool.reject(index)
+                if self.pool.reject(index):  # another project's key may still have quota
                     return ItemError(ErrorCode.RATE_LIMIT, message, retry_after=0.0)
                 return QuotaExhaustedError(
                     "the Gemini daily quota is exhausted; the next run resumes "
