@@ -2,7 +2,9 @@
 
 Layout (all keys are bytes or tuples, values pickled by diskcache):
 - ``b"format"`` -> FORMAT_VERSION; any other version is refused with a clear error.
-- ``(b"done", fingerprint, folder)`` -> ``{name: (hash or None, error code or None, run)}``:
+- ``b"root"`` -> the ROOT this checkpoint belongs to (absolute path, bytes).
+- ``(b"done", fingerprint, folder)`` -> ``{name: ItemState}`` (hash, error code or None,
+  run, size, mtime_ns, error message):
   what happened to each file of a folder under one set of result-changing settings.
   One row per folder keeps a re-run at one read per folder, like the hash cache.
 - ``(b"result", fingerprint, hash)`` -> the stored outcome for that content (ok, or a
@@ -20,6 +22,7 @@ import json
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,8 @@ from imgbatch.hashcache import DISKCACHE_SETTINGS
 
 FORMAT_VERSION = 1
 RUN_HISTORY = 100  # run records kept
-ItemState = tuple["str | None", "str | None", int]  # hash, error code (None: ok), run id
+#: hash (None for a scan error), error code (None: ok), run id, size, mtime_ns, message
+ItemState = tuple["str | None", "str | None", int, "int | None", "int | None", "str | None"]
 FolderStates = dict[str, ItemState]
 
 
@@ -127,17 +131,36 @@ class Checkpoint:
             if result is not None and state[0] is not None:
                 self._db.set((b"result", fp, state[0]), result)
 
+    def set_root(self, root: str) -> None:
+        self._db.set(b"root", os.fsencode(root))
+
+    def root(self) -> str | None:
+        raw = self._db.get(b"root")
+        return os.fsdecode(raw) if isinstance(raw, bytes) else None
+
+    def forget(self, fp: str, rel_dir: str, names: list[str]) -> None:
+        """Drop items (files gone from disk) from a folder's states."""
+        states = dict(self._db.get((b"done", fp, os.fsencode(rel_dir))) or {})
+        for name in names:
+            states.pop(name, None)
+        key = (b"done", fp, os.fsencode(rel_dir))
+        if states:
+            self._db.set(key, states)
+        else:
+            self._db.delete(key)
+        self._folders.pop((fp, rel_dir), None)
+
     def result(self, fp: str, content_hash: str) -> dict[str, Any] | None:
         value = self._db.get((b"result", fp, content_hash))
         return value if isinstance(value, dict) else None
 
-    def iter_items(self) -> Any:
-        """(fingerprint, folder, name, state) of every recorded item."""
+    def iter_folders(self, fp: str) -> Iterator[tuple[str, FolderStates]]:
+        """(folder, states) of every folder with items under fingerprint `fp`, one at a time."""
         for key in self._db.iterkeys():
-            if isinstance(key, tuple) and key[0] == b"done":
-                states = self._db.get(key) or {}
-                for name, state in states.items():
-                    yield key[1], os.fsdecode(key[2]), name, state
+            if isinstance(key, tuple) and key[0] == b"done" and key[1] == fp:
+                states = self._db.get(key)
+                if states:
+                    yield os.fsdecode(key[2]), states
 
     # -- runs --------------------------------------------------------------------
 

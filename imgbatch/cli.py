@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -107,6 +109,58 @@ LogEveryOpt = Annotated[
 ]
 
 
+class _Interrupted(Exception):
+    """A signal asked a command without a graceful stop to end."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.exit_code = 128 + signum
+
+
+class _Signals:
+    """SIGINT / SIGTERM. The first one sets `stop` (graceful commands: intake stops,
+    in-flight items get the grace period) or raises _Interrupted; a second one exits at
+    once, which corrupts nothing: every checkpoint write is one SQLite transaction."""
+
+    def __init__(self, graceful: bool) -> None:
+        self.graceful = graceful
+        self.stop = threading.Event()
+        self.received: int | None = None
+
+    def install(self) -> _Signals:
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            os._exit(128 + self.received)
+        self.received = signum
+        if not self.graceful:
+            raise _Interrupted(signum)
+        self.stop.set()
+        log.warning(
+            "%s: stopping; in-flight items may finish (a second signal quits now)",
+            signal.Signals(signum).name,
+        )
+
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.received is None else 128 + self.received
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`, without joining threads still blocked in a request."""
+    if threading.active_count() > 1:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    raise typer.Exit(code)
+
+
 @contextmanager
 def _command(verbose: bool, quiet: bool) -> Iterator[None]:
     """Run a command body: library errors become one stderr line and an exit code."""
@@ -121,6 +175,9 @@ def _command(verbose: bool, quiet: bool) -> Iterator[None]:
         raise typer.Exit(int(exc.exit_code)) from None
     except OutputClosed:
         raise typer.Exit(int(ExitCode.OK)) from None
+    except _Interrupted as exc:
+        log.error("interrupted")
+        raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         log.error("interrupted")
         raise typer.Exit(int(ExitCode.SIGINT)) from None
@@ -187,6 +244,7 @@ def scan(
     """List every image under ROOT with its content hash: one JSON line per file."""
     from imgbatch.scanner import run_scan
 
+    _Signals(graceful=False).install()
     with _command(verbose, quiet):
         settings = _settings(
             config,
@@ -263,6 +321,20 @@ def analyze(
             "--retry-failed", help="Also retry permanent errors (BAD_IMAGE, BLOCKED, IO_ERROR)."
         ),
     ] = False,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait", help="Wait for another run holding the lock instead of exiting with code 3."
+        ),
+    ] = False,
+    grace: Annotated[
+        float | None,
+        typer.Option(
+            "--grace",
+            help="Seconds in-flight items get after SIGINT/SIGTERM [10].",
+            show_default=False,
+        ),
+    ] = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -376,6 +448,7 @@ def analyze(
             rpm=rpm,
             tpm=tpm,
             max_wait=max_wait,
+            grace=grace,
         )
         options = RunOptions(
             fresh=fresh,
@@ -385,13 +458,18 @@ def analyze(
             dry_run=dry_run,
         )
         sink = JsonlSink(flush_every=1)
+        signals = _Signals(graceful=True).install()
         with Progress("images", settings.log_every, enabled=not quiet) as progress:
             try:
-                summary, scanned = analyze_root(root, settings, options, sink, progress)
+                summary, scanned = analyze_root(
+                    root, settings, options, sink, progress, signals.stop, wait=wait
+                )
             finally:
                 _close_quietly(sink.close)
         for line in summary_lines(summary, scanned):
             log.info("%s", line)
+        if signals.exit_code is not None:
+            _exit(signals.exit_code)
         if summary.failed:
             raise typer.Exit(int(ExitCode.ITEM_FAILURES))
 

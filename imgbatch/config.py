@@ -53,6 +53,7 @@ class Settings:
     max_side: int = _s(768, "analyze", "long side of the decoded image, in pixels")
     max_attempts: int = _s(4, "analyze", "attempts per item for transient errors")
     retry_delay: float = _s(1.0, "analyze", "first backoff delay in seconds, doubled each retry")
+    grace: float = _s(10.0, "analyze", "seconds in-flight items get after SIGINT/SIGTERM")
     upload_format: str = _s("jpeg", "analyze", "upload encoding for remote providers: jpeg | webp")
     upload_quality: int = _s(85, "analyze", "upload encoding quality, 1-100")
     # [rate]

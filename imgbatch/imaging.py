@@ -26,6 +26,7 @@ __all__ = [
     "PreparedImage",
     "encode_for_upload",
     "estimate_tokens",
+    "fitted_size",
     "prepare",
 ]
 
@@ -217,7 +218,11 @@ def _open_regular_file(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
 
 @contextmanager
 def _pillow_errors() -> Iterator[None]:
-    """Translate what Pillow raises on a bad file into ItemError, without the file's path."""
+    """Translate what Pillow raises on a bad file into ItemError.
+
+    Pillow only ever sees the open file object, never the path, so its messages (passed
+    on for the rarer errors) cannot leak the path into the error record.
+    """
     try:
         yield
     except ItemError:
@@ -227,7 +232,7 @@ def _pillow_errors() -> Iterator[None]:
         pixels = int(found.group(1)) if found else 0
         raise ItemError(ErrorCode.BAD_IMAGE, _too_large(pixels)) from exc
     except UnidentifiedImageError as exc:
-        # Pillow's message names the file (or its repr), which the record already has.
+        # Pillow's message shows the file object; the record already names the file.
         raise ItemError(
             ErrorCode.BAD_IMAGE, "not a decodable image: cannot identify image file"
         ) from exc
@@ -326,8 +331,9 @@ def _to_8bit_gray(img: Image.Image) -> Image.Image:
         img = img.convert("I")
         low, high = 0.0, 65535.0
     else:
-        extrema = img.getextrema()
-        low, high = float(extrema[0]), float(extrema[1])  # type: ignore[arg-type]
+        first, last = img.getextrema()
+        assert isinstance(first, (int, float)) and isinstance(last, (int, float))  # one band
+        low, high = float(first), float(last)
         if img.mode == "F" and 0.0 <= low and high <= 1.0:
             low, high = 0.0, 1.0
         elif 0.0 <= low and high <= 255.0:
@@ -451,7 +457,11 @@ def _degrees(value: Any, ref: Any, negative_ref: str) -> float | None:
 
 
 def fitted_size(path: str | os.PathLike[str], max_side: int = DEFAULT_MAX_SIDE) -> tuple[int, int]:
-    """The size `prepare()` would produce, read from the header only (for --dry-run)."""
-    with _pillow_errors(), _open_regular_file(path) as fp:
-        img = _identify(fp)
+    """The size `prepare()` would produce, read from the header only (for --dry-run).
+
+    EXIF rotation is not applied (finding it can cost a full decode, e.g. in PNG): the
+    sides may come out swapped, which changes no token estimate.
+    """
+    with _open_regular_file(path) as fp, _pillow_errors(), _identify(fp) as img:
+        _check_pixels(img.width, img.height)
         return _fit(img.size, max_side)

@@ -243,12 +243,26 @@ class Pipeline:
                 self._take(rec)
                 if limit is not None and s.counts["processed"] >= limit:
                     break
-                while len(self._pending) + self._n_waiting >= max_in_flight:
-                    self._drain(block=True)
+                while (
+                    len(self._pending) + self._n_waiting >= max_in_flight and not self.stop.is_set()
+                ):
+                    self._drain(block=True, timeout=0.5)
                 if self._pending:
                     self._drain(block=False)
+            deadline: float | None = None
             while self._pending and self._fatal is None:
-                self._drain(block=True)
+                if self.stop.is_set():  # stopping: in-flight items get `grace` seconds
+                    deadline = deadline or time.monotonic() + self.settings.grace
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        log.warning(
+                            "abandoning %d in-flight item(s); the next run redoes them",
+                            len(self._pending),
+                        )
+                        break
+                    self._drain(block=True, timeout=left)
+                else:
+                    self._drain(block=True, timeout=0.5)  # wakes up to notice a stop
         except BaseException:  # closed output, interrupt: what is unrecorded is redone
             self.stop.set()
             raise
@@ -333,8 +347,8 @@ class Pipeline:
             return True
         return stored.get("code") in CONTENT_ERRORS and not self.options.retry_failed
 
-    def _drain(self, block: bool) -> None:
-        done, _ = wait(self._pending, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+    def _drain(self, block: bool, timeout: float | None = None) -> None:
+        done, _ = wait(self._pending, timeout=timeout if block else 0, return_when=FIRST_COMPLETED)
         for fut in done:
             item = self._pending.pop(fut)
             try:
@@ -462,7 +476,8 @@ class Pipeline:
         self._write(item, outcome, cached)
         s, rec = self.summary, item.rec
         code = outcome.code
-        state: ItemState = (rec.hash, code, s.id)
+        message = outcome.message if outcome.status != "ok" else None
+        state: ItemState = (rec.hash, code, s.id, rec.size, rec.mtime_ns, message)
         stored = None
         if not cached and (outcome.status == "ok" or code in CONTENT_ERRORS):
             stored = outcome.stored(self.provider.name, self.provider.model, s.id)
@@ -518,7 +533,9 @@ class Pipeline:
     def _finish(self, pool: ThreadPoolExecutor) -> None:
         for fut in self._pending:
             fut.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+        # when stopping, threads blocked in a request are not waited for: the caller
+        # exits without joining them, having flushed the output and the checkpoint
+        pool.shutdown(wait=not self.stop.is_set(), cancel_futures=True)
         s = self.summary
         s.ended = time.time()
         s.counts["processing"] = 0
@@ -566,6 +583,7 @@ def analyze_root(
     progress: Progress | None = None,
     stop: threading.Event | None = None,
     env: Mapping[str, str] | None = None,
+    wait: bool = False,
 ) -> tuple[RunSummary, int]:
     """`imgbatch analyze`: choose the provider, open and lock the state, run.
 
@@ -593,7 +611,8 @@ def analyze_root(
         limiter = AdaptiveLimiter(settings.rpm, settings.tpm, stop=stop)
     try:
         with Checkpoint(state) as checkpoint:
-            checkpoint.lock("analyze")
+            checkpoint.lock("analyze", wait=wait)
+            checkpoint.set_root(os.path.abspath(root))
             if checkpoint.mark_dead_runs():
                 log.warning("an earlier run was killed; resuming where it stopped")
             hash_cache = HashCache(state / "hashcache") if settings.hash_cache else None

@@ -102,6 +102,9 @@ def dominant_colors(image: Image.Image, count: int = 5) -> list[dict[str, Any]]:
     # Median cut costs ~0.5 us per distinct colour: 48x48 gives the same shares as 64x64
     # (within 1-2%) at half the cost. Squashing the aspect does not change the shares.
     rgb = image if image.mode == "RGB" else image.convert("RGB")
+    factor = min(rgb.size) // 48
+    if factor >= 2:
+        rgb = rgb.reduce(factor)  # the same box average, 3x cheaper than resize's
     small = rgb.resize((48, 48), Image.Resampling.BOX)
     quantized = small.quantize(colors=count, method=Image.Quantize.MEDIANCUT)
     palette = quantized.getpalette() or []
