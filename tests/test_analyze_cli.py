@@ -60,7 +60,7 @@ def test_broken_files_become_bad_image_records_and_exit_code_1(photos: Path) -> 
     assert "errors: BAD_IMAGE 4" in res.stderr
 
 
-def test_a_closed_pipe_ends_quietly_and_unwritten_items_are_redone(tmp_path: Path) -> None:
+def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     root = tmp_path / "photos"
     for i in range(40):
         make_image(root / f"{i:02d}.png", size=(20 + i, 20))
@@ -71,13 +71,31 @@ def test_a_closed_pipe_ends_quietly_and_unwritten_items_are_redone(tmp_path: Pat
         cwd=REPO,
     )
     assert proc.stdout is not None and proc.stderr is not None
-    first = [json.loads(proc.stdout.readline()) for _ in range(2)]
+    first = [json.loads(proc.stdout.readline()) for _ in range(2)]  # like `| head -2`
     proc.stdout.close()
     stderr = proc.stderr.read().decode()
-    assert proc.wait(timeout=60) == 0 and "Traceback" not in stderr
-    rest = run_cli(["analyze", root]).records
-    done = {r["path"] for r in first} | {r["path"] for r in rest}
-    assert len(done) == 40  # nothing that went unwritten was recorded as done
+    assert proc.wait(timeout=60) == 0
+    assert "Traceback" not in stderr and "Broken pipe" not in stderr
+    assert all(r["status"] == "ok" for r in first)
+
+
+def test_what_could_not_be_written_is_not_recorded_as_done(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    for i in range(10):
+        make_image(root / f"{i:02d}.png", size=(20 + i, 20))
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    proc = subprocess.run(
+        [sys.executable, "-m", "imgbatch", "analyze", str(root)],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        timeout=60,
+    )
+    os.close(write_end)
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr
+    rest = run_cli(["analyze", root])
+    assert len(rest.records) == 10  # nothing was recorded as done
 
 
 def test_a_run_killed_with_sigkill_loses_nothing_and_repeats_only_in_flight_work(
@@ -89,7 +107,11 @@ def test_a_run_killed_with_sigkill_loses_nothing_and_repeats_only_in_flight_work
     for i in range(files):
         make_image(root / f"d{i % 3}" / f"{i:02d}.png", size=(20 + i, 16))
     calls = tmp_path / "calls.log"
-    env = {**os.environ, "IMGBATCH_TEST_FAKE": json.dumps({"delay": 0.03, "log": str(calls)})}
+    env = {
+        **os.environ,
+        "IMGBATCH_TEST_FAKE": json.dumps({"delay": 0.03, "log": str(calls)}),
+        "IMGBATCH_RPM": "60000",
+    }
     workers, in_flight = 2, 4
     args = [
         sys.executable,

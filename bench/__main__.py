@@ -1,0 +1,60 @@
+"""Run every benchmark module in turn (`make bench`); the result tables go to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import subprocess
+import time
+
+from bench.common import IMGBATCH, Table, child_env, generation_seconds, log
+
+MODULES = ["scan"]  # each has BENCHMARKS: {name: function(table, quick)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    benchmarks = {
+        f"{mod}.{name}": fn
+        for mod in MODULES
+        for name, fn in importlib.import_module(f"bench.{mod}").BENCHMARKS.items()
+    }
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    names = ", ".join(MODULES + [n.split(".")[1] for n in benchmarks])
+    ap.add_argument("--only", metavar="NAME", help=f"one module or benchmark: {names}")
+    ap.add_argument("--quick", action="store_true", help="smaller trees, for a smoke run")
+    args = ap.parse_args(argv)
+    chosen = [
+        (name, fn) for name, fn in benchmarks.items() if args.only in (None, name, *name.split("."))
+    ]
+    if not chosen:
+        ap.error(f"no benchmark named {args.only!r}")
+
+    version = subprocess.run(
+        [IMGBATCH, "--version"], capture_output=True, text=True, env=child_env(), check=True
+    ).stderr.strip()
+    print(f"# imgbatch benchmarks{' (--quick)' if args.quick else ''}\n")
+    load = f"load average {os.getloadavg()[0]:.2f}"
+    print(f"{os.cpu_count()} cores, Python {platform.python_version()}, {version}, {load}\n")
+
+    table = Table()
+    start = time.perf_counter()
+    times: list[tuple[str, float, float]] = []
+    for name, fn in chosen:
+        t0, g0 = time.perf_counter(), generation_seconds()
+        fn(table, args.quick)
+        times.append((name, time.perf_counter() - t0, generation_seconds() - g0))
+    total = time.perf_counter() - start
+    log("")
+    print(table.render())
+    print("### runtime\n")
+    for name, secs, gen in times:
+        data = f" (of which data generation {gen:.0f} s)" if gen else ""
+        print(f"- {name}: {secs:.0f} s{data}")
+    print(f"- total: {total:.0f} s ({total / 60:.1f} min); load average {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
