@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -110,6 +110,7 @@ class Run:
     seconds: float
     maxrss_kib: int  # ru_maxrss of the child (and of the descendants it waited for)
     stderr: str
+    returncode: int = 0
 
     @property
     def maxrss_mb(self) -> float:
@@ -146,29 +147,47 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def run(argv: list[str]) -> Run:
-    """Run `argv` with stdout to /dev/null: its wall time, peak RSS and stderr."""
+def run(
+    argv: list[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    stdout: Path | None = None,
+    check: bool = True,
+) -> Run:
+    """Run `argv` (stdout to /dev/null, or to the file `stdout`): its wall time, peak RSS
+    and stderr. `env` is added to child_env(); `check`: raise if it exits non-zero."""
     launcher = [sys.executable, "-S", "-c", _LAUNCHER]
-    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as res:
+    with (
+        tempfile.TemporaryFile() as err,
+        tempfile.NamedTemporaryFile("r") as res,
+        open(stdout or os.devnull, "wb") as out,
+    ):
         proc = subprocess.run(
-            [*launcher, res.name, *argv], stdout=subprocess.DEVNULL, stderr=err, env=child_env()
+            [*launcher, res.name, *argv], stdout=out, stderr=err, env={**child_env(), **(env or {})}
         )
         err.seek(0)
         text = err.read().decode(errors="replace")
-        if proc.returncode != 0:
+        if check and proc.returncode != 0:
             raise RuntimeError(f"{shlex.join(argv)} exited {proc.returncode}:\n{text[-2000:]}")
         seconds, maxrss = res.read().split()
-    return Run(float(seconds), int(maxrss), text)
+    return Run(float(seconds), int(maxrss), text, proc.returncode)
 
 
-def best_of(argv: list[str], runs: int = 3, setup: Callable[[], object] | None = None) -> Run:
+def best_of(
+    argv: list[str],
+    runs: int = 3,
+    setup: Callable[[], object] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    stdout: Path | None = None,
+) -> Run:
     """One warm-up run (warms the page cache), then the fastest of `runs` timed runs;
-    `setup` is called, untimed, before each."""
+    `setup` is called, untimed, before each. `env`, `stdout`: as for run()."""
     timed: list[Run] = []
     for i in range(runs + 1):
         if setup is not None:
             setup()
-        r = run(argv)
+        r = run(argv, env=env, stdout=stdout)
         if i:  # the first run is the warm-up
             timed.append(r)
     return min(timed, key=lambda r: r.seconds)

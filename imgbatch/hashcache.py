@@ -28,6 +28,9 @@ DISKCACHE_SETTINGS: dict[str, Any] = {
 }
 
 
+FLUSH_EVERY = 64  # folders per write transaction: a crash loses at most these (it's a cache)
+
+
 class HashCache:
     """Folder-keyed hashes of the files below one ROOT."""
 
@@ -39,6 +42,7 @@ class HashCache:
             self._cache = diskcache.Cache(str(directory), **DISKCACHE_SETTINGS)
         except Exception as exc:  # sqlite3.DatabaseError, OSError, ...
             raise CheckpointError(f"cannot open hash cache in {directory}: {exc}") from None
+        self._pending: dict[bytes, FolderHashes] = {}
 
     @staticmethod
     def _key(rel_dir: str) -> bytes:
@@ -46,16 +50,32 @@ class HashCache:
         return b"d:" + os.fsencode(rel_dir)
 
     def get(self, rel_dir: str) -> FolderHashes | None:
-        value = self._cache.get(self._key(rel_dir))
+        key = self._key(rel_dir)
+        if key in self._pending:
+            return self._pending[key]
+        value = self._cache.get(key)
         return value if isinstance(value, dict) else None
 
     def put(self, rel_dir: str, hashes: FolderHashes) -> None:
-        if hashes:
-            self._cache.set(self._key(rel_dir), hashes)
-        else:
-            self._cache.delete(self._key(rel_dir))
+        """Store a folder's hashes; written with others in one transaction (~235 us each
+        on their own), at the latest when the cache is closed."""
+        self._pending[self._key(rel_dir)] = hashes
+        if len(self._pending) >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        with self._cache.transact():
+            for key, hashes in self._pending.items():
+                if hashes:
+                    self._cache.set(key, hashes)
+                else:
+                    self._cache.delete(key)
+        self._pending.clear()
 
     def close(self) -> None:
+        self.flush()
         self._cache.close()
 
     def __enter__(self) -> HashCache:

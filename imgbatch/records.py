@@ -81,6 +81,7 @@ class FileRecord:
     ctime_ns: int = 0
     error_code: ErrorCode | None = None
     error_message: str | None = None
+    ext: str | None = None  # the extension, when the scanner already computed it
 
     @property
     def ok(self) -> bool:
@@ -88,7 +89,7 @@ class FileRecord:
 
     @property
     def extension(self) -> str:
-        return extension_of(self.path)
+        return self.ext if self.ext is not None else extension_of(self.path)
 
     def fields(self) -> dict[str, Any]:
         """The JSON object of this record (strings cleaned to strict UTF-8)."""

@@ -124,7 +124,7 @@ _Slot = tuple["FileRecord | Future[FileRecord] | None", FolderHashes, str, "Fold
 class _Folder:
     path: str
     rel: str
-    files: list[os.DirEntry[str]]
+    files: list[tuple[os.DirEntry[str], str]]  # entry, extension
 
 
 class Scanner:
@@ -159,8 +159,10 @@ class Scanner:
 
     # -- the walk ----------------------------------------------------------------
 
-    def _wants_file(self, name: str) -> bool:
-        return self.settings.all_files or extension_of(name) in IMAGE_EXTENSIONS
+    def _wants_file(self, name: str) -> str | None:
+        """The file's extension if it is selected, else None."""
+        ext = extension_of(name)
+        return ext if self.settings.all_files or ext in IMAGE_EXTENSIONS else None
 
     def _folders(self) -> Iterator[_Folder | FileRecord]:
         """Folders depth-first in sorted order, each with its selected files."""
@@ -181,7 +183,7 @@ class Scanner:
                 yield error_record(path, ErrorCode.IO_ERROR, _errmsg(exc, "cannot list folder"))
                 continue
             self.stats.folders += 1
-            files: list[os.DirEntry[str]] = []
+            files: list[tuple[os.DirEntry[str], str]] = []
             subdirs: list[tuple[str, str]] = []
             for e in entries:
                 name = e.name
@@ -191,7 +193,7 @@ class Scanner:
                 try:
                     is_link = e.is_symlink()
                     if is_link and not follow:
-                        if self._wants_file(name) or e.is_dir():
+                        if self._wants_file(name) is not None or e.is_dir():
                             self.stats.skipped["symlink"] += 1
                         continue
                     is_dir = e.is_dir(follow_symlinks=follow)
@@ -207,10 +209,11 @@ class Scanner:
                             visited.add(key)
                         subdirs.append((e.path, erel))
                         continue
-                    if not self._wants_file(name):
+                    ext = self._wants_file(name)
+                    if ext is None:
                         continue
                     if e.is_file(follow_symlinks=follow):
-                        files.append(e)
+                        files.append((e, ext))
                     elif is_link:
                         # following symlinks, and the target is neither file nor folder
                         try:
@@ -311,7 +314,7 @@ class Scanner:
             if isinstance(item, FileRecord):
                 yield item
                 continue
-            for e in item.files:
+            for e, ext in item.files:
                 st = self._stat(e)
                 if isinstance(st, FileRecord):
                     stats.errors += 1
@@ -320,7 +323,7 @@ class Scanner:
                 stats.files += 1
                 stats.bytes += st.st_size
                 yield FileRecord(
-                    e.path, st.st_size, st.st_mtime_ns, None, st.st_ino, st.st_ctime_ns
+                    e.path, st.st_size, st.st_mtime_ns, None, st.st_ino, st.st_ctime_ns, ext=ext
                 )
 
     def _hashed(self) -> Iterator[FileRecord]:
@@ -373,7 +376,7 @@ class Scanner:
                     continue
                 old = cache.get(folder.rel) if cache is not None else None
                 hashes: FolderHashes = {}
-                for e in folder.files:
+                for e, ext in folder.files:
                     name = e.name
                     rec: FileRecord | Future[FileRecord] | None = None
                     stamp = old.get(name) if old else None
@@ -407,6 +410,7 @@ class Scanner:
                             else:
                                 rec = self._hash_open_file(e.path, fd, st)
                     if not window and isinstance(rec, FileRecord):
+                        rec.ext = ext
                         account(rec, hashes, name)  # nothing held back: no queueing
                         yield rec
                         continue
