@@ -154,6 +154,12 @@ class Checkpoint:
         value = self._db.get((b"result", fp, content_hash))
         return value if isinstance(value, dict) else None
 
+    def fingerprints(self) -> set[str]:
+        """Every fingerprint with recorded items."""
+        return {
+            key[1] for key in self._db.iterkeys() if isinstance(key, tuple) and key[0] == b"done"
+        }
+
     def iter_folders(self, fp: str) -> Iterator[tuple[str, FolderStates]]:
         """(folder, states) of every folder with items under fingerprint `fp`, one at a time."""
         for key in self._db.iterkeys():

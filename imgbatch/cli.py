@@ -5,6 +5,7 @@ Nothing here walks, hashes or analyses; every command forwards to one library ca
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -14,13 +15,14 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from imgbatch import __version__
 from imgbatch.config import Settings, load_settings, state_dir
-from imgbatch.errors import ExitCode, ImgbatchError
+from imgbatch.errors import ExitCode, ImgbatchError, UsageError
 from imgbatch.output import (
     JsonlSink,
     OutputClosed,
@@ -53,6 +55,12 @@ ConfigOpt = Annotated[
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs and tracebacks.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Errors only on stderr.")]
+LogFormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--log-format", help="text | json (one object per line on stderr, for log collectors)."
+    ),
+]
 CheckpointOpt = Annotated[
     str | None,
     typer.Option(
@@ -162,9 +170,13 @@ def _exit(code: int) -> None:
 
 
 @contextmanager
-def _command(verbose: bool, quiet: bool) -> Iterator[None]:
+def _command(verbose: bool, quiet: bool, log_format: str = "text") -> Iterator[None]:
     """Run a command body: library errors become one stderr line and an exit code."""
-    setup_logging(verbose, quiet)
+    if log_format not in ("text", "json"):
+        setup_logging()
+        log.error("error: --log-format must be text or json")
+        raise typer.Exit(int(ExitCode.USAGE))
+    setup_logging(verbose, quiet, log_format)
     debug = verbose or os.environ.get("IMGBATCH_DEBUG") == "1"
     try:
         yield
@@ -240,12 +252,13 @@ def scan(
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """List every image under ROOT with its content hash: one JSON line per file."""
     from imgbatch.scanner import run_scan
 
     _Signals(graceful=False).install()
-    with _command(verbose, quiet):
+    with _command(verbose, quiet, log_format):
         settings = _settings(
             config,
             batch_size=batch_size,
@@ -419,11 +432,12 @@ def analyze(
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Analyse every new or changed image under ROOT: one JSON line per file, resumable."""
     from imgbatch.pipeline import RunOptions, analyze_root, summary_lines
 
-    with _command(verbose, quiet):
+    with _command(verbose, quiet, log_format):
         settings = _settings(
             config,
             provider=provider,
@@ -472,6 +486,147 @@ def analyze(
             _exit(signals.exit_code)
         if summary.failed:
             raise typer.Exit(int(ExitCode.ITEM_FAILURES))
+
+
+StateRoot = Annotated[
+    str | None,
+    typer.Argument(help="The ROOT that was analysed (or use --checkpoint).", show_default=False),
+]
+
+
+def _state(root: str | None, checkpoint: str | None, config: str | None) -> Path:
+    settings = _settings(config, checkpoint=checkpoint)
+    if root is None and not settings.checkpoint:
+        raise UsageError("give the ROOT that was analysed, or --checkpoint DIR")
+    return state_dir(root or "", settings)
+
+
+def _print(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+@app.command()
+def status(
+    root: StateRoot = None,
+    json_: Annotated[bool, typer.Option("--json", help="One JSON object, for machines.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Refresh until the run ends.")
+    ] = False,
+    checkpoint: CheckpointOpt = None,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Where the current or last run stands (readable while it runs)."""
+    from imgbatch import report
+
+    with _command(verbose, quiet):
+        state = _state(root, checkpoint, config)
+        current = report.status(state)
+        if current is None:
+            log.info("no run recorded in %s yet", state)
+            return
+        if follow:
+            current = _follow(state, current)
+        if json_:
+            _print(json.dumps(current, sort_keys=True))
+        else:
+            for line in report.status_lines(current):
+                _print(line)
+
+
+def _follow(state: Path, current: dict[str, Any]) -> dict[str, Any]:
+    """Show a live line on stderr (a bar on a terminal) until the run ends."""
+    from imgbatch import report
+
+    with Progress("images", log_every=5.0, total=current.get("total")) as progress:
+        while current["state"] in report.LIVE_STATES:
+            c = current.get("counts", {})
+            progress.update(
+                c.get("completed", 0) + c.get("failed", 0),
+                failed=c.get("failed", 0),
+                cached=c.get("cached", 0),
+            )
+            time.sleep(1.0)
+            current = report.status(state) or current
+    return current
+
+
+@app.command()
+def runs(
+    root: StateRoot = None,
+    json_: Annotated[bool, typer.Option("--json", help="JSON Lines, one run per line.")] = False,
+    limit: Annotated[int, typer.Option("--limit", help="Runs shown at most.", min=1)] = 20,
+    checkpoint: CheckpointOpt = None,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """The run history kept in the checkpoint (the last 100 runs), newest first."""
+    from imgbatch import report
+
+    with _command(verbose, quiet):
+        history = report.runs(_state(root, checkpoint, config), limit)
+        if json_:
+            for run in history:
+                _print(json.dumps(run, sort_keys=True))
+            return
+        _print(report.RUNS_HEADER)
+        for run in history:
+            _print(report.run_line(run))
+
+
+@app.command()
+def export(
+    root: StateRoot = None,
+    format: Annotated[str, typer.Option("--format", help="jsonl | csv.")] = "jsonl",
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write to this file (atomically: a temporary file renamed) instead of stdout.",
+            show_default=False,
+        ),
+    ] = None,
+    status_: Annotated[
+        str | None,
+        typer.Option("--status", help="Only ok or only error items.", show_default=False),
+    ] = None,
+    checkpoint: CheckpointOpt = None,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Every stored result (of the last run's settings) as JSONL or CSV."""
+    from imgbatch import report
+
+    with _command(verbose, quiet):
+        if status_ not in (None, "ok", "error"):
+            raise UsageError("--status must be ok or error")
+        n = report.export(
+            _state(root, checkpoint, config), format, output, sys.stdout.buffer, status_
+        )
+        log.info("exported %s records%s", f"{n:,}", f" to {output}" if output else "")
+
+
+@app.command()
+def prune(
+    root: StateRoot = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for a run holding the lock.")] = False,
+    checkpoint: CheckpointOpt = None,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+    log_format: LogFormatOpt = "text",
+) -> None:
+    """Drop files that no longer exist on disk from the checkpoint."""
+    from imgbatch import report
+
+    with _command(verbose, quiet, log_format):
+        n = report.prune(_state(root, checkpoint, config), wait)
+        log.info("pruned %s records of files that no longer exist", f"{n:,}")
 
 
 def _close_quietly(close: Callable[[], None]) -> None:

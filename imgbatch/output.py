@@ -8,6 +8,7 @@ record. A closed pipe becomes `OutputClosed`, which the CLI turns into a quiet e
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import sys
@@ -152,10 +153,27 @@ class Progress:
         self.close()
 
 
-def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
-    """Send imgbatch's log records to stderr, one plain line each."""
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log record, for log collectors (`--log-format json`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False, fmt: str = "text") -> None:
+    """Send imgbatch's log records to stderr: one plain line each, or one JSON object."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("imgbatch: %(message)s"))
+    handler.setFormatter(
+        JsonFormatter() if fmt == "json" else logging.Formatter("imgbatch: %(message)s")
+    )
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)

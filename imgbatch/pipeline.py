@@ -132,6 +132,7 @@ class RunSummary:
     input_tokens: int = 0
     output_tokens: int = 0
     exit_code: int | None = None
+    total: int | None = None  # items this run will process, when known (--limit)
 
     @property
     def failed(self) -> int:
@@ -220,6 +221,7 @@ class Pipeline:
         self.summary = RunSummary(
             checkpoint.next_run_id(), provider.name, provider.model, self.fp, self.root
         )
+        self.summary.total = options.limit
         self._pending: dict[Future[Outcome], _Item] = {}
         self._waiting: dict[str, list[_Item]] = {}  # content hash -> duplicates in flight
         self._n_waiting = 0
