@@ -257,9 +257,10 @@ class Pipeline:
                     deadline = deadline or time.monotonic() + self.settings.grace
                     left = deadline - time.monotonic()
                     if left <= 0:
+                        running = sum(1 for f in self._pending if f.running())
                         log.warning(
                             "abandoning %d in-flight item(s); the next run redoes them",
-                            len(self._pending),
+                            running,
                         )
                         break
                     self._drain(block=True, timeout=left)

@@ -173,7 +173,9 @@ def _csv_value(value: Any) -> Any:
     return value
 
 
-def _write_export(records: Iterator[dict[str, Any]], fmt: str, out: IO[bytes]) -> int:
+def _write_export(
+    records: Iterator[dict[str, Any]], fmt: str, out: IO[bytes], result_cols: list[str]
+) -> int:
     n = 0
     if fmt == "jsonl":
         for rec in records:
@@ -181,15 +183,11 @@ def _write_export(records: Iterator[dict[str, Any]], fmt: str, out: IO[bytes]) -
             n += 1
         return n
     text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
-    writer: Any = None
-    result_cols: list[str] = []
+    writer = csv.writer(text)
+    writer.writerow(FILE_COLUMNS + result_cols + ["result_other"])
     for rec in records:
         result = rec.pop("result", None) or {}
         error = rec.pop("error", None) or {}
-        if writer is None:  # columns: file fields first, then the first result's keys
-            result_cols = list(result)
-            writer = csv.writer(text)
-            writer.writerow(FILE_COLUMNS + result_cols + ["result_other"])
         row = [_csv_value(rec.get(c)) for c in FILE_COLUMNS[:10]]
         row += [error.get("code", ""), error.get("message", "")]
         row += [_csv_value(result.get(c)) for c in result_cols]
@@ -197,8 +195,6 @@ def _write_export(records: Iterator[dict[str, Any]], fmt: str, out: IO[bytes]) -
         row.append(_csv_value(other) if other else "")
         writer.writerow(row)
         n += 1
-    if writer is None:
-        csv.writer(text).writerow(FILE_COLUMNS)
     text.detach()
     return n
 
@@ -210,14 +206,17 @@ def export(
     if fmt not in ("jsonl", "csv"):
         raise UsageError(f"unknown export format {fmt!r}: use jsonl or csv")
     with open_checkpoint(state) as cp:
+        # CSV columns: file fields first, then the keys of the first stored result
+        first = next((r for r in _items(cp, "ok") if r.get("result")), None)
+        result_cols = list(first["result"]) if first else []
         records = _items(cp, status_filter)
         if output is None:
-            return _write_export(records, fmt, out)
+            return _write_export(records, fmt, out, result_cols)
         target = Path(output)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
         try:
             with os.fdopen(fd, "wb") as fh:
-                n = _write_export(records, fmt, fh)
+                n = _write_export(records, fmt, fh, result_cols)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, target)  # a reader never sees half a file
