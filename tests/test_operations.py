@@ -224,3 +224,36 @@ def test_json_logs_for_log_collectors(tmp_path: Path) -> None:
 def test_quiet_prints_only_errors(tmp_path: Path) -> None:
     make_image(tmp_path / "a.png")
     assert run_cli(["analyze", "--quiet", tmp_path]).stderr == ""
+
+
+def test_scan_killed_with_sigkill_keeps_a_usable_hash_cache(tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(7)  # kill moments are reproducible
+    root = tmp_path / "tree"
+    for i in range(4000):
+        (root / f"d{i % 80:02d}").mkdir(parents=True, exist_ok=True)
+        (root / f"d{i % 80:02d}" / f"{i:05d}.png").write_bytes(os.urandom(64))
+    state = tmp_path / "state"
+    args = [
+        sys.executable,
+        "-m",
+        "imgbatch",
+        "scan",
+        "--batch-size",
+        "10",
+        "--checkpoint",
+        str(state),
+        str(root),
+    ]
+    for _ in range(3):
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
+        assert proc.stdout is not None
+        for _ in range(rng.randint(50, 3000)):
+            proc.stdout.readline()
+        proc.kill()
+        proc.wait()
+    cached = run_cli(["scan", "--checkpoint", state, root])
+    fresh = run_cli(["scan", "--no-hash-cache", root])
+    assert cached.rc == fresh.rc == 0
+    assert cached.stdout == fresh.stdout  # every hash right, every file listed once
