@@ -11,7 +11,7 @@ import time
 
 from bench.common import IMGBATCH, Table, child_env, generation_seconds, log
 
-MODULES = ["scan"]  # each has BENCHMARKS: {name: function(table, quick)}
+MODULES = ["scan", "analyze", "gemini"]  # each has BENCHMARKS: {name: function(table, quick)}
 
 
 def main(argv: list[str] | None = None) -> int:

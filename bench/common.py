@@ -94,6 +94,11 @@ def generation_seconds() -> float:
     return sum(_generation)
 
 
+def generated(seconds: float) -> None:
+    """Count `seconds` of data generation done elsewhere (bench/images.py)."""
+    _generation.append(seconds)
+
+
 def scratch(name: str) -> Path:
     """An empty folder bench/.data/scratch/NAME (emptied if it exists)."""
     path = DATA / "scratch" / name
