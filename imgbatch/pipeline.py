@@ -305,7 +305,10 @@ class Pipeline:
         s.counts["processed"] += 1
         stored = self.checkpoint.result(self.fp, rec.hash or "")
         if stored is not None and self._reusable(stored):
-            self._emit(item, Outcome.from_stored(stored), cached=True)
+            if opts.dry_run:  # nothing to send, and a dry run records nothing
+                s.counts["cached"] += 1
+            else:
+                self._emit(item, Outcome.from_stored(stored), cached=True)
             return
         assert rec.hash is not None
         if opts.dry_run:
@@ -331,9 +334,9 @@ class Pipeline:
             tokens = 0
         else:
             out["status"] = "would-send"
+            self.summary.counts["would_send"] += 1
         out["provider"], out["model"] = self.provider.name, self.provider.model
         out["estimated_tokens"] = tokens if self.provider.remote else 0
-        self.summary.counts["would_send"] += 1
         self.summary.input_tokens += out["estimated_tokens"]
         self.sink.write(json_line(out))
 
@@ -484,7 +487,8 @@ class Pipeline:
         stored = None
         if not cached and (outcome.status == "ok" or code in CONTENT_ERRORS):
             stored = outcome.stored(self.provider.name, self.provider.model, s.id)
-        self.checkpoint.commit(self.fp, item.rel_dir, item.name, state, stored)
+        if not self.options.dry_run:
+            self.checkpoint.commit(self.fp, item.rel_dir, item.name, state, stored)
         if outcome.status == "ok":
             s.counts["completed"] += 1
             tags = (outcome.result or {}).get("tags")
@@ -557,7 +561,7 @@ class Pipeline:
 
 def summary_lines(s: RunSummary, scanned: int) -> list[str]:
     """The human summary printed on stderr at the end of a run."""
-    if "would_send" in s.counts:
+    if s.id == 0:  # a dry run
         return [
             f"dry run: {s.counts['would_send']:,} images would be sent to {s.provider} "
             f"({s.model}), about {s.input_tokens:,} input tokens for the images; "

@@ -220,3 +220,28 @@ def test_auto_picks_a_remote_provider_only_with_a_key_for_imgbatch() -> None:
     assert base.choose("auto", s, {"GOOGLE_API_KEY": "k"}) == "local"
     assert base.choose("auto", s, {"GEMINI_API_KEY": "k"}) == "gemini"
     assert base.choose("auto", s, {"IMGBATCH_GEMINI_API_KEYS": "a,b"}) == "gemini"
+
+
+def test_a_dry_run_records_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    make_image(root / "a.png", size=(40, 40))
+    make_image(root / "b.png", size=(41, 40))
+    run(
+        root,
+        tmp_path / "state",
+        provider=FakeRemote(Settings()),
+        options=RunOptions(limit=1),
+        workers=1,
+    )
+    make_image(root / "copy-of-a.png", size=(40, 40))  # its result is already stored
+    (root / "bad.png").write_text("x")
+    summary, recs = run(
+        root, tmp_path / "state", provider=FakeRemote(Settings()), options=RunOptions(dry_run=True)
+    )
+    assert {os.path.basename(r["path"]): r["status"] for r in recs} == {
+        "b.png": "would-send",
+        "bad.png": "error",
+    }
+    assert summary.counts["cached"] == 1 and summary.counts["would_send"] == 1
+    _, real = run(root, tmp_path / "state", provider=FakeRemote(Settings()))
+    assert names(real) == ["b.png", "bad.png", "copy-of-a.png"]  # the dry run recorded nothing
