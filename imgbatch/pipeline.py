@@ -218,8 +218,9 @@ class Pipeline:
         self.stop = stop or threading.Event()
         self.scanner = Scanner(self.root, settings, hash_cache, on_wait=sink.flush)
         self.fp = fingerprint_id({"provider": provider.name, **provider.fingerprint()})
+        run_id = 0 if options.dry_run else checkpoint.next_run_id()  # a dry run writes nothing
         self.summary = RunSummary(
-            checkpoint.next_run_id(), provider.name, provider.model, self.fp, self.root
+            run_id, provider.name, provider.model, self.fp, self.root
         )
         self.summary.total = options.limit
         self._pending: dict[Future[Outcome], _Item] = {}
