@@ -166,6 +166,7 @@ class RunSummary:
             "tokens": {"input": self.input_tokens, "output": self.output_tokens},
             "images_per_min": round(self.images_per_min, 1),
             "exit_code": self.exit_code,
+            "total": self.total,
         }
 
 
@@ -219,9 +220,7 @@ class Pipeline:
         self.scanner = Scanner(self.root, settings, hash_cache, on_wait=sink.flush)
         self.fp = fingerprint_id({"provider": provider.name, **provider.fingerprint()})
         run_id = 0 if options.dry_run else checkpoint.next_run_id()  # a dry run writes nothing
-        self.summary = RunSummary(
-            run_id, provider.name, provider.model, self.fp, self.root
-        )
+        self.summary = RunSummary(run_id, provider.name, provider.model, self.fp, self.root)
         self.summary.total = options.limit
         self._pending: dict[Future[Outcome], _Item] = {}
         self._waiting: dict[str, list[_Item]] = {}  # content hash -> duplicates in flight

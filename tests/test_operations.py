@@ -125,10 +125,21 @@ class TestStatusAndHistory:
         s = json.loads(live.stdout)
         assert s["state"] == "PROCESSING" and s["counts"]["completed"] >= 1
         assert s["provider"] == "fake" and s["images_per_min"] > 0
+        assert s["total"] is None and s["eta_seconds"] is None  # no total known without --limit
         proc.communicate(timeout=60)
         done = run_cli(["status", root])
         assert done.rc == 0
         assert b"COMPLETED" in done.stdout and b"completed 12" in done.stdout
+
+    def test_status_gives_an_eta_when_the_total_is_known(self, tmp_path: Path) -> None:
+        root = tree(tmp_path / "photos", 12)
+        proc = start_fake(["--workers", "1", "--limit", "10", root], 0.4, tmp_path)
+        wait_for_lines(proc, 2)
+        time.sleep(2.2)
+        s = json.loads(run_cli(["status", root, "--json"]).stdout)
+        proc.communicate(timeout=60)
+        assert s["total"] == 10 and s["state"] == "PROCESSING"
+        assert 0 < s["eta_seconds"] < 60
 
     def test_status_shows_a_killed_run_as_aborted_with_its_errors(self, tmp_path: Path) -> None:
         root = tree(tmp_path / "photos", 20)
