@@ -12,8 +12,8 @@ and there are no bursts. It adapts to the quota the server really has:
 
 With `tpm`, each request also takes its estimated input tokens from the schedule.
 
-No maintained library fitted: `pyrate-limiter` and `limits` enforce fixed rates but
-neither adapts to 429s nor honours a server's retry delay for all threads at once.
+Hand-written: the maintained limiters considered (`pyrate-limiter`, `limits`) enforce
+fixed rates; neither adapts to 429s nor pauses all threads for a server's retry delay.
 """
 
 from __future__ import annotations

@@ -110,3 +110,20 @@ def test_the_cli_takes_settings_from_env_and_flags_over_the_file(tmp_path: Path)
     assert len(run_cli(["scan", "--config", cfg, tmp_path / "tree"], env=env).records) == 1
     res = run_cli(["scan", "--config", cfg, "--all-files", tmp_path / "tree"], env=env)
     assert len(res.records) == 2
+
+
+def test_the_cli_reads_the_user_config_dir_and_ignores_the_cwd(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    make_image(tmp_path / "tree" / "a.jpg")
+    (tmp_path / "tree" / "b.txt").write_text("x")
+    write(tmp_path / "cwd" / "config.toml", "[scan]\nall_files = true\n")
+    base = [sys.executable, "-m", "imgbatch", "scan", str(tmp_path / "tree")]
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    cwd_run = subprocess.run(base, capture_output=True, cwd=tmp_path / "cwd", env=env, check=False)
+    assert len(cwd_run.stdout.splitlines()) == 1  # the file in the cwd was not read
+    write(tmp_path / "xdg" / "imgbatch" / "config.toml", "[scan]\nall_files = true\n")
+    xdg_run = subprocess.run(base, capture_output=True, cwd=tmp_path / "cwd", env=env, check=False)
+    assert len(xdg_run.stdout.splitlines()) == 2

@@ -276,3 +276,52 @@ def test_an_unknown_model_is_a_configuration_error(server: FakeGemini, photos: P
     server.configure(models={"gemini-2.5-flash-lite"})
     res = analyze(server, photos, "--model", "gemini-0-nope")
     assert res.rc == 2 and "not found" in res.stderr
+
+
+def test_sigkill_at_random_moments_against_the_server_loses_nothing(tmp_path: Path) -> None:
+    import random
+    import signal
+    import subprocess
+    import sys
+    from collections import Counter
+
+    from imgbatch.checkpoint import Checkpoint
+    from tests.conftest import REPO
+
+    rng = random.Random(42)  # kill moments are reproducible
+    root = tmp_path / "photos"
+    files, kills, workers = 40, 3, 2
+    for i in range(files):
+        make_image(root / f"{i:02d}.png", size=(30 + i, 20))
+    with FakeGemini(keys={KEY}, latency=0.05) as server:
+        env = {
+            **os.environ,
+            "GEMINI_API_KEY": KEY,
+            "IMGBATCH_GEMINI_BASE_URL": server.url,
+            "IMGBATCH_RPM": "60000",
+        }
+        args = [sys.executable, "-m", "imgbatch", "analyze", "--workers", str(workers), str(root)]
+        lines: list[dict[str, object]] = []
+        for _ in range(kills):
+            proc = subprocess.Popen(
+                args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=REPO
+            )
+            assert proc.stdout is not None
+            for _ in range(rng.randint(2, 10)):
+                lines.append(json.loads(proc.stdout.readline()))
+            proc.send_signal(signal.SIGKILL)
+            lines += [json.loads(line) for line in proc.stdout.read().splitlines()]
+            proc.wait()
+            state = next((Path(os.environ["XDG_CACHE_HOME"]) / "imgbatch").iterdir())
+            with Checkpoint(state) as cp:  # opens cleanly after every kill
+                assert cp.runs()
+        final = subprocess.run(args, capture_output=True, env=env, cwd=REPO, timeout=120)
+        assert final.returncode == 0, final.stderr.decode()
+        lines += [json.loads(line) for line in final.stdout.splitlines()]
+        requests = len(server.requests)
+    ok = Counter(str(r["path"]) for r in lines if r["status"] == "ok")
+    assert len(ok) == files
+    assert requests <= files + kills * 2 * workers  # in-flight limit: 2 x workers
+    status = run_cli(["runs", root, "--json"])
+    states = [json.loads(line)["state"] for line in status.stdout.splitlines()]
+    assert states == ["COMPLETED"] + ["ABORTED"] * kills
