@@ -1,0 +1,109 @@
+"""The adaptive limiter, on a fake clock: pacing, 429 pauses, learning the real quota."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from imgbatch.ratelimit import AdaptiveLimiter, Interrupted
+
+
+class Clock:
+    """A clock that only moves when a waiting thread 'sleeps' through the stop event."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SleepingEvent(threading.Event):
+    """`wait(t)` advances the fake clock by t instead of sleeping."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.clock.now += timeout or 0.0
+        return self.is_set()
+
+
+def limiter(rpm: float, tpm: float = 0.0) -> tuple[AdaptiveLimiter, Clock]:
+    clock = Clock()
+    return AdaptiveLimiter(rpm, tpm, clock=clock, stop=SleepingEvent(clock)), clock
+
+
+def starts(lim: AdaptiveLimiter, clock: Clock, n: int, tokens: int = 0) -> list[float]:
+    out = []
+    for _ in range(n):
+        lim.acquire(tokens)
+        out.append(clock.now)
+    return out
+
+
+def test_requests_are_spaced_evenly_never_above_rpm() -> None:
+    lim, clock = limiter(rpm=120)
+    times = starts(lim, clock, 10)
+    assert times == pytest.approx([0.5 * i for i in range(10)])
+
+
+def test_tokens_per_minute_space_large_requests_further() -> None:
+    lim, clock = limiter(rpm=6000, tpm=600)
+    times = starts(lim, clock, 3, tokens=100)  # 100 tokens at 600/min: one per 10 s
+    assert times == pytest.approx([0.0, 10.0, 20.0])
+
+
+def test_a_429_pauses_everyone_for_the_retry_delay_and_slows_down() -> None:
+    lim, clock = limiter(rpm=600)
+    starts(lim, clock, 5)
+    for _ in range(5):
+        lim.accepted()
+    before = lim.rate
+    lim.rate_limited_for(3.0)
+    assert lim.rate < before
+    lim.acquire()
+    assert clock.now >= 0.4 + 3.0  # nobody starts before the retry delay is over
+
+
+def test_in_flight_429s_of_one_event_cut_the_rate_once() -> None:
+    lim, _ = limiter(rpm=600)
+    lim.rate_limited_for(2.0)
+    once = lim.rate
+    lim.rate_limited_for(2.0)
+    lim.rate_limited_for(2.0)
+    assert lim.rate == once and lim.rate_limited == 3
+
+
+def test_the_rate_falls_below_what_the_server_accepted() -> None:
+    lim, clock = limiter(rpm=6000)
+    for _ in range(20):  # the server accepts 20 requests over 10 s: 120/min
+        lim.acquire()
+        lim.accepted()
+        clock.now += 0.5
+    lim.rate_limited_for(1.0)
+    assert lim.rate <= 120 * 0.7 + 1e-6
+
+
+def test_accepted_requests_raise_the_rate_back_but_never_past_rpm() -> None:
+    lim, _ = limiter(rpm=100)
+    lim.rate_limited_for(1.0)
+    low = lim.rate
+    for _ in range(10):
+        lim.accepted()
+    assert low < lim.rate <= 100
+    for _ in range(500):
+        lim.accepted()
+    assert lim.rate == 100
+
+
+def test_a_stop_interrupts_a_waiting_thread() -> None:
+    clock = Clock()
+    stop = SleepingEvent(clock)
+    lim = AdaptiveLimiter(1, clock=clock, stop=stop)
+    lim.acquire()
+    stop.set()
+    with pytest.raises(Interrupted):
+        lim.acquire()
