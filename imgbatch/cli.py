@@ -42,6 +42,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+def _opt(*flags: str, help: str, **kwargs: Any) -> Any:
+    """A typer option whose default is shown in its help text (defaults live in config)."""
+    return typer.Option(*flags, help=help, show_default=False, **kwargs)
+
+
 # -- shared options ----------------------------------------------------------------
 
 ConfigOpt = Annotated[
@@ -63,56 +69,42 @@ LogFormatOpt = Annotated[
 ]
 CheckpointOpt = Annotated[
     str | None,
-    typer.Option(
+    _opt(
         "--checkpoint",
         help="State folder (hash cache, checkpoint); default: one "
         "per ROOT under $XDG_CACHE_HOME/imgbatch.",
-        show_default=False,
     ),
 ]
-BatchSizeOpt = Annotated[
-    int | None, typer.Option("--batch-size", help="Files per batch [100].", show_default=False)
-]
+BatchSizeOpt = Annotated[int | None, _opt("--batch-size", help="Files per batch (default: 100).")]
 AllFilesOpt = Annotated[
     bool | None,
-    typer.Option(
-        "--all-files/--images-only",
-        help="Every file, not only image extensions.",
-        show_default=False,
-    ),
+    _opt("--all-files/--images-only", help="Every file, not only image extensions."),
 ]
 HiddenOpt = Annotated[
     bool | None,
-    typer.Option(
-        "--include-hidden/--skip-hidden",
-        help="Descend into hidden files and folders.",
-        show_default=False,
-    ),
+    _opt("--include-hidden/--skip-hidden", help="Descend into hidden files and folders."),
 ]
 FollowOpt = Annotated[
     bool | None,
-    typer.Option(
+    _opt(
         "--follow-symlinks/--no-follow-symlinks",
         help="Follow symlinks; each folder is visited once.",
-        show_default=False,
     ),
 ]
 ExcludeOpt = Annotated[
     list[str] | None,
-    typer.Option(
+    _opt(
         "--exclude",
         help="Glob to leave out "
         "(repeatable): with '/', against the path relative to ROOT; without, "
         "against any basename.",
-        show_default=False,
     ),
 ]
 LogEveryOpt = Annotated[
     float | None,
-    typer.Option(
+    _opt(
         "--log-every",
-        help="Seconds between progress lines when stderr is not a terminal [30].",
-        show_default=False,
+        help="Seconds between progress lines when stderr is not a terminal (default: 30).",
     ),
 ]
 
@@ -229,23 +221,15 @@ def scan(
     exclude: ExcludeOpt = None,
     hash: Annotated[
         bool | None,
-        typer.Option(
-            "--hash/--no-hash",
-            help="Hash contents (--no-hash: metadata only, no file opened).",
-            show_default=False,
-        ),
+        _opt("--hash/--no-hash", help="Hash contents (--no-hash: metadata only, no file opened)."),
     ] = None,
     hash_threads: Annotated[
         int | None,
-        typer.Option("--hash-threads", help="Threads hashing large files [2].", show_default=False),
+        _opt("--hash-threads", help="Threads hashing large files (default: 2)."),
     ] = None,
     hash_cache: Annotated[
         bool | None,
-        typer.Option(
-            "--hash-cache/--no-hash-cache",
-            help="Reuse hashes of unchanged files.",
-            show_default=False,
-        ),
+        _opt("--hash-cache/--no-hash-cache", help="Reuse hashes of unchanged files."),
     ] = None,
     checkpoint: CheckpointOpt = None,
     log_every: LogEveryOpt = None,
@@ -300,26 +284,22 @@ def analyze(
     root: Annotated[str, typer.Argument(help="Folder to analyse.", show_default=False)],
     provider: Annotated[
         str | None,
-        typer.Option(
+        _opt(
             "--provider",
-            help="auto | local | gemini [auto: gemini only when a key is configured for imgbatch].",
-            show_default=False,
+            help="auto | local | gemini (default: auto, which picks gemini only when a key "
+            "is configured for imgbatch).",
         ),
     ] = None,
     workers: Annotated[
-        int | None, typer.Option("--workers", help="Analysing threads [4].", show_default=False)
+        int | None, _opt("--workers", help="Analysing threads (default: 4).")
     ] = None,
     max_side: Annotated[
         int | None,
-        typer.Option(
-            "--max-side", help="Long side of the decoded image in pixels [768].", show_default=False
-        ),
+        _opt("--max-side", help="Long side of the decoded image in pixels (default: 768)."),
     ] = None,
     max_attempts: Annotated[
         int | None,
-        typer.Option(
-            "--max-attempts", help="Attempts per item for transient errors [4].", show_default=False
-        ),
+        _opt("--max-attempts", help="Attempts per item for transient errors (default: 4)."),
     ] = None,
     limit: Annotated[
         int | None,
@@ -342,11 +322,7 @@ def analyze(
     ] = False,
     grace: Annotated[
         float | None,
-        typer.Option(
-            "--grace",
-            help="Seconds in-flight items get after SIGINT/SIGTERM [10].",
-            show_default=False,
-        ),
+        _opt("--grace", help="Seconds in-flight items get after SIGINT/SIGTERM (default: 10)."),
     ] = None,
     dry_run: Annotated[
         bool,
@@ -358,61 +334,47 @@ def analyze(
     ] = False,
     model: Annotated[
         str | None,
-        typer.Option("--model", help="Gemini model [gemini-2.5-flash-lite].", show_default=False),
+        _opt("--model", help="Gemini model (default: gemini-2.5-flash-lite)."),
     ] = None,
     prompt: Annotated[
         str | None,
-        typer.Option("--prompt", help="Prompt replacing the built-in one.", show_default=False),
+        _opt("--prompt", help="Prompt replacing the built-in one."),
     ] = None,
     prompt_file: Annotated[
         str | None,
-        typer.Option("--prompt-file", help="File holding the prompt.", show_default=False),
+        _opt("--prompt-file", help="File holding the prompt."),
     ] = None,
     schema: Annotated[
         str | None,
-        typer.Option(
-            "--schema",
-            help="JSON Schema file replacing the built-in response schema.",
-            show_default=False,
-        ),
+        _opt("--schema", help="JSON Schema file replacing the built-in response schema."),
     ] = None,
     temperature: Annotated[
         float | None,
-        typer.Option("--temperature", help="Sampling temperature [0.2].", show_default=False),
+        _opt("--temperature", help="Sampling temperature (default: 0.2)."),
     ] = None,
     max_output_tokens: Annotated[
         int | None,
-        typer.Option(
-            "--max-output-tokens", help="Cap on answer tokens [1024].", show_default=False
-        ),
+        _opt("--max-output-tokens", help="Cap on answer tokens (default: 1024)."),
     ] = None,
     media_resolution: Annotated[
         str | None,
-        typer.Option("--media-resolution", help="low | medium | high.", show_default=False),
+        _opt("--media-resolution", help="low | medium | high."),
     ] = None,
     timeout: Annotated[
         float | None,
-        typer.Option("--timeout", help="Seconds per request [60].", show_default=False),
+        _opt("--timeout", help="Seconds per request (default: 60)."),
     ] = None,
     rpm: Annotated[
         float | None,
-        typer.Option(
-            "--rpm",
-            help="Requests per minute at most, all threads together [60].",
-            show_default=False,
-        ),
+        _opt("--rpm", help="Requests per minute at most, all threads together (default: 60)."),
     ] = None,
     tpm: Annotated[
         float | None,
-        typer.Option(
-            "--tpm", help="Input tokens per minute at most [no limit].", show_default=False
-        ),
+        _opt("--tpm", help="Input tokens per minute at most (default: no limit)."),
     ] = None,
     max_wait: Annotated[
         float | None,
-        typer.Option(
-            "--max-wait", help="Seconds an item may wait out rate limits [600].", show_default=False
-        ),
+        _opt("--max-wait", help="Seconds an item may wait out rate limits (default: 600)."),
     ] = None,
     emit_all: Annotated[
         bool,
@@ -583,16 +545,15 @@ def export(
     format: Annotated[str, typer.Option("--format", help="jsonl | csv.")] = "jsonl",
     output: Annotated[
         str | None,
-        typer.Option(
+        _opt(
             "--output",
             "-o",
             help="Write to this file (atomically: a temporary file renamed) instead of stdout.",
-            show_default=False,
         ),
     ] = None,
     status_: Annotated[
         str | None,
-        typer.Option("--status", help="Only ok or only error items.", show_default=False),
+        _opt("--status", help="Only ok or only error items."),
     ] = None,
     checkpoint: CheckpointOpt = None,
     config: ConfigOpt = None,

@@ -99,3 +99,6 @@ def test_version_and_help_work_without_a_root() -> None:
     assert res.rc == 0 and res.stderr.startswith("imgbatch ")
     res = run_cli(["scan", "--help"])
     assert res.rc == 0 and b"--exclude" in res.stdout
+    res = run_cli(["analyze", "--help"], env={"COLUMNS": "200"})
+    # defaults are shown (square brackets would be swallowed as rich markup)
+    assert b"gemini-2.5-flash-lite" in res.stdout and b"no limit" in res.stdout
