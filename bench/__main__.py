@@ -22,14 +22,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     names = ", ".join(MODULES + [n.split(".")[1] for n in benchmarks])
-    ap.add_argument("--only", metavar="NAME", help=f"one module or benchmark: {names}")
+    help_only = f"modules or benchmarks, comma-separated: {names}"
+    ap.add_argument("--only", metavar="NAME[,NAME...]", help=help_only)
     ap.add_argument("--quick", action="store_true", help="smaller trees, for a smoke run")
     args = ap.parse_args(argv)
+    wanted = args.only.split(",") if args.only else []
+    for want in wanted:
+        if not any(want in (name, *name.split(".")) for name in benchmarks):
+            ap.error(f"no benchmark named {want!r}")
     chosen = [
-        (name, fn) for name, fn in benchmarks.items() if args.only in (None, name, *name.split("."))
+        (name, fn)
+        for name, fn in benchmarks.items()
+        if not wanted or any(want in (name, *name.split(".")) for want in wanted)
     ]
-    if not chosen:
-        ap.error(f"no benchmark named {args.only!r}")
 
     version = subprocess.run(
         [IMGBATCH, "--version"], capture_output=True, text=True, env=child_env(), check=True
