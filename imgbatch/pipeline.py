@@ -57,6 +57,7 @@ class Abandoned(Exception):
 class _Tries:
     requests: int = 0
     failures: int = 0  # failed requests other than 429s
+    limited: int = 0  # 429s without a retry delay
     limited_since: float | None = None
 
 
@@ -395,13 +396,15 @@ class Pipeline:
         try:
             image = prepare(item.rec.path, self.settings.max_side)
             tokens = self.provider.estimate_tokens(image)
+            # encoded once, before a slot is taken: nothing slow between slot and send
+            request_body = self.provider.encode(image)
 
             def request() -> Analysis:
                 tries.requests += 1
                 if self.limiter is not None:
                     self.limiter.acquire(tokens)
                 try:
-                    analysis = self.provider.analyze(image)
+                    analysis = self.provider.analyze(request_body)
                 except ItemError as exc:
                     if exc.code is ErrorCode.RATE_LIMIT and self.limiter is not None:
                         self.limiter.rate_limited_for(exc.retry_after)
@@ -459,7 +462,10 @@ class Pipeline:
         def wait(state: tenacity.RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             if isinstance(exc, ItemError) and exc.code is ErrorCode.RATE_LIMIT:
-                return 0.0 if self.limiter is not None else exc.retry_after or 1.0
+                if exc.retry_after is not None:  # the limiter pauses everyone that long
+                    return 0.0 if self.limiter is not None else exc.retry_after
+                tries.limited += 1  # a bare 429: back off on our own (no attempt used)
+                return random.uniform(0, min(60.0, s.retry_delay * 2 ** (tries.limited - 1)))
             ceiling = min(60.0, s.retry_delay * 2 ** max(0, tries.failures - 1))
             return max(random.uniform(0, ceiling), getattr(exc, "retry_after", None) or 0.0)
 

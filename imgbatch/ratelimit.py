@@ -24,7 +24,9 @@ from collections import deque
 from collections.abc import Callable
 
 MIN_RPM = 1.0
-DECREASE = 0.7  # on a 429: below the accepted rate by this factor
+MARGIN = 0.01  # pace 1% under the rate: start-time jitter must not push a window over it
+DECREASE = 0.7  # on a quota 429: below the accepted rate by this factor
+MILD_DECREASE = 0.95  # on a bare 429 (no quota details): a hint, not a measurement
 INCREASE = 0.01  # per accepted request: +1% of the rate (at least +0.5 rpm)
 WINDOW = 60.0  # seconds of accepted requests remembered to measure the accepted rate
 
@@ -58,18 +60,23 @@ class AdaptiveLimiter:
 
     def acquire(self, tokens: int = 0) -> None:
         """Block until this request may start; raises Interrupted if stopping."""
-        with self._lock:
-            now = self._clock()
-            start = max(now, self._next, self._paused_until)
-            interval = 60.0 / self.rate
-            if self.tpm and tokens:
-                interval = max(interval, 60.0 * tokens / self.tpm)
-            self._next = start + interval
-        delay = start - now
-        if delay > 0:
-            self.waited += delay
-            if self._stop.wait(delay):
-                raise Interrupted
+        while True:
+            with self._lock:
+                now = self._clock()
+                start = max(now, self._next, self._paused_until)
+                interval = 60.0 * (1 + MARGIN) / self.rate
+                if self.tpm and tokens:
+                    interval = max(interval, 60.0 * (1 + MARGIN) * tokens / self.tpm)
+                self._next = start + interval
+            delay = start - now
+            if delay > 0:
+                self.waited += delay
+                if self._stop.wait(delay):
+                    raise Interrupted
+            with self._lock:
+                # a 429 may have paused everyone while this thread slept: book again
+                if self._paused_until <= self._clock():
+                    return
 
     def accepted(self) -> None:
         """The server accepted a request: remember it, and raise the rate a little."""
@@ -81,11 +88,18 @@ class AdaptiveLimiter:
             self.rate = min(self.ceiling, self.rate + max(0.5, self.rate * INCREASE))
 
     def rate_limited_for(self, retry_after: float | None) -> None:
-        """The server answered 429: pause everyone, and slow down once per event."""
+        """The server answered 429: with a retry delay (a quota's answer), pause everyone
+        and slow down below the accepted rate, once per event; without one, slow down a
+        little (the item backs off on its own)."""
         with self._lock:
             now = self._clock()
             self.rate_limited += 1
-            pause = retry_after if retry_after is not None else 1.0
+            if retry_after is None:
+                if now - self._last_decrease >= 1.0:
+                    self._last_decrease = now
+                    self.rate = max(MIN_RPM, self.rate * MILD_DECREASE)
+                return
+            pause = retry_after
             self._paused_until = max(self._paused_until, now + pause)
             # requests already in flight when the quota ran out are refused too:
             # they belong to the same event and must not cut the rate again

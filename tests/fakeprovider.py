@@ -48,6 +48,9 @@ class FakeRemote:
     def estimate_tokens(self, image: PreparedImage) -> int:
         return 258
 
+    def encode(self, image: PreparedImage) -> PreparedImage:
+        return image
+
     def analyze(self, image: PreparedImage) -> Analysis:
         with self._lock:
             n = self.calls[image.width]

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from imgbatch.ratelimit import AdaptiveLimiter, Interrupted
+from imgbatch.ratelimit import MARGIN, AdaptiveLimiter, Interrupted
 
 
 class Clock:
@@ -47,13 +47,15 @@ def starts(lim: AdaptiveLimiter, clock: Clock, n: int, tokens: int = 0) -> list[
 def test_requests_are_spaced_evenly_never_above_rpm() -> None:
     lim, clock = limiter(rpm=120)
     times = starts(lim, clock, 10)
-    assert times == pytest.approx([0.5 * i for i in range(10)])
+    # 0.5 s apart, with a 1% margin so that start-time jitter never exceeds the rate
+    assert times == pytest.approx([0.5 * (1 + MARGIN) * i for i in range(10)])
+    assert all(b - a >= 0.5 for a, b in zip(times, times[1:], strict=False))
 
 
 def test_tokens_per_minute_space_large_requests_further() -> None:
     lim, clock = limiter(rpm=6000, tpm=600)
     times = starts(lim, clock, 3, tokens=100)  # 100 tokens at 600/min: one per 10 s
-    assert times == pytest.approx([0.0, 10.0, 20.0])
+    assert times == pytest.approx([0.0, 10.0 * (1 + MARGIN), 20.0 * (1 + MARGIN)])
 
 
 def test_a_429_pauses_everyone_for_the_retry_delay_and_slows_down() -> None:
@@ -97,6 +99,32 @@ def test_accepted_requests_raise_the_rate_back_but_never_past_rpm() -> None:
     for _ in range(500):
         lim.accepted()
     assert lim.rate == 100
+
+
+def test_a_slot_booked_before_a_pause_is_booked_again_after_it() -> None:
+    clock = Clock()
+    lim: AdaptiveLimiter
+    paused = []
+
+    class PauseWhileSleeping(SleepingEvent):
+        def wait(self, timeout: float | None = None) -> bool:
+            if not paused:  # another thread's request is refused meanwhile
+                paused.append(True)
+                lim.rate_limited_for(5.0)
+            return super().wait(timeout)
+
+    lim = AdaptiveLimiter(60, clock=clock, stop=PauseWhileSleeping(clock))
+    lim._next = 1.0  # this thread's slot is 1 s away
+    lim.acquire()
+    assert clock.now >= 5.0  # it did not go out inside the pause
+
+
+def test_a_bare_429_slows_down_a_little_and_pauses_nobody() -> None:
+    lim, clock = limiter(rpm=600)
+    lim.rate_limited_for(None)
+    assert lim.rate == pytest.approx(600 * 0.95)
+    lim.acquire()
+    assert clock.now == 0.0
 
 
 def test_a_stop_interrupts_a_waiting_thread() -> None:

@@ -51,8 +51,12 @@ class Provider(Protocol):
         """Input tokens a request for this image will cost (0 for a local provider)."""
         ...
 
-    def analyze(self, image: PreparedImage) -> Analysis:
-        """Analyse one image; raise ItemError for this item's failure."""
+    def encode(self, image: PreparedImage) -> Any:
+        """What `analyze` takes: done once per item, before a rate-limiter slot."""
+        ...
+
+    def analyze(self, encoded: Any) -> Analysis:
+        """Analyse one encoded image; raise ItemError for this item's failure."""
         ...
 
     def close(self) -> None:

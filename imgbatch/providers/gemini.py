@@ -177,6 +177,8 @@ class GeminiProvider:
         self.json_schema = self._load_schema(settings.gemini_schema)
         self._clients: dict[int, genai.Client] = {}
         self._lock = threading.Lock()
+        for index in range(len(keys)):  # built now: ~75 ms each, not inside a rate slot
+            self._client(index)
 
     # -- settings ------------------------------------------------------------------
 
@@ -255,12 +257,13 @@ class GeminiProvider:
             **extra,
         )
 
-    def analyze(self, image: PreparedImage) -> Analysis:
-        data, mime = encode_for_upload(
-            image,
-            "WEBP" if self.settings.upload_format == "webp" else "JPEG",
-            self.settings.upload_quality,
-        )
+    def encode(self, image: PreparedImage) -> tuple[bytes, str]:
+        """The upload: re-encoded without EXIF or GPS."""
+        fmt = "WEBP" if self.settings.upload_format == "webp" else "JPEG"
+        return encode_for_upload(image, fmt, self.settings.upload_quality)
+
+    def analyze(self, encoded: tuple[bytes, str]) -> Analysis:
+        data, mime = encoded
         contents: list[Any] = [types.Part.from_bytes(data=data, mime_type=mime), self.prompt]
         while True:
             index = self.pool.pick()

@@ -30,6 +30,9 @@ class LocalProvider:
     def estimate_tokens(self, image: PreparedImage) -> int:
         return 0
 
+    def encode(self, image: PreparedImage) -> PreparedImage:
+        return image
+
     def analyze(self, image: PreparedImage) -> Analysis:
         return Analysis(features(image))
 
