@@ -235,6 +235,8 @@ class Pipeline:
         """Process ROOT; returns the summary, raises ImgbatchError for a run-level stop."""
         s = self.summary
         s.state = "PROCESSING"
+        if not self.options.dry_run:
+            self.checkpoint.set_root(self.root)  # for export and prune
         self._save(force=True)
         limit = self.options.limit
         max_in_flight = max(1, self.settings.in_flight or 2 * self.settings.workers)
@@ -282,7 +284,7 @@ class Pipeline:
         rel = rec.path[len(self.root) + 1 :]
         rel_dir, _, name = rel.rpartition("/")
         item = _Item(rec, rel_dir, name)
-        state = self.checkpoint.folder(self.fp, rel_dir).get(name)
+        state = self.checkpoint.state(self.fp, rel_dir, name)
         if not rec.ok:  # a scan error (IO_ERROR): no content to analyse
             code = (rec.error_code or ErrorCode.IO_ERROR).value
             if (
@@ -625,7 +627,6 @@ def analyze_root(
     try:
         with Checkpoint(state) as checkpoint:
             checkpoint.lock("analyze", wait=wait)
-            checkpoint.set_root(os.path.abspath(root))
             if checkpoint.mark_dead_runs():
                 log.warning("an earlier run was killed; resuming where it stopped")
             hash_cache = HashCache(state / "hashcache") if settings.hash_cache else None

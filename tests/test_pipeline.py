@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
@@ -245,3 +246,31 @@ def test_a_dry_run_records_nothing(tmp_path: Path) -> None:
     assert summary.counts["cached"] == 1 and summary.counts["would_send"] == 1
     _, real = run(root, tmp_path / "state", provider=FakeRemote(Settings()))
     assert names(real) == ["b.png", "bad.png", "copy-of-a.png"]  # the dry run recorded nothing
+
+
+def test_a_large_folder_is_stored_one_row_per_item(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imgbatch import checkpoint as checkpoint_module
+    from imgbatch import report
+
+    monkeypatch.setattr(checkpoint_module, "LARGE_FOLDER", 5)
+    root = tmp_path / "photos"
+    for i in range(12):
+        make_image(root / f"{i:02d}.png", size=(20 + i, 20))
+    (root / "bad.png").write_text("x")
+    _, first = run(root, tmp_path / "state")
+    assert len(first) == 13
+    with Checkpoint(tmp_path / "state") as cp:
+        fp = cp.runs()[0]["fingerprint"]
+        row = cp._db.get((b"done", fp, b""))
+        assert list(row) == ["\0large"]  # the folder's row no longer grows per item
+        assert cp.state(fp, "", "03.png")[1] is None
+        assert cp.state(fp, "", "bad.png")[1] == "BAD_IMAGE"
+    _, again = run(root, tmp_path / "state")
+    assert again == []  # every item found
+    out = io.BytesIO()
+    assert report.export(tmp_path / "state", "jsonl", None, out) == 13
+    (root / "04.png").unlink()
+    assert report.prune(tmp_path / "state") == 1
+    assert report.export(tmp_path / "state", "jsonl", None, io.BytesIO()) == 12
