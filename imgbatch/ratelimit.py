@@ -7,8 +7,9 @@ and there are no bursts. It adapts to the quota the server really has:
 - a 429 pauses every thread until the server's retry delay has passed, and lowers the
   rate to below what the server was seen to accept recently (multiplicative decrease,
   once per congestion event, however many in-flight requests were refused);
-- each accepted request raises the rate a little again (additive increase), never
-  above `rpm`; so the limiter finds the real quota instead of bouncing off it.
+- each accepted request raises the rate again, never above `rpm`: quickly (+5%) up to
+  90% of the rate the server was last seen to accept, then slowly (+0.5%), probing; so
+  the limiter settles near the real quota instead of bouncing off it.
 
 With `tpm`, each request also takes its estimated input tokens from the schedule.
 
@@ -27,7 +28,9 @@ MIN_RPM = 1.0
 MARGIN = 0.01  # pace 1% under the rate: start-time jitter must not push a window over it
 DECREASE = 0.7  # on a quota 429: below the accepted rate by this factor
 MILD_DECREASE = 0.95  # on a bare 429 (no quota details): a hint, not a measurement
-INCREASE = 0.01  # per accepted request: +1% of the rate (at least +0.5 rpm)
+FAST_INCREASE = 0.05  # per accepted request, below the last known-good rate
+SLOW_INCREASE = 0.005  # per accepted request, above it (at least +0.5 rpm)
+GOOD = 0.9  # the known-good rate: this much of the rate accepted before a 429
 WINDOW = 60.0  # seconds of accepted requests remembered to measure the accepted rate
 
 
@@ -47,6 +50,7 @@ class AdaptiveLimiter:
     ) -> None:
         self.ceiling = float(rpm)
         self.rate = float(rpm)
+        self._good = float(rpm)  # up to here the rate recovers quickly
         self.tpm = float(tpm)
         self._clock = clock
         self._stop = stop or threading.Event()
@@ -85,7 +89,11 @@ class AdaptiveLimiter:
             self._accepted.append(now)
             while self._accepted and self._accepted[0] < now - WINDOW:
                 self._accepted.popleft()
-            self.rate = min(self.ceiling, self.rate + max(0.5, self.rate * INCREASE))
+            step = FAST_INCREASE if self.rate < self._good else SLOW_INCREASE
+            rate = self.rate + max(0.5, self.rate * step)
+            if self.rate < self._good:
+                rate = min(rate, self._good)
+            self.rate = min(self.ceiling, rate)
 
     def rate_limited_for(self, retry_after: float | None) -> None:
         """The server answered 429: with a retry delay (a quota's answer), pause everyone
@@ -107,8 +115,9 @@ class AdaptiveLimiter:
                 return
             self._last_decrease = now
             seen = self._accepted_rate(now)
-            target = self.rate * DECREASE if seen is None else min(self.rate, seen) * DECREASE
-            self.rate = max(MIN_RPM, target)
+            basis = self.rate if seen is None else min(self.rate, seen)
+            self._good = GOOD * basis
+            self.rate = max(MIN_RPM, basis * DECREASE)
 
     def _accepted_rate(self, now: float) -> float | None:
         """Requests per minute the server accepted recently, or None if too few to tell."""

@@ -135,3 +135,20 @@ def test_a_stop_interrupts_a_waiting_thread() -> None:
     stop.set()
     with pytest.raises(Interrupted):
         lim.acquire()
+
+
+def test_after_a_cut_the_rate_climbs_fast_to_the_known_good_rate_then_probes() -> None:
+    lim, clock = limiter(rpm=6000)
+    for _ in range(20):  # accepted: 120/min
+        lim.acquire()
+        lim.accepted()
+        clock.now += 0.5
+    lim.rate_limited_for(1.0)
+    cut = lim.rate
+    for _ in range(6):  # +5% a request: 84 -> 108 in six
+        lim.accepted()
+    assert lim.rate == pytest.approx(0.9 * 120)  # fast, but not past 90% of what was accepted
+    assert cut < lim.rate
+    for _ in range(10):
+        lim.accepted()
+    assert 0.9 * 120 < lim.rate < 0.9 * 120 * 1.06  # then slowly, probing
