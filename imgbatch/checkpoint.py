@@ -67,6 +67,7 @@ class Checkpoint:
                 f"version {FORMAT_VERSION}; use another --checkpoint folder or delete this one"
             )
         self._folders: OrderedDict[tuple[str, str], FolderStates] = OrderedDict()
+        self._last: tuple[tuple[str, str] | None, FolderStates] = (None, {})
         self._lock_fd: int | None = None
 
     # -- lock --------------------------------------------------------------------
@@ -123,7 +124,11 @@ class Checkpoint:
 
     def state(self, fp: str, rel_dir: str, name: str) -> ItemState | None:
         """What happened to one file under fingerprint `fp`, or None."""
-        states = self.folder(fp, rel_dir)
+        if self._last[0] == (fp, rel_dir):  # files come folder by folder
+            states = self._last[1]
+        else:
+            states = self.folder(fp, rel_dir)
+            self._last = ((fp, rel_dir), states)
         if _LARGE in states:
             value = self._db.get((b"item", fp, os.fsencode(rel_dir), name))
             return value if isinstance(value, tuple) else None
@@ -139,6 +144,7 @@ class Checkpoint:
     ) -> None:
         """Record one finished item (and its result by content) in one transaction."""
         states = self.folder(fp, rel_dir)
+        self._last = ((fp, rel_dir), states)
         folder = os.fsencode(rel_dir)
         with self._db.transact():
             if _LARGE in states:
@@ -174,6 +180,7 @@ class Checkpoint:
             else:
                 self._db.delete((b"done", fp, folder))
         self._folders.pop((fp, rel_dir), None)
+        self._last = (None, {})
 
     def result(self, fp: str, content_hash: str) -> dict[str, Any] | None:
         value = self._db.get((b"result", fp, content_hash))

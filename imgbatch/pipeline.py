@@ -18,9 +18,7 @@ from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import tenacity
+from typing import TYPE_CHECKING, Any, Protocol
 
 from imgbatch.checkpoint import Checkpoint, ItemState
 from imgbatch.config import Settings, state_dir
@@ -31,6 +29,9 @@ from imgbatch.providers.base import Analysis, Provider, fingerprint_id
 from imgbatch.ratelimit import Interrupted
 from imgbatch.records import FileRecord, json_line
 from imgbatch.scanner import Scanner
+
+if TYPE_CHECKING:
+    import tenacity
 
 log = logging.getLogger("imgbatch")
 
@@ -210,6 +211,7 @@ class Pipeline:
         if not settings.hash:
             raise UsageError("analyze needs content hashes: --no-hash applies to scan only")
         self.root = os.path.abspath(root)
+        self._root_len = len(self.root) + 1
         self.settings = settings
         self.options = options
         self.provider = provider
@@ -281,10 +283,22 @@ class Pipeline:
     def _take(self, rec: FileRecord) -> None:
         """Decide what one scanned file needs: nothing, a stored result, or analysis."""
         s, opts = self.summary, self.options
-        rel = rec.path[len(self.root) + 1 :]
-        rel_dir, _, name = rel.rpartition("/")
-        item = _Item(rec, rel_dir, name)
+        rel_dir, _, name = rec.path[self._root_len :].rpartition("/")
         state = self.checkpoint.state(self.fp, rel_dir, name)
+        if (  # the common case of a re-run, first and cheapest: unchanged and done
+            state is not None
+            and state[0] == rec.hash
+            and rec.hash is not None
+            and not opts.fresh
+            and (state[1] is None or self._final(state[1]))
+        ):
+            s.counts["skipped"] += 1
+            if opts.emit_all:
+                stored = self.checkpoint.result(self.fp, rec.hash)
+                if stored is not None:
+                    self._write(_Item(rec, rel_dir, name), Outcome.from_stored(stored), True)
+            return
+        item = _Item(rec, rel_dir, name)
         if not rec.ok:  # a scan error (IO_ERROR): no content to analyse
             code = (rec.error_code or ErrorCode.IO_ERROR).value
             if (
@@ -297,13 +311,6 @@ class Pipeline:
                 return
             outcome = Outcome("error", code=code, message=rec.error_message)
             self._emit(item, outcome, cached=False)
-            return
-        if state is not None and state[0] == rec.hash and not opts.fresh and self._final(state[1]):
-            s.counts["skipped"] += 1
-            if opts.emit_all:
-                stored = self.checkpoint.result(self.fp, rec.hash or "")
-                if stored is not None:
-                    self._write(item, Outcome.from_stored(stored), cached=True)
             return
         s.counts["processed"] += 1
         stored = self.checkpoint.result(self.fp, rec.hash or "")
@@ -449,6 +456,8 @@ class Pipeline:
             )
 
     def _retrying(self, tries: _Tries) -> tenacity.Retrying:
+        import tenacity  # here: a re-run with nothing to analyse never pays for it
+
         """Transient errors only, exponential backoff with full jitter; waiting out a 429
         uses no attempt (the limiter pauses everyone), up to `max_wait` per item."""
         s = self.settings
@@ -643,7 +652,13 @@ def analyze_root(
                     progress,
                     stop,
                 )
-                summary = pipeline.run()
+                try:
+                    summary = pipeline.run()
+                except ImgbatchError:  # a run-level stop: still say what was done
+                    scanned = pipeline.scanner.stats.files + pipeline.scanner.stats.errors
+                    for line in summary_lines(pipeline.summary, scanned):
+                        log.info("%s", line)
+                    raise
             finally:
                 if hash_cache is not None:
                     hash_cache.close()

@@ -151,6 +151,7 @@ def test_the_daily_quota_stops_the_run_with_exit_4_and_the_next_run_resumes(
     res = analyze(server, photos, "--workers", "1")
     assert res.rc == 4, res.stderr
     assert "daily quota is exhausted" in res.stderr
+    assert "failed: 3 ok, 0 failed" in res.stderr  # the summary of what was done
     assert [r["status"] for r in res.records] == ["ok"] * 3  # no failed record per file
     assert server.count_by_status()[429] == 1
     server.reset_quotas()  # the quota resets at midnight Pacific

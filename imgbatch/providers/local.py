@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imgbatch.config import Settings
-from imgbatch.imaging import PreparedImage
 from imgbatch.providers.base import Analysis
-from imgbatch.providers.local_features import ANALYZER_VERSION, features
+
+if TYPE_CHECKING:
+    from imgbatch.imaging import PreparedImage
+
+#: written as `model` in every record, and part of the fingerprint: bump it when a
+#: feature's computation changes, so stored results are recomputed
+ANALYZER_VERSION = "local-1"
 
 
 class LocalProvider:
@@ -34,6 +39,9 @@ class LocalProvider:
         return image
 
     def analyze(self, image: PreparedImage) -> Analysis:
+        # imported on the first image: a re-run with nothing to analyse never loads Pillow
+        from imgbatch.providers.local_features import features
+
         return Analysis(features(image))
 
     def close(self) -> None:

@@ -23,8 +23,9 @@ __all__ = [
     "sharpness",
 ]
 
-# Part of the result cache's fingerprint: bump it whenever any value below can change.
-ANALYZER_VERSION = "local-1"
+# ANALYZER_VERSION is part of the results' fingerprint: bump it (in providers/local.py,
+# where it lives so that a re-run need not import Pillow) whenever a value below changes.
+from imgbatch.providers.local import ANALYZER_VERSION  # noqa: E402
 
 # Sharpness is measured on a grayscale copy whose long side is at most this many pixels
 # (bicubic, like prepare()), so that it hardly depends on the original's resolution or
