@@ -49,6 +49,18 @@ class JsonlSink:
         if self._pending >= self._flush_every or time.monotonic() - self._last >= self._max_delay:
             self.flush()
 
+    def write_batch(self, lines: list[bytes]) -> None:
+        """Write several complete lines at once, then flush."""
+        if self.closed:
+            raise OutputClosed
+        try:
+            self._out.write(b"".join(lines))
+        except BrokenPipeError:
+            self._broken()
+        self.written += len(lines)
+        self._pending += len(lines)
+        self.flush()
+
     def flush(self) -> None:
         if self.closed or not self._pending:
             return

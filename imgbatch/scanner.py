@@ -23,6 +23,7 @@ import os
 import re
 import stat
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -359,7 +360,7 @@ class Scanner:
             if rec.ok:
                 stats.files += 1
                 stats.bytes += rec.size or 0
-                if rec.hash is not None:
+                if rec.hash is not None and cache is not None:
                     size, mtime = rec.size or 0, rec.mtime_ns or 0
                     hashes[name] = (rec.ino, size, mtime, rec.ctime_ns, rec.hash)
             else:
@@ -455,14 +456,26 @@ def run_scan(
     cache = (
         HashCache(state / "hashcache") if state and settings.hash and settings.hash_cache else None
     )
-    scanner = Scanner(root, settings, cache, on_wait=sink.flush)
-    stats = scanner.stats
-    try:
-        for n, rec in enumerate(scanner, 1):
-            sink.write(rec.to_json())
-            if progress is not None and n % settings.batch_size == 0:
-                progress.update(n, stats.bytes, stats.errors)
+    lines: list[bytes] = []  # one write per batch: a syscall per record is too many
+
+    def write_out() -> None:
+        if lines:
+            sink.write_batch(lines)
+            lines.clear()
         sink.flush()
+
+    scanner = Scanner(root, settings, cache, on_wait=write_out)
+    stats = scanner.stats
+    batch, last = settings.batch_size, time.monotonic()
+    try:
+        for rec in scanner:
+            lines.append(rec.to_json())
+            if len(lines) >= batch or (len(lines) & 15 == 0 and time.monotonic() - last > 1.0):
+                write_out()  # every batch, and at least every second when records trickle
+                last = time.monotonic()
+                if progress is not None:
+                    progress.update(stats.files + stats.errors, stats.bytes, stats.errors)
+        write_out()
         if progress is not None:
             progress.update(stats.files + stats.errors, stats.bytes, stats.errors)
     finally:
