@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 
 MIN_RPM = 1.0
-MARGIN = 0.01  # pace 1% under the rate: start-time jitter must not push a window over it
+MARGIN = 0.02  # pace 2% under the rate: threads waking late must not push a window over it
 DECREASE = 0.7  # on a quota 429: below the accepted rate by this factor
 MILD_DECREASE = 0.95  # on a bare 429 (no quota details): a hint, not a measurement
 FAST_INCREASE = 0.05  # per accepted request, below the last known-good rate
