@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -129,3 +131,19 @@ def as_nobody(shared_tmp: Path) -> dict[str, str]:
         "XDG_CACHE_HOME": str(home / "cache"),
         "XDG_CONFIG_HOME": str(home / "config"),
     }
+
+
+def run_and_kill(
+    args: Sequence[str], env: dict[str, str], rng: random.Random, lines: tuple[int, int]
+) -> list[dict[str, Any]]:
+    """Run a command, SIGKILL it after a random number of output lines (drawn from `rng`,
+    so a failure can be reproduced) and return every line it printed."""
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=REPO
+    )
+    assert proc.stdout is not None
+    out = [json.loads(proc.stdout.readline()) for _ in range(rng.randint(*lines))]
+    proc.send_signal(signal.SIGKILL)
+    out += [json.loads(line) for line in proc.stdout.read().splitlines()]
+    proc.wait(timeout=30)
+    return out

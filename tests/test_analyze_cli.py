@@ -6,7 +6,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 from collections import Counter
@@ -17,7 +16,7 @@ import skimage
 from PIL import Image
 
 from imgbatch.checkpoint import Checkpoint
-from tests.conftest import REPO, make_image, run_cli
+from tests.conftest import REPO, make_image, run_and_kill, run_cli
 
 PHOTOS = Path(skimage.__file__).parent / "data"
 
@@ -127,15 +126,7 @@ def test_a_run_killed_with_sigkill_loses_nothing_and_repeats_only_in_flight_work
     outputs: list[dict[str, object]] = []
     kills = 3
     for _ in range(kills):
-        proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=REPO
-        )
-        assert proc.stdout is not None
-        for _ in range(rng.randint(3, 12)):
-            outputs.append(json.loads(proc.stdout.readline()))
-        proc.send_signal(signal.SIGKILL)
-        outputs += [json.loads(line) for line in proc.stdout.read().splitlines()]
-        proc.wait(timeout=30)
+        outputs += run_and_kill(args, env, rng, lines=(3, 12))
     final = subprocess.run(args, capture_output=True, env=env, cwd=REPO, timeout=120)
     assert final.returncode == 0, final.stderr.decode()
     assert "an earlier run was killed" in final.stderr.decode()

@@ -281,13 +281,12 @@ def test_an_unknown_model_is_a_configuration_error(server: FakeGemini, photos: P
 
 def test_sigkill_at_random_moments_against_the_server_loses_nothing(tmp_path: Path) -> None:
     import random
-    import signal
     import subprocess
     import sys
     from collections import Counter
 
     from imgbatch.checkpoint import Checkpoint
-    from tests.conftest import REPO
+    from tests.conftest import REPO, run_and_kill
 
     rng = random.Random(42)  # kill moments are reproducible
     root = tmp_path / "photos"
@@ -304,15 +303,7 @@ def test_sigkill_at_random_moments_against_the_server_loses_nothing(tmp_path: Pa
         args = [sys.executable, "-m", "imgbatch", "analyze", "--workers", str(workers), str(root)]
         lines: list[dict[str, object]] = []
         for _ in range(kills):
-            proc = subprocess.Popen(
-                args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=REPO
-            )
-            assert proc.stdout is not None
-            for _ in range(rng.randint(2, 10)):
-                lines.append(json.loads(proc.stdout.readline()))
-            proc.send_signal(signal.SIGKILL)
-            lines += [json.loads(line) for line in proc.stdout.read().splitlines()]
-            proc.wait()
+            lines += run_and_kill(args, env, rng, lines=(2, 10))
             state = next((Path(os.environ["XDG_CACHE_HOME"]) / "imgbatch").iterdir())
             with Checkpoint(state) as cp:  # opens cleanly after every kill
                 assert cp.runs()
