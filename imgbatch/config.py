@@ -217,6 +217,18 @@ def _validate(s: Settings) -> None:
         raise ConfigError("log_every must be positive")
 
 
+def gemini_keys(settings: Settings, env: Mapping[str, str], explicit: bool) -> list[str]:
+    """The Gemini keys configured for imgbatch, in order (`gemini_api_keys` already holds
+    IMGBATCH_GEMINI_API_KEYS); the generic GOOGLE_API_KEY only when gemini was asked for
+    by name, since a key that happens to be set must not send pictures to a paid API."""
+    keys = list(settings.gemini_api_keys)
+    for name in ("GEMINI_API_KEY",) + (("GOOGLE_API_KEY",) if explicit else ()):
+        value = env.get(name, "").strip()
+        if value:
+            keys.append(value)
+    return list(dict.fromkeys(k for k in keys if k))  # de-duplicated, order kept
+
+
 def state_dir(root: str, settings: Settings, env: Mapping[str, str] | None = None) -> Path:
     """Where the state (hash cache, checkpoint) of ROOT lives.
 

@@ -7,7 +7,6 @@ record. A closed pipe becomes `OutputClosed`, which the CLI turns into a quiet e
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -23,15 +22,15 @@ class OutputClosed(Exception):
 
 
 class JsonlSink:
-    """Buffered JSON Lines writer that flushes every `flush_every` records, when asked,
-    and when `max_delay` seconds have passed since the last flush."""
+    """Buffered JSON Lines writer: lines are kept and written together every
+    `flush_every` records, when asked (`flush`), and when `max_delay` seconds have
+    passed since the last write, so a slow stream still reaches its reader."""
 
     def __init__(self, fd: int = 1, flush_every: int = 100, max_delay: float = 1.0) -> None:
-        self._out: IO[bytes] = io.open(fd, "wb", buffering=1 << 16, closefd=False)  # noqa: UP020
         self._fd = fd
         self._flush_every = flush_every
         self._max_delay = max_delay
-        self._pending = 0
+        self._lines: list[bytes] = []
         self._last = time.monotonic()
         self.closed = False
         self.written = 0
@@ -40,55 +39,40 @@ class JsonlSink:
         """Write one record (a complete line); raises OutputClosed if the pipe closed."""
         if self.closed:
             raise OutputClosed
-        try:
-            self._out.write(line)
-        except BrokenPipeError:
-            self._broken()
+        self._lines.append(line)
         self.written += 1
-        self._pending += 1
-        if self._pending >= self._flush_every or time.monotonic() - self._last >= self._max_delay:
+        if (
+            len(self._lines) >= self._flush_every
+            or time.monotonic() - self._last >= self._max_delay
+        ):
             self.flush()
 
-    def write_batch(self, lines: list[bytes]) -> None:
-        """Write several complete lines at once, then flush."""
-        if self.closed:
-            raise OutputClosed
-        try:
-            self._out.write(b"".join(lines))
-        except BrokenPipeError:
-            self._broken()
-        self.written += len(lines)
-        self._pending += len(lines)
-        self.flush()
-
     def flush(self) -> None:
-        if self.closed or not self._pending:
+        """Write what is buffered, in one system call where the pipe takes it whole."""
+        if self.closed or not self._lines:
             return
+        data = memoryview(b"".join(self._lines))
+        self._lines.clear()
         try:
-            self._out.flush()
+            while data:
+                data = data[os.write(self._fd, data) :]
         except BrokenPipeError:
             self._broken()
-        self._pending = 0
         self._last = time.monotonic()
 
     def _broken(self) -> None:
         self.closed = True
-        # Point fd 1 at /dev/null so nothing (our buffer, the interpreter's exit
-        # flush) tries the dead pipe again and prints a traceback.
+        # Point fd 1 at /dev/null so nothing (the interpreter's exit flush) tries the
+        # dead pipe again and prints a traceback.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, self._fd)
         os.close(devnull)
-        try:
-            self._out.close()
-        except OSError:
-            pass
         raise OutputClosed
 
     def close(self) -> None:
         if not self.closed:
             self.flush()
             self.closed = True
-            self._out.close()
 
 
 def human_bytes(n: float) -> str:

@@ -28,7 +28,7 @@ from imgbatch.output import JsonlSink, Progress
 from imgbatch.providers.base import Analysis, Provider, fingerprint_id
 from imgbatch.ratelimit import Interrupted
 from imgbatch.records import FileRecord, json_line
-from imgbatch.scanner import Scanner
+from imgbatch.scanner import Scanner, check_root
 
 if TYPE_CHECKING:
     import tenacity
@@ -227,7 +227,6 @@ class Pipeline:
         self.summary.total = options.limit
         self._pending: dict[Future[Outcome], _Item] = {}
         self._waiting: dict[str, list[_Item]] = {}  # content hash -> duplicates in flight
-        self._n_waiting = 0
         self._last_save = 0.0
         self._fatal: ImgbatchError | None = None
 
@@ -250,9 +249,7 @@ class Pipeline:
                 self._take(rec)
                 if limit is not None and s.counts["processed"] >= limit:
                     break
-                while (
-                    len(self._pending) + self._n_waiting >= max_in_flight and not self.stop.is_set()
-                ):
+                while self._in_flight() >= max_in_flight and not self.stop.is_set():
                     self._drain(block=True, timeout=0.5)
                 if self._pending:
                     self._drain(block=False)
@@ -279,6 +276,10 @@ class Pipeline:
         if self._fatal is not None:
             raise self._fatal
         return s
+
+    def _in_flight(self) -> int:
+        """Analyses running or queued, plus duplicates waiting for one of them."""
+        return len(self._pending) + sum(map(len, self._waiting.values()))
 
     def _take(self, rec: FileRecord) -> None:
         """Decide what one scanned file needs: nothing, a stored result, or analysis."""
@@ -326,7 +327,6 @@ class Pipeline:
             return
         if rec.hash in self._waiting:
             self._waiting[rec.hash].append(item)
-            self._n_waiting += 1
             return
         self._waiting[rec.hash] = []
         self._pending[self._pool.submit(self._work, item)] = item
@@ -380,16 +380,11 @@ class Pipeline:
                 continue
             self._emit(item, outcome, cached=False)
             waiters = self._waiting.pop(item.rec.hash or "", [])
-            self._n_waiting -= len(waiters)
-            for dup in waiters:
-                if outcome.status == "ok" or outcome.code in CONTENT_ERRORS:
+            if outcome.status == "ok" or outcome.code in CONTENT_ERRORS:
+                for dup in waiters:
                     self._emit(dup, outcome, cached=True)
-                else:  # a transient failure: the duplicate tries for itself
-                    self._n_waiting += 1
-                    self._waiting.setdefault(dup.rec.hash or "", []).append(dup)
-            if waiters and item.rec.hash in self._waiting:
-                first = self._waiting[item.rec.hash].pop(0)
-                self._n_waiting -= 1
+            elif waiters:  # a transient failure: the next duplicate tries for itself
+                first, self._waiting[item.rec.hash or ""] = waiters[0], waiters[1:]
                 self._pending[self._pool.submit(self._work, first)] = first
 
     # -- one item ----------------------------------------------------------------
@@ -456,10 +451,10 @@ class Pipeline:
             )
 
     def _retrying(self, tries: _Tries) -> tenacity.Retrying:
-        import tenacity  # here: a re-run with nothing to analyse never pays for it
-
         """Transient errors only, exponential backoff with full jitter; waiting out a 429
         uses no attempt (the limiter pauses everyone), up to `max_wait` per item."""
+        import tenacity  # here: a re-run with nothing to analyse never pays for it
+
         s = self.settings
 
         def stop(state: tenacity.RetryCallState) -> bool:
@@ -626,7 +621,7 @@ def analyze_root(
             if name == "local"
             else " (an API key is configured)",
         )
-    Scanner(root, settings)  # validates ROOT before anything is created
+    check_root(root)  # before anything is created
     provider = base.create(name, settings)
     limiter = None
     if provider.remote:
@@ -655,13 +650,12 @@ def analyze_root(
                 try:
                     summary = pipeline.run()
                 except ImgbatchError:  # a run-level stop: still say what was done
-                    scanned = pipeline.scanner.stats.files + pipeline.scanner.stats.errors
-                    for line in summary_lines(pipeline.summary, scanned):
+                    for line in summary_lines(pipeline.summary, pipeline.scanner.stats.seen):
                         log.info("%s", line)
                     raise
             finally:
                 if hash_cache is not None:
                     hash_cache.close()
-            return summary, pipeline.scanner.stats.files + pipeline.scanner.stats.errors
+            return summary, pipeline.scanner.stats.seen
     finally:
         provider.close()

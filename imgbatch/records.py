@@ -119,13 +119,13 @@ class FileRecord:
             # falls back when the name is not valid UTF-8.
             line = (
                 '{"path":'
-                + _dumps(self.path)
+                + _quote(self.path)
                 + ',"hash":'
                 + ("null" if self.hash is None else '"' + self.hash + '"')
                 + ',"size":'
                 + str(self.size)
                 + ',"extension":'
-                + _dumps(self.extension)
+                + _quote(self.extension)
                 + ',"mtime":"'
                 + iso_utc(self.mtime_ns)
                 + '","status":"ok"}\n'

@@ -145,7 +145,7 @@ def _items(cp: Checkpoint, status_filter: str | None) -> Iterator[dict[str, Any]
             status_ = "ok" if code is None else "error"
             if status_filter and status_ != status_filter:
                 continue
-            path = os.path.join(root, rel_dir, name) if rel_dir else os.path.join(root, name)
+            path = os.path.join(root, rel_dir, name)  # an empty rel_dir adds nothing
             rec = FileRecord(path, size, mtime_ns, content).fields()
             rec["exists"] = os.path.lexists(path)
             rec["status"] = status_

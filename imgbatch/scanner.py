@@ -23,7 +23,6 @@ import os
 import re
 import stat
 import threading
-import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,6 +62,11 @@ class ScanStats:
     cache_hits: int = 0
     folders: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def seen(self) -> int:
+        """Records yielded so far: files listed, and errors."""
+        return self.files + self.errors
 
     @property
     def skipped_total(self) -> int:
@@ -128,6 +132,15 @@ class _Folder:
     files: list[tuple[os.DirEntry[str], str]]  # entry, extension
 
 
+def check_root(root: str) -> str:
+    """ROOT as an absolute path; a UsageError if it is missing or not a folder."""
+    root = os.path.abspath(root)
+    if not os.path.isdir(root):
+        what = "does not exist" if not os.path.lexists(root) else "is not a folder"
+        raise UsageError(f"ROOT {what}: {root}")
+    return root
+
+
 class Scanner:
     """Walks ROOT and yields a FileRecord for every selected file, in a fixed order.
 
@@ -146,17 +159,14 @@ class Scanner:
         hash_cache: HashCache | None = None,
         on_wait: Callable[[], None] | None = None,
     ) -> None:
-        root = os.path.abspath(root)
-        if not os.path.isdir(root):
-            what = "does not exist" if not os.path.lexists(root) else "is not a folder"
-            raise UsageError(f"ROOT {what}: {root}")
-        self.root = root
+        self.root = check_root(root)
         self.settings = settings
         self.stats = ScanStats()
         self._cache = hash_cache if settings.hash else None
         self._on_wait = on_wait
         self._exclude = _Excluder(settings.exclude)
         self._local = threading.local()
+        self._read_lock = threading.Lock()
 
     # -- the walk ----------------------------------------------------------------
 
@@ -235,20 +245,19 @@ class Scanner:
 
     # -- hashing -----------------------------------------------------------------
 
-    def _buffer(self) -> tuple[mmap.mmap, memoryview]:
+    def _buffer(self) -> memoryview:
         # One page-aligned buffer per thread: the kernel copies into it ~40% faster
         # than into a bytearray, and it is reused for every file.
-        buf = getattr(self._local, "buf", None)
-        if buf is None:
-            m = mmap.mmap(-1, CHUNK)
-            buf = self._local.buf = (m, memoryview(m))
-        return buf  # type: ignore[no-any-return,unused-ignore]
+        view: memoryview | None = getattr(self._local, "view", None)
+        if view is None:
+            view = self._local.view = memoryview(mmap.mmap(-1, CHUNK))
+        return view
 
     def _hash_open_file(self, path: str, fd: int, st: os.stat_result) -> FileRecord:
         """Hash an opened regular file and close it."""
         try:
             size = st.st_size
-            _, view = self._buffer()
+            view = self._buffer()
             n = os.readv(fd, [view])
             if n == size < CHUNK:
                 # the whole file in one read: the common case for photos under 1 MiB
@@ -265,7 +274,8 @@ class Scanner:
             return error_record(path, ErrorCode.IO_ERROR, _errmsg(exc, "cannot read"), st)
         finally:
             os.close(fd)
-        self.stats.bytes_read += n
+        with self._read_lock:  # large files are hashed by several threads
+            self.stats.bytes_read += n
         if n != size or after.st_size != size or after.st_mtime_ns != st.st_mtime_ns:
             return error_record(
                 path, ErrorCode.IO_ERROR, "file changed while it was being read", after
@@ -300,8 +310,7 @@ class Scanner:
         try:
             return entry.stat(follow_symlinks=self.settings.follow_symlinks)
         except OSError as exc:
-            msg = "file vanished" if exc.errno == errno.ENOENT else _errmsg(exc, "cannot stat")
-            return error_record(entry.path, ErrorCode.IO_ERROR, msg)
+            return error_record(entry.path, ErrorCode.IO_ERROR, _stat_error(exc))
 
     def __iter__(self) -> Iterator[FileRecord]:
         if self.settings.hash:
@@ -432,16 +441,6 @@ class Scanner:
                 pool.shutdown(wait=True)
 
 
-def scan(
-    root: str,
-    settings: Settings,
-    hash_cache: HashCache | None = None,
-    on_wait: Callable[[], None] | None = None,
-) -> Scanner:
-    """A Scanner over ROOT: iterate it for FileRecords; `.stats` counts as it goes."""
-    return Scanner(root, settings, hash_cache, on_wait)
-
-
 def run_scan(
     root: str,
     settings: Settings,
@@ -456,28 +455,16 @@ def run_scan(
     cache = (
         HashCache(state / "hashcache") if state and settings.hash and settings.hash_cache else None
     )
-    lines: list[bytes] = []  # one write per batch: a syscall per record is too many
-
-    def write_out() -> None:
-        if lines:
-            sink.write_batch(lines)
-            lines.clear()
-        sink.flush()
-
-    scanner = Scanner(root, settings, cache, on_wait=write_out)
+    scanner = Scanner(root, settings, cache, on_wait=sink.flush)
     stats = scanner.stats
-    batch, last = settings.batch_size, time.monotonic()
     try:
-        for rec in scanner:
-            lines.append(rec.to_json())
-            if len(lines) >= batch or (len(lines) & 15 == 0 and time.monotonic() - last > 1.0):
-                write_out()  # every batch, and at least every second when records trickle
-                last = time.monotonic()
-                if progress is not None:
-                    progress.update(stats.files + stats.errors, stats.bytes, stats.errors)
-        write_out()
+        for n, rec in enumerate(scanner, 1):
+            sink.write(rec.to_json())
+            if progress is not None and n % settings.batch_size == 0:
+                progress.update(stats.seen, stats.bytes, stats.errors)
+        sink.flush()
         if progress is not None:
-            progress.update(stats.files + stats.errors, stats.bytes, stats.errors)
+            progress.update(stats.seen, stats.bytes, stats.errors)
     finally:
         if cache is not None:
             cache.close()

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from imgbatch.checkpoint import Checkpoint
-from imgbatch.config import Settings
+from imgbatch.config import Settings, load_settings
 from imgbatch.errors import CheckpointError, LockHeldError
 from imgbatch.output import JsonlSink
 from imgbatch.pipeline import Pipeline, RunOptions, RunSummary
@@ -216,11 +216,13 @@ def test_a_second_writer_is_refused(tmp_path: Path) -> None:
 
 
 def test_auto_picks_a_remote_provider_only_with_a_key_for_imgbatch() -> None:
-    s = Settings()
-    assert base.choose("auto", s, {}) == "local"
-    assert base.choose("auto", s, {"GOOGLE_API_KEY": "k"}) == "local"
-    assert base.choose("auto", s, {"GEMINI_API_KEY": "k"}) == "gemini"
-    assert base.choose("auto", s, {"IMGBATCH_GEMINI_API_KEYS": "a,b"}) == "gemini"
+    def choose(env: dict[str, str]) -> str:  # settings loaded as the CLI loads them
+        return base.choose("auto", load_settings(None, {}, env), env)
+
+    assert choose({}) == "local"
+    assert choose({"GOOGLE_API_KEY": "k"}) == "local"
+    assert choose({"GEMINI_API_KEY": "k"}) == "gemini"
+    assert choose({"IMGBATCH_GEMINI_API_KEYS": "a,b"}) == "gemini"
 
 
 def test_a_dry_run_records_nothing(tmp_path: Path) -> None:

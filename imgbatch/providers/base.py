@@ -87,21 +87,14 @@ def register(
         _KEY_CHECKS[name] = has_key
 
 
-def unregister(name: str) -> None:
-    _registered.pop(name, None)
-    _KEY_CHECKS.pop(name, None)
-
-
 def names() -> list[str]:
     return sorted({*_BUILTIN, *_registered})
 
 
 def _gemini_has_key(settings: Settings, env: Mapping[str, str]) -> bool:
-    return bool(
-        env.get("GEMINI_API_KEY")
-        or env.get("IMGBATCH_GEMINI_API_KEYS")
-        or getattr(settings, "gemini_api_keys", ())
-    )
+    from imgbatch.config import gemini_keys
+
+    return bool(gemini_keys(settings, env, explicit=False))
 
 
 _KEY_CHECKS["gemini"] = _gemini_has_key

@@ -26,7 +26,7 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from imgbatch.config import Settings
+from imgbatch.config import Settings, gemini_keys
 from imgbatch.errors import AuthError, ConfigError, ErrorCode, ItemError, QuotaExhaustedError
 from imgbatch.imaging import PreparedImage, encode_for_upload, estimate_tokens
 from imgbatch.providers.base import Analysis
@@ -82,16 +82,6 @@ _MEDIA = {
     "medium": "MEDIA_RESOLUTION_MEDIUM",
     "high": "MEDIA_RESOLUTION_HIGH",
 }
-
-
-def configured_keys(settings: Settings, env: Mapping[str, str], explicit: bool) -> list[str]:
-    """Keys for imgbatch, in order; GOOGLE_API_KEY only when gemini was asked for by name."""
-    keys = list(settings.gemini_api_keys)
-    for name in ("GEMINI_API_KEY",) + (("GOOGLE_API_KEY",) if explicit else ()):
-        value = env.get(name, "").strip()
-        if value:
-            keys.append(value)
-    return list(dict.fromkeys(k for k in keys if k))  # de-duplicated, order kept
 
 
 def _parse_duration(text: Any) -> float | None:
@@ -163,7 +153,7 @@ class GeminiProvider:
 
         env = os.environ if env is None else env
         explicit = settings.provider == "gemini"
-        keys = configured_keys(settings, env, explicit)
+        keys = gemini_keys(settings, env, explicit)
         if not keys:
             raise ConfigError(
                 "no Gemini API key: set GEMINI_API_KEY or IMGBATCH_GEMINI_API_KEYS, or "
