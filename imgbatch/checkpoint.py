@@ -1,17 +1,26 @@
-"""The checkpoint in diskcache: per-folder item states, results by content, runs, the lock.
+"""The checkpoint of one ROOT in diskcache: per-folder item states, runs, the lock.
 
-Layout (all keys are bytes or tuples, values pickled by diskcache):
-- ``b"format"`` -> FORMAT_VERSION; any other version is refused with a clear error.
-- ``b"root"`` -> the ROOT this checkpoint belongs to (absolute path, bytes).
+Layout (all keys are bytes or tuples, values pickled by diskcache, every value inside
+SQLite's transactions: no value is ever a separate, un-fsynced file):
+- ``b"format"`` -> FORMAT_VERSION. Format 1 (imgbatch before the shared results store)
+  kept results here too: it is read as it is, and `upgrade()` (a writer, under the
+  lock) moves its results into the shared store and bumps the format. Any other
+  version is refused with a clear error.
+- ``b"root"`` -> the ROOT this checkpoint belongs to (absolute path, bytes); the state
+  folder's ``root`` file says the same for `scan` (see `claim_root`).
 - ``(b"done", fingerprint, folder)`` -> ``{name: ItemState}`` (hash, error code or None,
   run, size, mtime_ns, error message):
   what happened to each file of a folder under one set of result-changing settings.
   One row per folder keeps a re-run at one read per folder, like the hash cache.
   A folder with more than LARGE_FOLDER items keeps only a marker there, and one
   ``(b"item", fingerprint, folder, name)`` row per item.
-- ``(b"result", fingerprint, hash)`` -> the stored outcome for that content (ok, or a
-  permanent, content-caused error), so identical content is analysed once.
 - ``(b"run", id)`` -> the run record, rewritten every few seconds while it runs.
+
+Results (by fingerprint and content hash) live in the shared `results.ResultStore`.
+`commit()` only buffers: `flush()` writes every buffered result, then every buffered
+item state, each in one transaction. The caller flushes only once the items' output
+lines are written (pipeline: write, flush the sink, then `flush()`), so nothing is
+recorded as done before its line is out, and commits cost one transaction per group.
 
 One process writes at a time: `lock()` takes an OS-level lock (fcntl) that the kernel
 releases when the process dies, so a crash never leaves a stale lock.
@@ -19,19 +28,20 @@ releases when the process dies, so a crash never leaves a stale lock.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
-import time
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from imgbatch.errors import CheckpointError, LockHeldError
+from imgbatch.errors import CheckpointError, UsageError
 from imgbatch.hashcache import DISKCACHE_SETTINGS
+from imgbatch.lockfile import StateLock, holder
+from imgbatch.results import ResultKey, ResultStore
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 RUN_HISTORY = 100  # run records kept
 #: above this many items a folder is stored one row per item: rewriting the folder's row
 #: on every commit would cost O(items) each time (13 ms per commit at 20k items)
@@ -40,15 +50,73 @@ _LARGE = "\0large"  # marker in a large folder's row ("\0" is in no file name)
 #: hash (None for a scan error), error code (None: ok), run id, size, mtime_ns, message
 ItemState = tuple["str | None", "str | None", int, "int | None", "int | None", "str | None"]
 FolderStates = dict[str, ItemState]
+_FolderKey = tuple[str, str]  # fingerprint, folder relative to ROOT
+
+
+def claim_root(state: Path, root: str, record: bool = True) -> None:
+    """Make sure the state folder belongs to ROOT, recording it there the first time.
+
+    A state folder shared by two trees would answer "unchanged" for the second tree's
+    files and mix both in `export` and `prune`: that is a UsageError naming both roots.
+    A folder written before the ``root`` file existed is asked its checkpoint's ROOT.
+    """
+    path = state / "root"
+    raw = os.fsencode(root)
+    try:
+        current: bytes | None = path.read_bytes()
+    except FileNotFoundError:
+        current = None
+        if (state / "checkpoint").is_dir():
+            with Checkpoint(state, create=False) as cp:
+                recorded = cp.root()
+            current = os.fsencode(recorded) if recorded else None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
+    if current is not None and current != raw:
+        raise UsageError(
+            f"the state folder {state} belongs to ROOT {os.fsdecode(current)}, not {root}; "
+            "give each tree its own --checkpoint folder (by default each ROOT has one)"
+        )
+    if record and not path.exists():
+        state.mkdir(parents=True, exist_ok=True)
+        tmp = state / f".root.{os.getpid()}"
+        tmp.write_bytes(raw)
+        os.replace(tmp, path)
+
+
+def damaged(directory: Path, exc: BaseException) -> CheckpointError:
+    """The one-line error for a checkpoint entry that cannot be read."""
+    detail = str(exc) or type(exc).__name__
+    return CheckpointError(
+        f"the checkpoint in {directory} is damaged ({detail}); move that folder aside and "
+        "run again: files are re-hashed and stored results reused, nothing is re-requested"
+    )
 
 
 class Checkpoint:
-    """Results and item states of one ROOT (or one `--checkpoint DIR`)."""
+    """Item states and runs of one ROOT (or one `--checkpoint DIR`).
 
-    def __init__(self, directory: Path, create: bool = True) -> None:
+    Args:
+        directory: the state folder.
+        create: create the checkpoint if there is none (readers pass False).
+        results: the shared results store (the caller closes it); None: a writer
+            (`create`) opens the user's default store and closes it with the checkpoint,
+            a reader goes without (`status` and `runs` need no results).
+    """
+
+    def __init__(
+        self, directory: Path, create: bool = True, results: ResultStore | None = None
+    ) -> None:
         import diskcache
 
         self.directory = directory
+        self._own_results = results is None and create
+        if self._own_results:
+            from imgbatch.config import Settings, results_dir
+
+            env_dir = os.environ.get("IMGBATCH_RESULTS", "")
+            results = ResultStore(results_dir(Settings(results=env_dir)))
+        self.results = results
         db = directory / "checkpoint"
         if not create and not db.is_dir():
             raise CheckpointError(f"no checkpoint in {directory}")
@@ -59,62 +127,91 @@ class Checkpoint:
             if version is None and create:
                 self._db.add(b"format", FORMAT_VERSION)
                 version = self._db.get(b"format")
-        except Exception as exc:  # sqlite3.DatabaseError, OSError
-            raise CheckpointError(f"cannot open the checkpoint in {db}: {exc}") from None
-        if version != FORMAT_VERSION:
+        except Exception as exc:  # sqlite3.DatabaseError, OSError, unpickling
+            raise CheckpointError(
+                f"cannot open the checkpoint in {db}: {exc}; move that folder aside and "
+                "run again (files are re-hashed, stored results reused)"
+            ) from None
+        if version not in READABLE_FORMATS:
             raise CheckpointError(
                 f"the checkpoint in {db} has format version {version}, this imgbatch reads "
-                f"version {FORMAT_VERSION}; use another --checkpoint folder or delete this one"
+                f"versions {', '.join(map(str, READABLE_FORMATS))}; use another --checkpoint "
+                "folder or move this one aside"
             )
-        self._folders: OrderedDict[tuple[str, str], FolderStates] = OrderedDict()
-        self._last: tuple[tuple[str, str] | None, FolderStates] = (None, {})
-        self._lock_fd: int | None = None
+        self.format: int = int(version)
+        self._folders: OrderedDict[_FolderKey, FolderStates] = OrderedDict()
+        self._last: tuple[_FolderKey | None, FolderStates] = (None, {})
+        # buffered by commit(), written by flush()
+        self._dirty: dict[_FolderKey, FolderStates] = {}
+        self._dirty_items: dict[tuple[str, str, str], ItemState] = {}
+        self._pending_results: dict[ResultKey, dict[str, Any]] = {}
+        self.pending = 0  # items committed but not yet flushed
+        self._lock: StateLock | None = None
+
+    def _get(self, key: Any) -> Any:
+        """A value, or a CheckpointError naming the folder when it cannot be read."""
+        try:
+            return self._db.get(key)
+        except Exception as exc:  # unpickling errors, sqlite3.DatabaseError, OSError
+            raise damaged(self.directory, exc) from None
+
+    def upgrade(self) -> int:
+        """Move a format-1 checkpoint's results into the shared store; returns how many.
+
+        Only a lock holder calls this. Results are copied first (storing one twice is
+        harmless), then their rows are deleted and the format bumped in one transaction:
+        a crash at any moment leaves a checkpoint that is either format 1 or 2, whole.
+        """
+        if self.format == FORMAT_VERSION:
+            return 0
+        if self.results is None:
+            raise CheckpointError("upgrading a checkpoint needs the results store")
+        batch: list[tuple[ResultKey, dict[str, Any]]] = []
+        moved = 0
+        for key in self._db.iterkeys():
+            if isinstance(key, tuple) and key[0] == b"result":
+                value = self._get(key)
+                if isinstance(value, dict):
+                    batch.append(((key[1], key[2]), value))
+                if len(batch) >= 500:
+                    moved += self.results.put_many(batch)
+                    batch.clear()
+        moved += self.results.put_many(batch)
+        with self._db.transact():
+            for key in self._db.iterkeys():
+                if isinstance(key, tuple) and key[0] == b"result":
+                    self._db.delete(key)
+            self._db.set(b"format", FORMAT_VERSION)
+        self.format = FORMAT_VERSION
+        return moved
 
     # -- lock --------------------------------------------------------------------
 
-    def lock(self, command: str, wait: bool = False) -> None:
-        """Take the writer's lock, or raise LockHeldError naming its holder."""
-        path = self.directory / "lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
-            os.close(fd)
-            try:
-                info = json.loads(holder)
-                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
-                who = f"{info['command']} (pid {info['pid']}) since {since}"
-            except (ValueError, KeyError, TypeError):
-                who = "another imgbatch process"
-            raise LockHeldError(f"{who} holds the lock on {self.directory}") from None
-        info = json.dumps({"pid": os.getpid(), "since": time.time(), "command": command})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode(), 0)
-        self._lock_fd = fd
+    def lock(self, command: str, wait: bool = False, stop: threading.Event | None = None) -> None:
+        """Take the writer's lock, or raise LockHeldError naming its holder.
+
+        With `wait`, wait for it (polling); setting `stop` ends the wait with WaitInterrupted.
+        """
+        lock = StateLock(self.directory)
+        lock.acquire(command, wait, stop)
+        self._lock = lock  # close() releases it
 
     def locked_by_other(self) -> bool:
-        """Whether a live process holds the lock (for readers such as `status`)."""
-        try:
-            fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        """Whether a live process holds the lock (for readers such as `status`); told
+        from the lock file's record, without taking the lock (see `lockfile`)."""
+        return holder(self.directory) is not None
 
     # -- items -------------------------------------------------------------------
 
     def folder(self, fp: str, rel_dir: str) -> FolderStates:
-        """The item states of one folder (kept in a small write-through LRU)."""
+        """The item states of one folder (kept in a small LRU, buffered changes first)."""
         key = (fp, rel_dir)
+        states = self._dirty.get(key)
+        if states is not None:
+            return states
         states = self._folders.get(key)
         if states is None:
-            states = self._db.get((b"done", fp, os.fsencode(rel_dir))) or {}
+            states = self._get((b"done", fp, os.fsencode(rel_dir))) or {}
             self._folders[key] = states
             if len(self._folders) > 256:
                 self._folders.popitem(last=False)
@@ -130,7 +227,10 @@ class Checkpoint:
             states = self.folder(fp, rel_dir)
             self._last = ((fp, rel_dir), states)
         if _LARGE in states:
-            value = self._db.get((b"item", fp, os.fsencode(rel_dir), name))
+            pending = self._dirty_items.get((fp, rel_dir, name))
+            if pending is not None:
+                return pending
+            value = self._get((b"item", fp, os.fsencode(rel_dir), name))
             return value if isinstance(value, tuple) else None
         return states.get(name)
 
@@ -142,36 +242,69 @@ class Checkpoint:
         state: ItemState,
         result: dict[str, Any] | None = None,
     ) -> None:
-        """Record one finished item (and its result by content) in one transaction."""
+        """Record one finished item (and its result by content); buffered until `flush()`.
+
+        Reads (`state`, `result`) see it at once; the database only after `flush()`.
+        """
+        key = (fp, rel_dir)
         states = self.folder(fp, rel_dir)
-        self._last = ((fp, rel_dir), states)
-        folder = os.fsencode(rel_dir)
+        self._last = (key, states)
+        if _LARGE in states:
+            self._dirty_items[(fp, rel_dir, name)] = state
+        else:
+            states[name] = state
+            self._dirty[key] = states
+        if result is not None and state[0] is not None:
+            self._pending_results[(fp, state[0])] = result
+        self.pending += 1
+
+    def flush(self) -> None:
+        """Write what `commit()` buffered: results first (shared store), then item states,
+        each in one transaction. Call it only once the items' lines are written."""
+        if not self.pending:
+            return
+        if self._pending_results:
+            if self.results is None:
+                raise CheckpointError("storing results needs the results store")
+            self.results.put_many(self._pending_results.items())
         with self._db.transact():
-            if _LARGE in states:
-                self._db.set((b"item", fp, folder, name), state)
-            else:
-                states[name] = state
-                if len(states) > LARGE_FOLDER:  # from now on, one row per item
-                    for n, st in states.items():
+            for (fp, rel_dir), states in self._dirty.items():
+                folder = os.fsencode(rel_dir)
+                if len(states) > LARGE_FOLDER and _LARGE not in states:
+                    for n, st in states.items():  # from now on, one row per item
                         self._db.set((b"item", fp, folder, n), st)
                     states.clear()
                     states[_LARGE] = (None, None, 0, None, None, None)
                 self._db.set((b"done", fp, folder), states)
-            if result is not None and state[0] is not None:
-                self._db.set((b"result", fp, state[0]), result)
+            for (fp, rel_dir, name), st in self._dirty_items.items():
+                self._db.set((b"item", fp, os.fsencode(rel_dir), name), st)
+        self._dirty.clear()
+        self._dirty_items.clear()
+        self._pending_results.clear()
+        self.pending = 0
+
+    def discard(self) -> None:
+        """Forget buffered commits whose lines may not have been written (the next run
+        redoes those items)."""
+        self._dirty.clear()
+        self._dirty_items.clear()
+        self._pending_results.clear()
+        self._folders.clear()
+        self._last = (None, {})
+        self.pending = 0
 
     def set_root(self, root: str) -> None:
         self._db.set(b"root", os.fsencode(root))
 
     def root(self) -> str | None:
-        raw = self._db.get(b"root")
+        raw = self._get(b"root")
         return os.fsdecode(raw) if isinstance(raw, bytes) else None
 
     def forget(self, fp: str, rel_dir: str, names: list[str]) -> None:
-        """Drop items (files gone from disk) from a folder's states."""
+        """Drop items (files gone from disk) from a folder's states, in one transaction."""
         folder = os.fsencode(rel_dir)
-        states = dict(self._db.get((b"done", fp, folder)) or {})
         with self._db.transact():
+            states = dict(self._get((b"done", fp, folder)) or {})
             for name in names:
                 states.pop(name, None)
                 self._db.delete((b"item", fp, folder, name))
@@ -183,7 +316,15 @@ class Checkpoint:
         self._last = (None, {})
 
     def result(self, fp: str, content_hash: str) -> dict[str, Any] | None:
-        value = self._db.get((b"result", fp, content_hash))
+        """The stored outcome for this content (buffered, shared store, or a format-1
+        checkpoint's own), or None."""
+        value = self._pending_results.get((fp, content_hash))
+        if value is not None:
+            return value
+        if self.format == 1:
+            value = self._get((b"result", fp, content_hash))
+        elif self.results is not None:
+            value = self.results.get(fp, content_hash)
         return value if isinstance(value, dict) else None
 
     def fingerprints(self) -> set[str]:
@@ -193,16 +334,17 @@ class Checkpoint:
         }
 
     def iter_folders(self, fp: str) -> Iterator[tuple[str, FolderStates]]:
-        """(folder, states) of every folder with items under fingerprint `fp`, one at a time."""
+        """(folder, states) of every folder with items under fingerprint `fp`, one at a time
+        (a large folder's items one by one)."""
         for key in self._db.iterkeys():
             if not isinstance(key, tuple) or key[1:2] != (fp,):
                 continue
             if key[0] == b"done":
-                states = self._db.get(key)
+                states = self._get(key)
                 if states and _LARGE not in states:
                     yield os.fsdecode(key[2]), states
-            elif key[0] == b"item":  # a large folder's items, one at a time
-                state = self._db.get(key)
+            elif key[0] == b"item":
+                state = self._get(key)
                 if state is not None:
                     yield os.fsdecode(key[2]), {key[3]: state}
 
@@ -232,19 +374,21 @@ class Checkpoint:
 
     def runs(self) -> list[dict[str, Any]]:
         """Run records, newest first."""
-        last = int(self._db.get(b"run-counter", 0))
+        last = int(self._get(b"run-counter") or 0)
         out = []
         for rid in range(last, max(0, last - RUN_HISTORY), -1):
-            run = self._db.get((b"run", rid))
+            run = self._get((b"run", rid))
             if run is not None:
                 out.append(run)
         return out
 
     def close(self) -> None:
         self._db.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the lock
-            self._lock_fd = None
+        if self._own_results and self.results is not None:
+            self.results.close()
+        if self._lock is not None:
+            self._lock.release()  # empties the holder's record, then unlocks
+            self._lock = None
 
     def __enter__(self) -> Checkpoint:
         return self

@@ -16,17 +16,18 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Annotated, Any, cast
 
 import typer
 
 from imgbatch import __version__
-from imgbatch.config import Settings, load_settings, state_dir
-from imgbatch.errors import ExitCode, ImgbatchError, UsageError
+from imgbatch.config import Settings, load_settings, results_dir, state_dir
+from imgbatch.errors import ExitCode, ImgbatchError, UsageError, WaitInterrupted
 from imgbatch.output import (
     JsonlSink,
     OutputClosed,
     Progress,
+    SinkFile,
     human_bytes,
     human_duration,
     setup_logging,
@@ -109,8 +110,13 @@ LogEveryOpt = Annotated[
 ]
 
 
-class _Interrupted(Exception):
-    """A signal asked a command without a graceful stop to end."""
+class _Interrupted(BaseException):
+    """A signal asked a command without a graceful stop to end.
+
+    A BaseException, like KeyboardInterrupt: raised from the signal handler wherever
+    the main thread is, it must get through `except Exception` (logging's own, when it
+    lands while a log line is written) rather than be swallowed there.
+    """
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -162,16 +168,24 @@ def _exit(code: int) -> None:
 
 
 @contextmanager
-def _command(verbose: bool, quiet: bool, log_format: str = "text") -> Iterator[None]:
-    """Run a command body: library errors become one stderr line and an exit code."""
+def _command(verbose: bool, quiet: bool, log_format: str = "text") -> Iterator[_Signals]:
+    """Run a command body: every failure becomes one stderr line and an exit code.
+
+    Yields the signal handling: SIGINT/SIGTERM end the command with 130/143 (a command
+    with a graceful stop sets `graceful`).
+    """
     if log_format not in ("text", "json"):
         setup_logging()
         log.error("error: --log-format must be text or json")
         raise typer.Exit(int(ExitCode.USAGE))
     setup_logging(verbose, quiet, log_format)
     debug = verbose or os.environ.get("IMGBATCH_DEBUG") == "1"
+    signals = _Signals(graceful=False).install()
     try:
-        yield
+        yield signals
+    except WaitInterrupted as exc:  # a stop before anything was done (waiting for the lock)
+        log.error("%s", exc)
+        raise typer.Exit(signals.exit_code or int(exc.exit_code)) from None
     except ImgbatchError as exc:
         if debug:
             traceback.print_exc()
@@ -185,6 +199,38 @@ def _command(verbose: bool, quiet: bool, log_format: str = "text") -> Iterator[N
     except KeyboardInterrupt:
         log.error("interrupted")
         raise typer.Exit(int(ExitCode.SIGINT)) from None
+    except (typer.Exit, typer.Abort, typer.TyperException):
+        raise  # typer's own exits and usage errors
+    except Exception as exc:  # a bug, or a failure nothing above knew to expect
+        if debug:
+            traceback.print_exc()
+        log.error("error: %s", _unexpected(exc))
+        raise typer.Exit(int(ExitCode.FATAL)) from None
+
+
+def _unexpected(exc: BaseException) -> str:
+    """One line for an exception nobody expected: its type and message."""
+    message = " ".join(str(exc).split())
+    return f"unexpected {type(exc).__name__}" + (f": {message}" if message else "")
+
+
+@contextmanager
+def _stdout() -> Iterator[JsonlSink]:
+    """stdout for a command's data: a closed pipe raises OutputClosed (a quiet exit 0),
+    a failing one OutputError (exit 5). Nothing goes through sys.stdout, so the
+    interpreter's exit flush has nothing left to fail on."""
+    sink = JsonlSink(flush_every=100)
+    try:
+        yield sink
+    except BaseException:
+        _close_quietly(sink.close)
+        raise
+    sink.close()
+
+
+def _print(out: JsonlSink, text: str) -> None:
+    # surrogateescape: a file name that is not UTF-8 comes out as its own bytes
+    out.write(text.encode("utf-8", "surrogateescape") + b"\n")
 
 
 def _settings(config: str | None, **flags: Any) -> Settings:
@@ -241,7 +287,6 @@ def scan(
     """List every image under ROOT with its content hash: one JSON line per file."""
     from imgbatch.scanner import run_scan
 
-    _Signals(graceful=False).install()
     with _command(verbose, quiet, log_format):
         settings = _settings(
             config,
@@ -384,7 +429,6 @@ def analyze(
             "unchanged files (default: only what this run processed).",
         ),
     ] = False,
-    batch_size: BatchSizeOpt = None,
     all_files: AllFilesOpt = None,
     include_hidden: HiddenOpt = None,
     follow_symlinks: FollowOpt = None,
@@ -399,14 +443,13 @@ def analyze(
     """Analyse every new or changed image under ROOT: one JSON line per file, resumable."""
     from imgbatch.pipeline import RunOptions, analyze_root, summary_lines
 
-    with _command(verbose, quiet, log_format):
+    with _command(verbose, quiet, log_format) as signals:
         settings = _settings(
             config,
             provider=provider,
             workers=workers,
             max_side=max_side,
             max_attempts=max_attempts,
-            batch_size=batch_size,
             all_files=all_files,
             include_hidden=include_hidden,
             follow_symlinks=follow_symlinks,
@@ -434,8 +477,8 @@ def analyze(
             dry_run=dry_run,
         )
         sink = JsonlSink(flush_every=1)
-        signals = _Signals(graceful=True).install()
-        with Progress("images", settings.log_every, enabled=not quiet) as progress:
+        signals.graceful = True  # from now on a signal stops intake; in-flight items finish
+        with Progress("images", settings.log_every, limit, enabled=not quiet) as progress:
             try:
                 summary, scanned = analyze_root(
                     root, settings, options, sink, progress, signals.stop, wait=wait
@@ -463,11 +506,6 @@ def _state(root: str | None, checkpoint: str | None, config: str | None) -> Path
     return state_dir(root or "", settings)
 
 
-def _print(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
 @app.command()
 def status(
     root: StateRoot = None,
@@ -491,11 +529,12 @@ def status(
             return
         if follow:
             current = _follow(state, current)
-        if json_:
-            _print(json.dumps(current, sort_keys=True))
-        else:
-            for line in report.status_lines(current):
-                _print(line)
+        with _stdout() as out:
+            if json_:
+                _print(out, json.dumps(current, sort_keys=True))
+            else:
+                for line in report.status_lines(current):
+                    _print(out, line)
 
 
 def _follow(state: Path, current: dict[str, Any]) -> dict[str, Any]:
@@ -508,6 +547,7 @@ def _follow(state: Path, current: dict[str, Any]) -> dict[str, Any]:
             progress.update(
                 c.get("completed", 0) + c.get("failed", 0),
                 failed=c.get("failed", 0),
+                total=current.get("total"),
                 cached=c.get("cached", 0),
             )
             time.sleep(1.0)
@@ -530,13 +570,14 @@ def runs(
 
     with _command(verbose, quiet):
         history = report.runs(_state(root, checkpoint, config), limit)
-        if json_:
+        with _stdout() as out:
+            if json_:
+                for run in history:
+                    _print(out, json.dumps(run, sort_keys=True))
+                return
+            _print(out, report.RUNS_HEADER)
             for run in history:
-                _print(json.dumps(run, sort_keys=True))
-            return
-        _print(report.RUNS_HEADER)
-        for run in history:
-            _print(report.run_line(run))
+                _print(out, report.run_line(run))
 
 
 @app.command()
@@ -566,9 +607,16 @@ def export(
     with _command(verbose, quiet):
         if status_ not in (None, "ok", "error"):
             raise UsageError("--status must be ok or error")
-        n = report.export(
-            _state(root, checkpoint, config), format, output, sys.stdout.buffer, status_
-        )
+        with _stdout() as out:
+            # report.export writes bytes, or wraps them in a TextIOWrapper for CSV
+            n = report.export(
+                _state(root, checkpoint, config),
+                format,
+                output,
+                cast("IO[bytes]", SinkFile(out)),
+                status_,
+                results_dir(_settings(config)),
+            )
         log.info("exported %s records%s", f"{n:,}", f" to {output}" if output else "")
 
 
@@ -593,8 +641,8 @@ def prune(
 def _close_quietly(close: Callable[[], None]) -> None:
     try:
         close()
-    except (OutputClosed, OSError):
-        pass
+    except (OutputClosed, ImgbatchError, OSError):
+        pass  # already failing: the first error is the one to report
 
 
 def main() -> None:
@@ -603,3 +651,10 @@ def main() -> None:
         app()
     except KeyboardInterrupt:  # before a command's own handler is in place
         sys.exit(int(ExitCode.SIGINT))
+    except _Interrupted as exc:  # after it (a signal while the process ends)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # outside a command's own handler (start-up, option parsing)
+        if os.environ.get("IMGBATCH_DEBUG") == "1":
+            traceback.print_exc()
+        sys.stderr.write(f"imgbatch: error: {_unexpected(exc)}\n")
+        sys.exit(int(ExitCode.FATAL))

@@ -27,10 +27,11 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 
-def _s(default: Any, section: str, help: str) -> Any:
+def _s(default: Any, section: str, help: str, secret: bool = False) -> Any:
+    metadata = {"section": section, "help": help, "secret": secret}
     if isinstance(default, (list, tuple)):
-        return field(default=tuple(default), metadata={"section": section, "help": help})
-    return field(default=default, metadata={"section": section, "help": help})
+        return field(default=tuple(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class Settings:
     tpm: float = _s(0.0, "rate", "input tokens per minute at most; 0 = no limit")
     max_wait: float = _s(600.0, "rate", "seconds one item may spend waiting out rate limits")
     # [gemini]
-    gemini_api_keys: tuple[str, ...] = _s((), "gemini", "API keys (several: failover)")
+    gemini_api_keys: tuple[str, ...] = _s((), "gemini", "API keys (several: failover)", secret=True)
     gemini_model: str = _s("gemini-2.5-flash-lite", "gemini", "model name")
     gemini_base_url: str = _s("", "gemini", "API endpoint; '' = Google's")
     gemini_prompt: str = _s("", "gemini", "prompt; '' = the built-in one")
@@ -73,11 +74,24 @@ class Settings:
     gemini_timeout: float = _s(60.0, "gemini", "seconds per request")
     # [state]
     checkpoint: str = _s("", "state", "state folder; '' = per root under the cache dir")
+    results: str = _s(
+        "", "state", "shared results store (all roots); '' = imgbatch/results under the cache dir"
+    )
     # [output]
     log_every: float = _s(30.0, "output", "seconds between progress lines off a terminal")
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    def __repr__(self) -> str:
+        """Every setting, secrets masked: a repr ends up in logs, tracebacks and reports."""
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") and value:
+                value = ("***",) * len(value) if isinstance(value, tuple) else "***"
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
 
 
 SECTIONS = ("scan", "analyze", "rate", "gemini", "state", "output")
@@ -247,3 +261,15 @@ def state_dir(root: str, settings: Settings, env: Mapping[str, str] | None = Non
         or "root"
     )
     return Path(base) / "imgbatch" / f"{name}-{digest}"
+
+
+def _cache_base(env: Mapping[str, str]) -> Path:
+    return Path(env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"))
+
+
+def results_dir(settings: Settings, env: Mapping[str, str] | None = None) -> Path:
+    """Where the results store shared by every ROOT lives: `results` when set (env
+    IMGBATCH_RESULTS), else `$XDG_CACHE_HOME/imgbatch/results`."""
+    if settings.results:
+        return Path(settings.results).expanduser()
+    return _cache_base(os.environ if env is None else env) / "imgbatch" / "results"

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from enum import Enum, IntEnum
 
+#: The start of the message of an image that a missing decoder could not read (HEIF
+#: without imgbatch[heif], AVIF without Pillow's AVIF support): not the file's fault, so
+#: not a permanent verdict; a later run retries it once the decoder is installed. Keep
+#: it stable: it is stored in checkpoints.
+DECODER_MISSING = "decoder missing: "
+
 
 class ExitCode(IntEnum):
     """Process exit codes; the README's table is generated from the same meanings."""
@@ -83,6 +89,17 @@ class AuthError(FatalError):
     """Every configured API key was rejected."""
 
 
+class OutputError(FatalError):
+    """stdout cannot be written (a full disk, an I/O error); nothing unwritten is recorded."""
+
+
+class WaitInterrupted(ImgbatchError):
+    """A stop (SIGINT/SIGTERM) ended a wait (for the lock) before the command did
+    anything; nothing was recorded. The CLI exits with the signal's code."""
+
+    exit_code = ExitCode.SIGINT
+
+
 class ItemError(Exception):
     """A failure of one item; it becomes an error record, never stops a run."""
 
@@ -100,3 +117,18 @@ class ItemError(Exception):
         self.retry_after = retry_after
         #: whether to retry within this run; None: as the code says (`transient`)
         self.retryable = code.transient if retryable is None else retryable
+
+
+class ContentChanged(ItemError):
+    """The file's bytes no longer match the hash the scan gave it: it changed in between.
+
+    Its analysis would describe other bytes than its hash says, so none is stored: the
+    item is recorded as changed (without a hash) and the next run scans and analyses it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            ErrorCode.IO_ERROR,
+            "file changed since it was scanned; the next run analyses its new content",
+            retryable=False,
+        )

@@ -8,11 +8,14 @@ the key because it changes across remounts.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from imgbatch.errors import CheckpointError
+
+log = logging.getLogger("imgbatch")
 
 Stamp = tuple[int, int, int, int, str]  # inode, size, mtime_ns, ctime_ns, hash
 FolderHashes = dict[str, Stamp]
@@ -25,6 +28,9 @@ DISKCACHE_SETTINGS: dict[str, Any] = {
     "sqlite_mmap_size": 0,
     "sqlite_cache_size": 256,
     "statistics": False,
+    # every value inside SQLite's transactions: diskcache writes values over 32 KB (a big
+    # folder's row) to separate files that are not fsynced; a crash could lose them
+    "disk_min_file_size": 2**30,
 }
 
 
@@ -43,6 +49,7 @@ class HashCache:
         except Exception as exc:  # sqlite3.DatabaseError, OSError, ...
             raise CheckpointError(f"cannot open hash cache in {directory}: {exc}") from None
         self._pending: dict[bytes, FolderHashes] = {}
+        self._warned = False
 
     @staticmethod
     def _key(rel_dir: str) -> bytes:
@@ -53,7 +60,13 @@ class HashCache:
         key = self._key(rel_dir)
         if key in self._pending:
             return self._pending[key]
-        value = self._cache.get(key)
+        try:
+            value = self._cache.get(key)
+        except Exception as exc:  # a damaged entry (unpickling, SQLite): a cache miss
+            if not self._warned:
+                self._warned = True
+                log.warning("hash cache: unreadable entry (%s); re-hashing those files", exc)
+            return None
         return value if isinstance(value, dict) else None
 
     def put(self, rel_dir: str, hashes: FolderHashes) -> None:

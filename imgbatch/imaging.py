@@ -17,16 +17,21 @@ from typing import IO, Any, TypedDict
 
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from .errors import ErrorCode, ItemError
+from .errors import DECODER_MISSING, ContentChanged, ErrorCode, ItemError
 
 __all__ = [
+    "DECODER_MISSING",
     "DEFAULT_MAX_SIDE",
     "ExifInfo",
     "GpsInfo",
     "PreparedImage",
+    "avif_available",
+    "decoder_available",
+    "decoder_missing",
     "encode_for_upload",
     "estimate_tokens",
     "fitted_size",
+    "heif_available",
     "prepare",
 ]
 
@@ -38,6 +43,11 @@ DEFAULT_MAX_SIDE = 768
 # install one narrow filter for this category at import, and `prepare` also checks the
 # pixel count itself, in case something (pytest, a host application) resets the filters.
 warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+# A Pillow without AVIF support also warns (on stderr) for every AVIF file it cannot
+# identify; our BAD_IMAGE message says it, and says what to install.
+warnings.filterwarnings(
+    "ignore", "image file could not be identified because AVIF support not installed"
+)
 
 # Same table as ImageOps.exif_transpose; we apply it after downscaling, which is cheaper
 # than transposing the decoded image, and reuse the orientation we already parsed.
@@ -51,10 +61,19 @@ _TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 
-# ISO-BMFF brands of HEIF/HEIC files (bytes 8..12 of the file). "mif1"/"msf1" are also
-# AVIF container brands: Pillow's own AVIF plugin gets the first try at those.
-_HEIF_BRANDS = frozenset(
-    {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+# ISO-BMFF brands (the ftyp box: a major brand, then compatible ones) of HEIF/HEIC and
+# AVIF files. "mif1"/"msf1" are generic container brands that both use: Pillow's own
+# AVIF plugin gets the first try at those.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs"})
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_CONTAINER_BRANDS = frozenset({b"mif1", b"msf1"})
+
+_HEIF_MISSING = (
+    DECODER_MISSING + "HEIF/HEIC image: install imgbatch[heif] (pip install 'imgbatch[heif]')"
+)
+_AVIF_MISSING = (
+    DECODER_MISSING + "AVIF image: this Pillow has no AVIF decoder; install a Pillow with "
+    "AVIF support (pip install --upgrade pillow)"
 )
 
 _UPLOAD_MIME = {"JPEG": "image/jpeg", "WEBP": "image/webp"}
@@ -98,21 +117,29 @@ class PreparedImage:
     exif: ExifInfo
 
 
-def prepare(path: str | os.PathLike[str], max_side: int = DEFAULT_MAX_SIDE) -> PreparedImage:
+def prepare(
+    path: str | os.PathLike[str],
+    max_side: int = DEFAULT_MAX_SIDE,
+    expect_hash: str | None = None,
+) -> PreparedImage:
     """Decode the image at `path` once into a small upright RGB image plus its metadata.
 
     Args:
         path: the image file; read once.
         max_side: the long side of the result; smaller images are never upscaled.
+        expect_hash: the xxh3-128 hex digest the scan gave the file. The bytes decoded
+            are then the bytes hashed (one read feeds both), and a file that changed
+            since its scan raises ContentChanged instead of describing other content.
 
     Raises:
         ItemError: BAD_IMAGE for anything that is not a decodable image (empty,
             truncated, not an image, over Pillow's decompression-bomb limit, an
-            unsupported variant); IO_ERROR when the file cannot be read.
+            unsupported variant); IO_ERROR when the file cannot be read;
+            ContentChanged (an IO_ERROR) when its bytes do not match `expect_hash`.
     """
     if max_side < 1:
         raise ValueError(f"max_side must be >= 1, got {max_side}")
-    with _open_regular_file(path) as fp, _pillow_errors():
+    with _open_regular_file(path) as raw, _pillow_errors(), _verified(raw, expect_hash) as fp:
         img = _identify(fp)
         with img:
             _check_pixels(img.width, img.height)
@@ -193,6 +220,33 @@ def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+#: a file checked against its hash is copied in memory up to this size, beyond into a
+#: temporary file: the decoder must read the very bytes that were hashed
+_SPOOL_MAX = 64 << 20
+_CHUNK = 1 << 20
+
+
+@contextmanager
+def _verified(raw: IO[bytes], expect_hash: str | None) -> Iterator[IO[bytes]]:
+    """`raw` itself, or (given the scan's hash) a copy of its bytes whose hash matched."""
+    if expect_hash is None:
+        yield raw
+        return
+    import tempfile
+
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_MAX) as copy:
+        while chunk := raw.read(_CHUNK):
+            h.update(chunk)
+            copy.write(chunk)
+        if h.hexdigest() != expect_hash:
+            raise ContentChanged
+        copy.seek(0)
+        yield copy
+
+
 @contextmanager
 def _open_regular_file(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
     """Open a regular file for reading; OSErrors become IO_ERROR, an empty file BAD_IMAGE."""
@@ -268,40 +322,80 @@ def _check_pixels(width: int, height: int) -> None:
 
 
 def _identify(fp: IO[bytes]) -> Image.Image:
-    """Image.open, with the HEIF plugin registered on the first HEIF file seen."""
+    """Image.open; a HEIF file registers the HEIF plugin first, and a HEIF or AVIF file
+    whose decoder is not installed is a BAD_IMAGE that says so (DECODER_MISSING)."""
     try:
         return Image.open(fp)
     except UnidentifiedImageError:
         fp.seek(0)
-        head = fp.read(12)
-        if head[4:8] != b"ftyp" or head[8:12] not in _HEIF_BRANDS:
+        brands = _ftyp_brands(fp.read(64))
+        avif = bool(brands & _AVIF_BRANDS)
+        heif = bool(brands & _HEIF_BRANDS) or (bool(brands & _CONTAINER_BRANDS) and not avif)
+        if avif and not heif and not avif_available():
+            raise ItemError(ErrorCode.BAD_IMAGE, _AVIF_MISSING) from None
+        if not heif:
             raise
     if not _register_heif():
-        raise ItemError(
-            ErrorCode.BAD_IMAGE,
-            "HEIF/HEIC image: install imgbatch[heif] (pillow-heif) to decode it",
-        )
+        raise ItemError(ErrorCode.BAD_IMAGE, _HEIF_MISSING)
     fp.seek(0)
     return Image.open(fp)
 
 
+def _ftyp_brands(head: bytes) -> frozenset[bytes]:
+    """The major and compatible brands of an ISO-BMFF file's leading ftyp box, if any."""
+    end = min(len(head), int.from_bytes(head[:4], "big"))
+    if head[4:8] != b"ftyp" or end < 12:
+        return frozenset()
+    # the major brand at 8, a minor version at 12, then the compatible brands
+    return frozenset([head[8:12], *(head[i : i + 4] for i in range(16, end - 3, 4))])
+
+
+def decoder_missing(message: str | None) -> bool:
+    """Whether an item's error message says its decoder was not installed (HEIF without
+    the heif extra, AVIF without Pillow's AVIF support): worth retrying once it is."""
+    return message is not None and message.startswith(DECODER_MISSING)
+
+
+def decoder_available(message: str | None) -> bool:
+    """Whether the decoder a `decoder_missing` message asked for can now be loaded."""
+    if message is None or not decoder_missing(message):
+        return False
+    return avif_available() if "AVIF" in message else heif_available()
+
+
+def heif_available() -> bool:
+    """Whether HEIF/HEIC files can be decoded: pillow-heif (imgbatch[heif]) imports, and
+    then its opener is registered with Pillow."""
+    return _register_heif()
+
+
+def avif_available() -> bool:
+    """Whether the installed Pillow decodes AVIF itself (its optional `avif` module)."""
+    from PIL import features
+
+    return "avif" in features.modules and features.check_module("avif")
+
+
 _heif_lock = threading.Lock()
-_heif_registered: bool | None = None  # None: not tried yet
+_heif_registered = False
 
 
 def _register_heif() -> bool:
-    """Register pillow-heif's opener once, if it is installed; return whether it is."""
+    """Register pillow-heif's opener once it imports; return whether it is registered.
+
+    A failed import is tried again next time (it costs a path search, and only files
+    that are HEIF pay it): a long-lived process may see the extra installed meanwhile.
+    """
     global _heif_registered
     with _heif_lock:
-        if _heif_registered is None:
+        if not _heif_registered:
             try:
                 import pillow_heif  # optional extra: imgbatch[heif]
             except ImportError:
-                _heif_registered = False
-            else:
-                pillow_heif.register_heif_opener()
-                _heif_registered = True
-        return _heif_registered
+                return False
+            pillow_heif.register_heif_opener()
+            _heif_registered = True
+        return True
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -2,23 +2,45 @@
 
 stdout carries data only. Records go through our own buffered writer: with
 PYTHONUNBUFFERED=1 (set on these machines) `sys.stdout` would cost one syscall per
-record. A closed pipe becomes `OutputClosed`, which the CLI turns into a quiet exit 0.
+record. A closed pipe becomes `OutputClosed`, which the CLI turns into a quiet exit 0;
+a stdout that cannot be written (a full disk, an I/O error) becomes `OutputError` (5).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import stat
 import sys
 import time
 from typing import IO, Any
+
+from imgbatch.errors import OutputError
 
 log = logging.getLogger("imgbatch")
 
 
 class OutputClosed(Exception):
     """The reader of stdout went away (`| head`); nothing more can be written."""
+
+
+class SinkFile(io.RawIOBase):
+    """A JsonlSink as a binary file, for writers that want one (CSV through a
+    TextIOWrapper): same buffering, OutputClosed and OutputError."""
+
+    def __init__(self, sink: JsonlSink) -> None:
+        super().__init__()
+        self._sink = sink
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        chunk = bytes(data)
+        self._sink.write(chunk)
+        return len(chunk)
 
 
 class JsonlSink:
@@ -34,11 +56,14 @@ class JsonlSink:
         self._last = time.monotonic()
         self.closed = False
         self.written = 0
+        self._error: str | None = None  # why stdout failed, once it did
+        self._regular: bool | None = None  # whether fd is a regular file (checked once)
 
     def write(self, line: bytes) -> None:
-        """Write one record (a complete line); raises OutputClosed if the pipe closed."""
+        """Write one record (a complete line); raises OutputClosed if the pipe closed,
+        OutputError if stdout cannot be written."""
         if self.closed:
-            raise OutputClosed
+            raise OutputError(self._error) if self._error else OutputClosed
         self._lines.append(line)
         self.written += 1
         if (
@@ -48,7 +73,14 @@ class JsonlSink:
             self.flush()
 
     def flush(self) -> None:
-        """Write what is buffered, in one system call where the pipe takes it whole."""
+        """Write what is buffered, in one system call where the pipe takes it whole.
+
+        A failed write loses what was buffered and closes the sink: it raises
+        OutputError, now and on every later write or flush, so a caller that commits
+        after flushing never records a line that did not go out.
+        """
+        if self._error:
+            raise OutputError(self._error)
         if self.closed or not self._lines:
             return
         data = memoryview(b"".join(self._lines))
@@ -58,6 +90,10 @@ class JsonlSink:
                 data = data[os.write(self._fd, data) :]
         except BrokenPipeError:
             self._broken()
+        except OSError as exc:  # a full disk, an I/O error
+            self.closed = True
+            self._error = f"cannot write output: {exc.strerror or exc}"
+            raise OutputError(self._error) from exc
         self._last = time.monotonic()
 
     def _broken(self) -> None:
@@ -68,6 +104,26 @@ class JsonlSink:
         os.dup2(devnull, self._fd)
         os.close(devnull)
         raise OutputClosed
+
+    def sync(self) -> None:
+        """Make what was written durable when the output is a regular file (`> out.jsonl`),
+        so a power loss cannot keep a checkpoint commit whose line was lost; a no-op on
+        pipes and terminals."""
+        if self._regular is None:
+            try:
+                self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
+            except OSError:
+                self._regular = False
+        if self._regular and not self.closed:
+            try:
+                if hasattr(os, "fdatasync"):
+                    os.fdatasync(self._fd)
+                else:  # macOS
+                    os.fsync(self._fd)
+            except OSError as exc:  # EIO, ENOSPC on a delayed write
+                self.closed = True
+                self._error = f"cannot write output: {exc.strerror or exc}"
+                raise OutputError(self._error) from exc
 
     def close(self) -> None:
         if not self.closed:
@@ -94,7 +150,10 @@ def human_duration(seconds: float) -> str:
 class Progress:
     """A tqdm bar when stderr is a terminal; else a plain log line every `log_every` s.
 
-    `update()` takes totals so far, which keeps callers free of bookkeeping.
+    Both count `what` ("images", "files"), show the total once it is known (it may
+    arrive late and change: a count running beside the work), the rate, and the ETA
+    when there is a total; bytes only when some are counted. `update()` takes totals so
+    far, which keeps callers free of bookkeeping.
     """
 
     def __init__(
@@ -111,26 +170,52 @@ class Progress:
         self._start = self._last_log = time.monotonic()
         self._bar: Any = None
         self._done = 0
+        self._total = total
         if enabled and self._stream.isatty():
             from tqdm import tqdm  # only a terminal pays for the import
 
             self._bar = tqdm(
-                total=total, unit=" files", file=self._stream, dynamic_ncols=True, smoothing=0.1
+                total=total,
+                unit=f" {what}",
+                bar_format=_bar_format(total),
+                file=self._stream,
+                dynamic_ncols=True,
+                smoothing=0.1,
             )
 
-    def update(self, done: int, nbytes: int = 0, failed: int = 0, **extra: Any) -> None:
+    def update(
+        self,
+        done: int,
+        nbytes: int = 0,
+        failed: int = 0,
+        total: int | None = None,
+        **extra: Any,
+    ) -> None:
+        """`done` of `total` (None: unchanged) so far, `nbytes` read, `failed` items;
+        `extra` counters are shown as they are."""
         now = time.monotonic()
+        if total is not None:
+            self._total = total
+        elapsed = max(now - self._start, 1e-9)
         if self._bar is not None:
+            if self._bar.total != self._total:
+                self._bar.total = self._total
+                self._bar.bar_format = _bar_format(self._total)
+            postfix = {"MB/s": f"{nbytes / elapsed / 1e6:.1f}"} if nbytes else {}
+            self._bar.set_postfix({**postfix, "failed": failed, **extra}, refresh=False)
             self._bar.update(done - self._done)
-            elapsed = max(now - self._start, 1e-9)
-            postfix = {"MB/s": f"{nbytes / elapsed / 1e6:.1f}", "failed": failed, **extra}
-            self._bar.set_postfix(postfix, refresh=False)
         elif now - self._last_log >= self._log_every:
             self._last_log = now
-            rate = done / max(now - self._start, 1e-9)
-            parts = [f"{done:,} {self._what}", f"{rate:,.0f}/s"]
+            rate = done / elapsed
+            count = f"{done:,} {self._what}"
+            if self._total is not None:
+                share = f" ({100 * done / self._total:.0f}%)" if self._total else ""
+                count = f"{done:,}/{self._total:,} {self._what}{share}"
+            parts = [count, _rate(rate)]
+            if self._total is not None and rate > 0 and done < self._total:
+                parts.append(f"ETA {human_duration((self._total - done) / rate)}")
             if nbytes:
-                parts.append(human_bytes(nbytes))
+                parts.append(f"{human_bytes(nbytes)} ({human_bytes(nbytes / elapsed)}/s)")
             if failed:
                 parts.append(f"{failed:,} failed")
             parts += [f"{k} {v}" for k, v in extra.items()]
@@ -147,6 +232,25 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _bar_format(total: int | None) -> str:
+    """tqdm's layouts, with the rate always as `what` per second ("0.50 images/s", not
+    tqdm's "2.00s/ images" below one a second)."""
+    if total is None:
+        return "{n_fmt}{unit} [{elapsed}, {rate_noinv_fmt}{postfix}]"
+    return (
+        "{l_bar}{bar}| {n_fmt}/{total_fmt}{unit} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
+    )
+
+
+def _rate(per_second: float) -> str:
+    """A rate people can read: per minute below one a second."""
+    if per_second >= 10:
+        return f"{per_second:,.0f}/s"
+    if per_second >= 1:
+        return f"{per_second:.1f}/s"
+    return f"{60 * per_second:.1f}/min"
 
 
 class JsonFormatter(logging.Formatter):

@@ -20,14 +20,23 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from imgbatch.checkpoint import Checkpoint, ItemState
-from imgbatch.config import Settings, state_dir
-from imgbatch.errors import ErrorCode, ExitCode, ImgbatchError, ItemError, UsageError
+from imgbatch.checkpoint import FORMAT_VERSION, Checkpoint, ItemState, claim_root
+from imgbatch.config import Settings, results_dir, state_dir
+from imgbatch.errors import (
+    DECODER_MISSING,
+    ContentChanged,
+    ErrorCode,
+    ExitCode,
+    ImgbatchError,
+    ItemError,
+    UsageError,
+)
 from imgbatch.hashcache import HashCache
 from imgbatch.output import JsonlSink, Progress
 from imgbatch.providers.base import Analysis, Provider, fingerprint_id
 from imgbatch.ratelimit import Interrupted
 from imgbatch.records import FileRecord, json_line
+from imgbatch.results import ResultStore
 from imgbatch.scanner import Scanner, check_root
 
 if TYPE_CHECKING:
@@ -38,6 +47,13 @@ log = logging.getLogger("imgbatch")
 #: errors caused by the content itself: stored by hash, so duplicates share them
 CONTENT_ERRORS = frozenset({ErrorCode.BAD_IMAGE.value, ErrorCode.BLOCKED.value})
 RUN_SAVE_EVERY = 2.0  # seconds between run-record updates (read by `status`)
+MAX_TAGS, TOP_TAGS = 2000, 500  # a run's tag counter: pruned to the top 500 past 2000
+#: the offline analyzer's finished items are committed in groups: at most this many, or
+#: this many seconds after the group's first, each group after its lines are flushed (and
+#: synced to a file). A remote provider's are committed one by one: a crash must not make
+#: the next run pay for a request again, and one commit is nothing beside one request.
+COMMIT_EVERY = 64
+COMMIT_DELAY = 0.5
 
 
 class Limiter(Protocol):
@@ -85,6 +101,7 @@ class Outcome:
     input_tokens: int | None = None
     output_tokens: int | None = None
     latency_ms: int | None = None
+    changed: bool = False  # the file changed since its scan: nothing true to store
 
     def stored(self, provider: str, model: str, run: int) -> dict[str, Any]:
         return {
@@ -134,7 +151,8 @@ class RunSummary:
     input_tokens: int = 0
     output_tokens: int = 0
     exit_code: int | None = None
-    total: int | None = None  # items this run will process, when known (--limit)
+    total: int | None = None  # --limit: items this run processes at most
+    listed: int | None = None  # files found by the listing-only count, once it has ended
 
     @property
     def failed(self) -> int:
@@ -147,6 +165,21 @@ class RunSummary:
     @property
     def images_per_min(self) -> float:
         return 60 * (self.counts["completed"] + self.counts["failed"]) / max(self.elapsed, 1e-9)
+
+    def expected_total(self) -> int | None:
+        """Items this run will write, as far as known: the files listed less the unchanged
+        ones skipped so far (exact once the scan has passed them), at most --limit."""
+        if self.listed is None:
+            return self.total
+        left = max(0, self.listed - self.counts["skipped"])
+        return left if self.total is None else min(left, self.total)
+
+    def count_tags(self, tags: list[Any]) -> None:
+        """Count an item's tags. Free-form tags are countless: past MAX_TAGS distinct ones
+        only the TOP_TAGS most common are kept (a tag dropped then counts afresh)."""
+        self.tags.update(t for t in tags if isinstance(t, str))
+        if len(self.tags) > MAX_TAGS:
+            self.tags = Counter(dict(self.tags.most_common(TOP_TAGS)))
 
     def record(self) -> dict[str, Any]:
         """The run record stored in the checkpoint (plain data, for `status` and `runs`)."""
@@ -168,7 +201,7 @@ class RunSummary:
             "tokens": {"input": self.input_tokens, "output": self.output_tokens},
             "images_per_min": round(self.images_per_min, 1),
             "exit_code": self.exit_code,
-            "total": self.total,
+            "total": self.expected_total(),
         }
 
 
@@ -211,7 +244,7 @@ class Pipeline:
         if not settings.hash:
             raise UsageError("analyze needs content hashes: --no-hash applies to scan only")
         self.root = os.path.abspath(root)
-        self._root_len = len(self.root) + 1
+        self._root_len = len(self.root.rstrip("/") + "/")  # ROOT "/" included
         self.settings = settings
         self.options = options
         self.provider = provider
@@ -228,14 +261,16 @@ class Pipeline:
         self._pending: dict[Future[Outcome], _Item] = {}
         self._waiting: dict[str, list[_Item]] = {}  # content hash -> duplicates in flight
         self._last_save = 0.0
+        self._first_uncommitted: float | None = None
+        self._commit_every = 1 if provider.remote else COMMIT_EVERY
+        self._decoders: dict[str, bool] = {}  # decoder -> loads now (see _final)
         self._fatal: ImgbatchError | None = None
 
     # -- the run -----------------------------------------------------------------
 
     def run(self) -> RunSummary:
         """Process ROOT; returns the summary, raises ImgbatchError for a run-level stop."""
-        s = self.summary
-        s.state = "PROCESSING"
+        s = self.summary  # QUEUED until its first item is written (see _emit)
         if not self.options.dry_run:
             self.checkpoint.set_root(self.root)  # for export and prune
         self._save(force=True)
@@ -251,8 +286,10 @@ class Pipeline:
                     break
                 while self._in_flight() >= max_in_flight and not self.stop.is_set():
                     self._drain(block=True, timeout=0.5)
+                    self._commit_written()
                 if self._pending:
                     self._drain(block=False)
+                self._commit_written()
             deadline: float | None = None
             while self._pending and self._fatal is None:
                 if self.stop.is_set():  # stopping: in-flight items get `grace` seconds
@@ -268,8 +305,11 @@ class Pipeline:
                     self._drain(block=True, timeout=left)
                 else:
                     self._drain(block=True, timeout=0.5)  # wakes up to notice a stop
-        except BaseException:  # closed output, interrupt: what is unrecorded is redone
+                self._commit_written()  # a slow trickle is committed within a second
+        except BaseException as exc:  # closed output, interrupt: what is unrecorded is redone
             self.stop.set()
+            if isinstance(exc, ImgbatchError) and self._fatal is None:
+                self._fatal = exc  # e.g. stdout failed: the run record says FAILED, 5
             raise
         finally:
             self._finish(pool)
@@ -291,7 +331,7 @@ class Pipeline:
             and state[0] == rec.hash
             and rec.hash is not None
             and not opts.fresh
-            and (state[1] is None or self._final(state[1]))
+            and (state[1] is None or self._final(state[1], state[5]))
         ):
             s.counts["skipped"] += 1
             if opts.emit_all:
@@ -350,11 +390,27 @@ class Pipeline:
         self.summary.input_tokens += out["estimated_tokens"]
         self.sink.write(json_line(out))
 
-    def _final(self, code: str | None) -> bool:
-        """Whether an item that ended with `code` is done for this run's options."""
+    def _final(self, code: str | None, message: str | None = None) -> bool:
+        """Whether an item that ended with `code` is done for this run's options.
+
+        A BAD_IMAGE that a missing decoder caused is done only while the decoder is
+        still missing: once `pillow_heif` imports, it is retried without --retry-failed.
+        """
         if code is None:
             return True
+        if code == "BAD_IMAGE" and message and message.startswith(DECODER_MISSING):
+            return not self._decoder_back(message) and not self.options.retry_failed
         return not ErrorCode(code).transient and not self.options.retry_failed
+
+    def _decoder_back(self, message: str) -> bool:
+        """Whether the decoder a decoder-missing message names loads now (asked once per
+        decoder and run: only such items pay for importing Pillow here)."""
+        key = "AVIF" if "AVIF" in message else "HEIF"
+        if key not in self._decoders:
+            from imgbatch.imaging import decoder_available
+
+            self._decoders[key] = decoder_available(message)
+        return self._decoders[key]
 
     def _reusable(self, stored: dict[str, Any]) -> bool:
         if self.options.fresh and stored.get("run") != self.summary.id:
@@ -398,7 +454,7 @@ class Pipeline:
         start = time.monotonic()
         tries = _Tries()
         try:
-            image = prepare(item.rec.path, self.settings.max_side)
+            image = prepare(item.rec.path, self.settings.max_side, expect_hash=item.rec.hash)
             tokens = self.provider.estimate_tokens(image)
             # encoded once, before a slot is taken: nothing slow between slot and send
             request_body = self.provider.encode(image)
@@ -433,6 +489,7 @@ class Pipeline:
                 message=exc.message,
                 attempts=tries.requests,
                 latency_ms=int((time.monotonic() - start) * 1000),
+                changed=isinstance(exc, ContentChanged),
             )
         except ImgbatchError:
             self.stop.set()  # a run-level stop: no other thread starts a request
@@ -495,17 +552,24 @@ class Pipeline:
         s, rec = self.summary, item.rec
         code = outcome.code
         message = outcome.message if outcome.status != "ok" else None
-        state: ItemState = (rec.hash, code, s.id, rec.size, rec.mtime_ns, message)
+        # a changed file is recorded without a hash: the next run scans and analyses it
+        content = None if outcome.changed else rec.hash
+        state: ItemState = (content, code, s.id, rec.size, rec.mtime_ns, message)
         stored = None
-        if not cached and (outcome.status == "ok" or code in CONTENT_ERRORS):
+        if not cached and (
+            outcome.status == "ok"
+            # a verdict of this machine's missing decoder is not one about the content
+            or (code in CONTENT_ERRORS and not (message or "").startswith(DECODER_MISSING))
+        ):
             stored = outcome.stored(self.provider.name, self.provider.model, s.id)
         if not self.options.dry_run:
             self.checkpoint.commit(self.fp, item.rel_dir, item.name, state, stored)
+            self._commit_written()
         if outcome.status == "ok":
             s.counts["completed"] += 1
             tags = (outcome.result or {}).get("tags")
             if isinstance(tags, list):
-                s.tags.update(t for t in tags if isinstance(t, str))
+                s.count_tags(tags)
         else:
             s.counts["failed"] += 1
             s.errors[code or "?"] += 1
@@ -519,9 +583,14 @@ class Pipeline:
             self.progress.update(
                 s.counts["completed"] + s.counts["failed"],
                 failed=s.counts["failed"],
+                total=s.expected_total(),
                 cached=s.counts["cached"],
             )
-        self._save()
+        if s.state == "QUEUED":  # its first item is written: the run is under way
+            s.state = "PROCESSING"
+            self._save(force=True)
+        else:
+            self._save()
 
     def _write(self, item: _Item, outcome: Outcome, cached: bool) -> None:
         out = item.rec.fields()
@@ -540,6 +609,26 @@ class Pipeline:
         out["latency_ms"] = 0 if cached else outcome.latency_ms
         self.sink.write(json_line(out))
 
+    def _commit_written(self, force: bool = False) -> None:
+        """Commit the finished items once their lines are out: flush the sink (and sync
+        it when it is a file, so a power loss cannot keep a commit whose line was lost),
+        then write the group in one transaction."""
+        cp = self.checkpoint
+        if not cp.pending:
+            return
+        now = time.monotonic()
+        if self._first_uncommitted is None:
+            self._first_uncommitted = now
+        if (
+            force
+            or cp.pending >= self._commit_every
+            or now - self._first_uncommitted >= COMMIT_DELAY
+        ):
+            self.sink.flush()
+            self.sink.sync()
+            cp.flush()
+            self._first_uncommitted = None
+
     def _save(self, force: bool = False) -> None:
         if self.options.dry_run:
             return
@@ -555,6 +644,14 @@ class Pipeline:
         # when stopping, threads blocked in a request are not waited for: the caller
         # exits without joining them, having flushed the output and the checkpoint
         pool.shutdown(wait=not self.stop.is_set(), cancel_futures=True)
+        if self.sink.closed:  # lines still buffered were lost: their items are redone
+            self.checkpoint.discard()
+        else:
+            try:
+                self._commit_written(force=True)
+            except BaseException:
+                self.checkpoint.discard()
+                raise
         s = self.summary
         s.ended = time.time()
         s.counts["processing"] = 0
@@ -594,6 +691,26 @@ def summary_lines(s: RunSummary, scanned: int) -> list[str]:
     return lines
 
 
+def _count_beside(root: str, settings: Settings, summary: RunSummary) -> threading.Event:
+    """Count ROOT's files from listings alone in a daemon thread, beside the run: the
+    total of its progress and of `status`. Set the returned event to stop it."""
+    from imgbatch.scanner import count_files
+
+    stop = threading.Event()
+
+    def count() -> None:
+        try:
+            listed = count_files(root, settings, stop)
+        except Exception:  # only a total is lost: the run's own walk reports errors
+            log.debug("counting the files under ROOT failed", exc_info=True)
+            return
+        if listed is not None:
+            summary.listed = listed
+
+    threading.Thread(target=count, name="imgbatch-count", daemon=True).start()
+    return stop
+
+
 def analyze_root(
     root: str,
     settings: Settings,
@@ -629,8 +746,16 @@ def analyze_root(
 
         limiter = AdaptiveLimiter(settings.rpm, settings.tpm, stop=stop)
     try:
-        with Checkpoint(state) as checkpoint:
-            checkpoint.lock("analyze", wait=wait)
+        with (
+            ResultStore(results_dir(settings, env)) as results,
+            Checkpoint(state, results=results) as checkpoint,
+        ):
+            checkpoint.lock("analyze", wait=wait, stop=stop)
+            # a dry run records nothing: it checks the root, and reads format 1 as it is
+            claim_root(state, os.path.abspath(root), record=not options.dry_run)
+            if checkpoint.format != FORMAT_VERSION and not options.dry_run:
+                moved = checkpoint.upgrade()
+                log.info("checkpoint upgraded: %s result(s) moved to %s", moved, results.directory)
             if checkpoint.mark_dead_runs():
                 log.warning("an earlier run was killed; resuming where it stopped")
             hash_cache = HashCache(state / "hashcache") if settings.hash_cache else None
@@ -647,12 +772,15 @@ def analyze_root(
                     progress,
                     stop,
                 )
+                counting = _count_beside(root, settings, pipeline.summary)
                 try:
                     summary = pipeline.run()
                 except ImgbatchError:  # a run-level stop: still say what was done
                     for line in summary_lines(pipeline.summary, pipeline.scanner.stats.seen):
                         log.info("%s", line)
                     raise
+                finally:
+                    counting.set()
             finally:
                 if hash_cache is not None:
                     hash_cache.close()

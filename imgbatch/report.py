@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from imgbatch.checkpoint import Checkpoint
-from imgbatch.errors import UsageError
+from imgbatch.config import Settings, results_dir
+from imgbatch.errors import OutputError, UsageError
 from imgbatch.output import human_duration
 from imgbatch.records import FileRecord, json_line
+from imgbatch.results import ResultStore
 
 LIVE_STATES = ("QUEUED", "PROCESSING")
 FILE_COLUMNS = [
@@ -200,12 +202,23 @@ def _write_export(
 
 
 def export(
-    state: Path, fmt: str, output: str | None, out: IO[bytes], status_filter: str | None = None
+    state: Path,
+    fmt: str,
+    output: str | None,
+    out: IO[bytes],
+    status_filter: str | None = None,
+    results: Path | None = None,
 ) -> int:
-    """Write every stored result as JSONL or CSV to `output` (atomically) or `out`."""
+    """Write every stored result as JSONL or CSV to `output` (atomically) or `out`.
+
+    `results` is the shared results store's folder (default: the user's).
+    """
     if fmt not in ("jsonl", "csv"):
         raise UsageError(f"unknown export format {fmt!r}: use jsonl or csv")
-    with open_checkpoint(state) as cp:
+    if results is None:
+        results = results_dir(Settings(results=os.environ.get("IMGBATCH_RESULTS", "")))
+    with open_checkpoint(state) as cp, ResultStore(results) as store:
+        cp.results = store
         # CSV columns: file fields first, then the keys of the first stored result
         first = next((r for r in _items(cp, "ok") if r.get("result")), None)
         result_cols = list(first["result"]) if first else []
@@ -213,13 +226,19 @@ def export(
         if output is None:
             return _write_export(records, fmt, out, result_cols)
         target = Path(output)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+        except OSError as exc:
+            raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
         try:
             with os.fdopen(fd, "wb") as fh:
                 n = _write_export(records, fmt, fh, result_cols)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, target)  # a reader never sees half a file
+        except OSError as exc:  # a full disk, an I/O error: the old file stays as it was
+            os.unlink(tmp)
+            raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
         except BaseException:
             os.unlink(tmp)
             raise
@@ -235,7 +254,9 @@ def prune(state: Path, wait: bool = False) -> int:
             return 0
         dropped = 0
         for fp in cp.fingerprints():
-            for rel_dir, states in list(cp.iter_folders(fp)):
+            # streamed: one folder (or one item of a large folder) at a time; forgetting
+            # while iterating is safe (diskcache walks the keys by rowid ranges)
+            for rel_dir, states in cp.iter_folders(fp):
                 gone = [n for n in states if not os.path.lexists(os.path.join(root, rel_dir, n))]
                 if gone:
                     cp.forget(fp, rel_dir, gone)

@@ -23,6 +23,7 @@ import os
 import re
 import stat
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -130,6 +131,15 @@ class _Folder:
     path: str
     rel: str
     files: list[tuple[os.DirEntry[str], str]]  # entry, extension
+    names: frozenset[str] = frozenset()  # every name listed (to keep others' cache entries)
+    listed_ns: int = 0  # wall clock before listing: entries changed after it are racy
+
+
+#: a hash-cache entry whose mtime or ctime is this close to the moment the file was read
+#: is "racy" (git's rule): on a filesystem with coarse timestamps (FAT/exFAT: 2 s, HFS+:
+#: 1 s, some NFS/SMB) the file may change again without its stamp changing. Such entries
+#: are not stored; the next scan hashes the file again.
+RACY_NS = 2_000_000_000
 
 
 def check_root(root: str) -> str:
@@ -148,8 +158,9 @@ class Scanner:
         root: the folder to scan.
         settings: scan settings (filters, hashing, threads).
         hash_cache: where hashes of unchanged files are looked up and stored, or None.
-        on_wait: called before the scan blocks on a hashing thread, so a consumer can
-            flush what it has buffered.
+        on_wait: called before the scan may wait (listing a folder, which can take long
+            on a network share; a hashing thread) when records were yielded since the
+            last call, so a consumer can flush what it has buffered.
     """
 
     def __init__(
@@ -164,11 +175,18 @@ class Scanner:
         self.stats = ScanStats()
         self._cache = hash_cache if settings.hash else None
         self._on_wait = on_wait
+        self._seen_at_wait = 0  # stats.seen when on_wait was last called
         self._exclude = _Excluder(settings.exclude)
         self._local = threading.local()
         self._read_lock = threading.Lock()
 
     # -- the walk ----------------------------------------------------------------
+
+    def _waiting(self) -> None:
+        """The scan may wait now: let the consumer flush what it holds of ours, if any."""
+        if self._on_wait is not None and self.stats.seen != self._seen_at_wait:
+            self._seen_at_wait = self.stats.seen
+            self._on_wait()
 
     def _wants_file(self, name: str) -> str | None:
         """The file's extension if it is selected, else None."""
@@ -186,6 +204,8 @@ class Scanner:
         stack: list[tuple[str, str]] = [(self.root, "")]
         while stack:
             path, rel = stack.pop()
+            self._waiting()
+            listed_ns = time.time_ns()
             try:
                 with os.scandir(path) as it:
                     entries = sorted(it, key=lambda e: e.name)
@@ -239,8 +259,9 @@ class Scanner:
                 except OSError as exc:  # a stat was needed and failed
                     self.stats.errors += 1
                     yield error_record(e.path, ErrorCode.IO_ERROR, _stat_error(exc))
+            names = frozenset(e.name for e in entries) if self._cache is not None else frozenset()
             del entries
-            yield _Folder(path, rel, files)
+            yield _Folder(path, rel, files, names, listed_ns)
             stack.extend(reversed(subdirs))
 
     # -- hashing -----------------------------------------------------------------
@@ -348,19 +369,38 @@ class Scanner:
         fds: dict[Future[FileRecord], int] = {}  # to close the files of cancelled futures
         in_flight = 0
         stats, cache = self.stats, self._cache
+        #: folders whose hashes are not stored yet: at their end, or at a stop (--limit, a
+        #: signal, a closed pipe), their part hashed so far is kept
+        open_folders: dict[str, tuple[_Folder, FolderHashes, FolderHashes | None]] = {}
+
+        def store(rel: str) -> None:
+            folder, hashes, old = open_folders.pop(rel)
+            assert cache is not None
+            # entries of names still listed but not selected this time (an images-only
+            # run after --all-files, excluded or hidden files, a stop mid-folder) stay:
+            # each is checked against the file's stat before it is used
+            merged = {n: v for n, v in old.items() if n in folder.names} if old else {}
+            fresh = folder.listed_ns - RACY_NS
+            for name, stamp in hashes.items():
+                if stamp[2] < fresh and stamp[3] < fresh:
+                    merged[name] = stamp
+                else:
+                    merged.pop(name, None)  # racy: hashed again next time
+            if merged != (old or {}):
+                cache.put(rel, merged)
 
         def pop() -> Iterator[FileRecord]:
             nonlocal in_flight
             item, hashes, name, old = window.popleft()
             if item is None:
-                if cache is not None and hashes != old:
-                    cache.put(name, hashes)
+                if cache is not None:
+                    store(name)
                 return
             if isinstance(item, Future):
                 in_flight -= 1
                 del fds[item]
-                if not item.done() and self._on_wait is not None:
-                    self._on_wait()
+                if not item.done():
+                    self._waiting()
                 item = item.result()
             account(item, hashes, name)
             yield item
@@ -384,8 +424,11 @@ class Scanner:
                 if isinstance(folder, FileRecord):
                     yield folder
                     continue
-                old = cache.get(folder.rel) if cache is not None else None
+                old = None
                 hashes: FolderHashes = {}
+                if cache is not None:
+                    old = cache.get(folder.rel)
+                    open_folders[folder.rel] = (folder, hashes, old)
                 for e, ext in folder.files:
                     name = e.name
                     rec: FileRecord | Future[FileRecord] | None = None
@@ -418,6 +461,8 @@ class Scanner:
                                 rec = fut
                                 in_flight += 1
                             else:
+                                if st.st_size >= LARGE_FILE:  # a long read: flush first
+                                    self._waiting()
                                 rec = self._hash_open_file(e.path, fd, st)
                     if not window and isinstance(rec, FileRecord):
                         rec.ext = ext
@@ -439,6 +484,20 @@ class Scanner:
                     if fut.cancel():
                         os.close(fd)
                 pool.shutdown(wait=True)
+            for rel in list(open_folders):  # stopped mid-folder: keep the part hashed
+                store(rel)
+
+
+def count_files(root: str, settings: Settings, stop: threading.Event | None = None) -> int | None:
+    """How many records a scan of ROOT would yield, from folder listings alone (no file
+    is opened, nor stat'ed where the listing tells files from folders); None if `stop`
+    was set first. Runs beside the work, to give progress a total."""
+    n = 0
+    for item in Scanner(root, settings.replace(hash=False))._folders():
+        if stop is not None and stop.is_set():
+            return None
+        n += 1 if isinstance(item, FileRecord) else len(item.files)
+    return n
 
 
 def run_scan(
@@ -452,9 +511,12 @@ def run_scan(
 
     Returns the stats; raises OutputClosed when the reader of the sink went away.
     """
-    cache = (
-        HashCache(state / "hashcache") if state and settings.hash and settings.hash_cache else None
-    )
+    cache = None
+    if state and settings.hash and settings.hash_cache:
+        from imgbatch.checkpoint import claim_root
+
+        claim_root(state, check_root(root))  # a state folder serves one ROOT
+        cache = HashCache(state / "hashcache")
     scanner = Scanner(root, settings, cache, on_wait=sink.flush)
     stats = scanner.stats
     try:

@@ -147,3 +147,19 @@ def run_and_kill(
     out += [json.loads(line) for line in proc.stdout.read().splitlines()]
     proc.wait(timeout=30)
     return out
+
+
+def the_state_folder() -> Path:
+    """The one ROOT state folder under the test's cache dir (not the shared results store)."""
+    base = Path(os.environ["XDG_CACHE_HOME"]) / "imgbatch"
+    (folder,) = [p for p in base.iterdir() if p.name != "results"]
+    return folder
+
+
+def settle() -> None:
+    """Wait until files just written are no longer "racy" for the hash cache (their
+    mtime/ctime within 2 s of being hashed: see scanner.RACY_NS), so a re-scan may
+    answer them from the cache. ctime cannot be set back: only waiting ages a file."""
+    import time
+
+    time.sleep(2.05)

@@ -16,7 +16,7 @@ import skimage
 from PIL import Image
 
 from imgbatch.checkpoint import Checkpoint
-from tests.conftest import REPO, make_image, run_and_kill, run_cli
+from tests.conftest import REPO, make_image, run_and_kill, run_cli, the_state_folder
 
 PHOTOS = Path(skimage.__file__).parent / "data"
 
@@ -138,7 +138,7 @@ def test_a_run_killed_with_sigkill_loses_nothing_and_repeats_only_in_flight_work
     assert sum(ok.values()) - files <= kills
     n_calls = len(calls.read_text().splitlines())
     assert files <= n_calls <= files + kills * in_flight
-    state = next((Path(os.environ["XDG_CACHE_HOME"]) / "imgbatch").iterdir())
+    state = the_state_folder()
     with Checkpoint(state) as cp:  # opens cleanly
         runs = cp.runs()
     assert [r["state"] for r in runs] == ["COMPLETED"] + ["ABORTED"] * kills

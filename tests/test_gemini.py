@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CliResult, make_image, run_cli
+from tests.conftest import CliResult, make_image, run_cli, the_state_folder
 from tests.fakegemini import FakeGemini
 
 KEY = "test-key-SECRET-0123456789"
@@ -304,7 +304,7 @@ def test_sigkill_at_random_moments_against_the_server_loses_nothing(tmp_path: Pa
         lines: list[dict[str, object]] = []
         for _ in range(kills):
             lines += run_and_kill(args, env, rng, lines=(2, 10))
-            state = next((Path(os.environ["XDG_CACHE_HOME"]) / "imgbatch").iterdir())
+            state = the_state_folder()
             with Checkpoint(state) as cp:  # opens cleanly after every kill
                 assert cp.runs()
         final = subprocess.run(args, capture_output=True, env=env, cwd=REPO, timeout=120)

@@ -6,7 +6,9 @@ import io
 import os
 import pathlib
 import struct
+import sys
 import threading
+import types
 import zlib
 
 import pytest
@@ -16,10 +18,15 @@ from PIL import ExifTags, Image, ImageCms, ImageOps, JpegImagePlugin, features
 from imgbatch import imaging
 from imgbatch.errors import ErrorCode, ItemError
 from imgbatch.imaging import (
+    DECODER_MISSING,
     PreparedImage,
+    avif_available,
+    decoder_available,
+    decoder_missing,
     encode_for_upload,
     estimate_tokens,
     fitted_size,
+    heif_available,
     prepare,
 )
 
@@ -533,14 +540,81 @@ def test_a_float64_tiff_is_a_bad_image(broken_dir: pathlib.Path) -> None:
     assert bad_image_message(broken_dir / "science.tif").startswith("not a decodable image")
 
 
-def test_heic_without_pillow_heif_says_what_to_install(
+# --- a missing decoder: BAD_IMAGE for now, but not the file's fault ------------------
+
+HEIC_HEADER = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic"  # major brand, minor, compatible
+
+
+@pytest.fixture
+def without_pillow_heif(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pillow-heif cannot be imported (and was never registered in this process)."""
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # `import pillow_heif` fails
+    monkeypatch.setattr(imaging, "_heif_registered", False)
+
+
+@pytest.mark.usefixtures("without_pillow_heif")
+def test_heic_without_pillow_heif_says_what_to_install(broken_dir: pathlib.Path) -> None:
+    path = broken_dir / "IMG_0001.HEIC"
+    path.write_bytes(HEIC_HEADER + b"\x00" * 64)
+    message = bad_image_message(path)
+    assert message == (
+        "decoder missing: HEIF/HEIC image: install imgbatch[heif] (pip install 'imgbatch[heif]')"
+    )
+    assert decoder_missing(message) and message.startswith(DECODER_MISSING)
+    assert not heif_available() and not decoder_available(message)
+    with pytest.raises(ItemError) as caught:
+        fitted_size(path)  # --dry-run says the same
+    assert caught.value.message == message
+
+
+@pytest.mark.usefixtures("without_pillow_heif")
+def test_the_heif_decoder_counts_as_available_once_pillow_heif_imports(
     broken_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(__import__("sys").modules, "pillow_heif", None)  # import fails
-    monkeypatch.setattr(imaging, "_heif_registered", None)
-    path = broken_dir / "IMG_0001.HEIC"
-    path.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
-    assert "install imgbatch[heif]" in bad_image_message(path)
+    path = broken_dir / "IMG_0002.HEIC"
+    path.write_bytes(HEIC_HEADER + b"\x00" * 64)
+    message = bad_image_message(path)
+    registered: list[bool] = []
+    installed = types.ModuleType("pillow_heif")  # the extra, installed after that run
+    installed.register_heif_opener = lambda: registered.append(True)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pillow_heif", installed)
+    assert heif_available() and decoder_available(message)
+    assert heif_available() and registered == [True]  # registered with Pillow once
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="this Pillow has no AVIF codec")
+@pytest.mark.filterwarnings("ignore:image file could not be identified because AVIF")
+def test_avif_without_pillows_avif_module_says_so(tmp_path: pathlib.Path) -> None:
+    Image.new("RGB", (20, 10), "red").save(tmp_path / "pic.avif")
+    assert avif_available()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "PIL._avif", None)
+        from PIL import AvifImagePlugin
+
+        patch.setattr(AvifImagePlugin, "SUPPORTED", False)
+        assert not avif_available()
+        message = bad_image_message(tmp_path / "pic.avif")
+        assert not decoder_available(message)
+    assert message.startswith(DECODER_MISSING + "AVIF image: ")
+    assert "pip install --upgrade pillow" in message
+    assert decoder_available(message)  # this Pillow decodes AVIF: a later run retries it
+    assert prepare(tmp_path / "pic.avif").format == "AVIF"
+
+
+@pytest.mark.usefixtures("without_pillow_heif")
+def test_a_broken_file_with_a_decoder_installed_is_a_permanent_bad_image(
+    broken_dir: pathlib.Path,
+) -> None:
+    (broken_dir / "notes.jpg").write_text("not a picture\n" * 20)
+    (broken_dir / "odd.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom\x00\x00\x00\x00isomavc1")
+    messages = [bad_image_message(broken_dir / name) for name in ("notes.jpg", "odd.mp4")]
+    if features.check("avif"):  # Pillow decodes AVIF, and this one is broken
+        (broken_dir / "cut.avif").write_bytes(b"\x00\x00\x00\x1cftypavif\x00" * 3)
+        messages.append(bad_image_message(broken_dir / "cut.avif"))
+    for message in messages:
+        assert message == "not a decodable image: cannot identify image file"
+        assert not decoder_missing(message) and not decoder_available(message)
+    assert not decoder_missing(None)
 
 
 def test_a_missing_file_or_a_directory_is_an_io_error(broken_dir: pathlib.Path) -> None:

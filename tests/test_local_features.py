@@ -26,6 +26,25 @@ from imgbatch.providers.local_features import (
 
 SAMPLES = pathlib.Path(skimage.__file__).parent / "data"  # real photos, shipped offline
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png", "horse.png"]
+BASIC_NAMES = {
+    "black",
+    "gray",
+    "white",
+    "red",
+    "orange",
+    "yellow",
+    "olive",
+    "green",
+    "teal",
+    "cyan",
+    "blue",
+    "navy",
+    "purple",
+    "magenta",
+    "pink",
+    "brown",
+    "beige",
+}
 NO_EXIF: ExifInfo = {
     "datetime": None,
     "make": None,
@@ -109,6 +128,31 @@ def test_dominant_colours_give_shares_of_the_picture() -> None:
     ]
 
 
+def test_five_colours_each_get_their_share_and_their_name() -> None:
+    stripes = [  # (colour, width in 48ths of the picture): median cut sees pure colours
+        ((30, 40, 100), 19),
+        ((250, 150, 40), 12),
+        ((60, 150, 70), 8),
+        ((200, 40, 40), 5),
+        ((140, 140, 140), 4),
+    ]
+    image = Image.new("RGB", (480, 480))
+    left = 0
+    for colour, width in stripes:
+        image.paste(colour, (10 * left, 0, 10 * (left + width), 480))
+        left += width
+
+    colours = dominant_colors(image)
+
+    assert colours == [
+        {"hex": "#1e2864", "name": "navy", "fraction": 0.396},
+        {"hex": "#fa9628", "name": "orange", "fraction": 0.25},
+        {"hex": "#3c9646", "name": "green", "fraction": 0.167},
+        {"hex": "#c82828", "name": "red", "fraction": 0.104},
+        {"hex": "#8c8c8c", "name": "gray", "fraction": 0.083},
+    ]
+
+
 @pytest.mark.parametrize("name", PHOTOS)
 def test_dominant_colours_of_photos_are_at_most_five_largest_first(name: str) -> None:
     colours = features(sample(name))["dominant_colors"]
@@ -119,7 +163,7 @@ def test_dominant_colours_of_photos_are_at_most_five_largest_first(name: str) ->
     assert sum(fractions) == pytest.approx(1.0, abs=0.01)
     for colour in colours:
         assert re.fullmatch(r"#[0-9a-f]{6}", colour["hex"])
-        assert colour["name"] == color_name(ImageColor.getrgb(colour["hex"])[:3])
+        assert colour["name"] in BASIC_NAMES
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from imgbatch.checkpoint import Checkpoint
-from tests.conftest import REPO, make_image, run_cli
+from tests.conftest import REPO, make_image, run_cli, the_state_folder
 
 
 def tree(root: Path, n: int) -> Path:
@@ -81,7 +82,7 @@ class TestSignals:
         assert proc.returncode == 143, err.decode()
         assert time.monotonic() - started < 10  # did not wait for the requests
         assert out == b"" and "abandoning 2 in-flight" in err.decode()  # 2 workers
-        with Checkpoint(next((Path(os.environ["XDG_CACHE_HOME"]) / "imgbatch").iterdir())) as cp:
+        with Checkpoint(the_state_folder()) as cp:
             assert list(cp.iter_folders(cp.runs()[0]["fingerprint"])) == []  # unrecorded
             assert cp.runs()[0]["state"] == "ABORTED"
 
@@ -125,7 +126,8 @@ class TestStatusAndHistory:
         s = json.loads(live.stdout)
         assert s["state"] == "PROCESSING" and s["counts"]["completed"] >= 1
         assert s["provider"] == "fake" and s["images_per_min"] > 0
-        assert s["total"] is None and s["eta_seconds"] is None  # no total known without --limit
+        assert s["total"] == 12  # counted beside the run
+        assert 0 < s["eta_seconds"] < 60
         proc.communicate(timeout=60)
         done = run_cli(["status", root])
         assert done.rc == 0
@@ -174,6 +176,9 @@ class TestExportAndPrune:
     @pytest.fixture
     def analysed(self, tmp_path: Path) -> Path:
         root = tree(tmp_path / "photos", 4)
+        two_colours = Image.new("RGB", (20, 16), (255, 255, 255))
+        two_colours.paste((20, 60, 220), (0, 0, 15, 16))  # three quarters blue
+        two_colours.save(root / "d0" / "00.png")
         (root / "bad.jpg").write_text("nope")
         assert run_cli(["analyze", root]).rc == 1
         return root
@@ -193,7 +198,11 @@ class TestExportAndPrune:
         assert list(rows[0])[:4] == ["path", "path_bytes_b64", "hash", "size"]
         row = next(r for r in rows if r["path"].endswith("00.png"))
         assert row["width"] == "20" and row["exists"] == "true"
-        assert row["dominant_colors"].count("; ") >= 0 and row["exif"].startswith("{")
+        assert row["dominant_colors"] == (  # a list: its items joined, objects as JSON
+            '{"hex": "#143cdc", "name": "blue", "fraction": 0.75}; '
+            '{"hex": "#ffffff", "name": "white", "fraction": 0.25}'
+        )
+        assert row["exif"].startswith("{")
         bad = next(r for r in rows if r["path"].endswith("bad.jpg"))
         assert bad["error_code"] == "BAD_IMAGE" and bad["width"] == ""
 

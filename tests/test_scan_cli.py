@@ -102,3 +102,10 @@ def test_version_and_help_work_without_a_root() -> None:
     res = run_cli(["analyze", "--help"], env={"COLUMNS": "200"})
     # defaults are shown (square brackets would be swallowed as rich markup)
     assert b"gemini-2.5-flash-lite" in res.stdout and b"no limit" in res.stdout
+
+
+def test_batch_size_is_an_option_of_scan_only(tmp_path: Path) -> None:
+    assert b"--batch-size" in run_cli(["scan", "--help"], env={"COLUMNS": "200"}).stdout
+    assert b"--batch-size" not in run_cli(["analyze", "--help"], env={"COLUMNS": "200"}).stdout
+    res = run_cli(["analyze", "--batch-size", "5", tmp_path])  # it did nothing there
+    assert res.rc == 2 and "No such option: --batch-size" in res.stderr

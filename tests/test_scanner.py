@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,8 @@ from imgbatch.config import Settings
 from imgbatch.errors import ErrorCode, UsageError
 from imgbatch.hashcache import HashCache
 from imgbatch.records import FileRecord
-from imgbatch.scanner import LARGE_FILE, Scanner, batched
-from tests.conftest import make_image
+from imgbatch.scanner import LARGE_FILE, Scanner, batched, count_files
+from tests.conftest import make_image, settle
 
 
 def scan(root: Path, cache: HashCache | None = None, **settings: object) -> Scanner:
@@ -135,6 +136,30 @@ def test_no_hash_lists_metadata_without_reading(tmp_path: Path) -> None:
     assert s.stats.bytes_read == 0
 
 
+def test_count_files_counts_what_a_scan_yields_from_listings_alone(tmp_path: Path) -> None:
+    for i in range(7):
+        make_image(tmp_path / f"d{i % 3}" / f"{i}.png")
+    (tmp_path / "d0" / "notes.txt").write_text("not an image")
+    make_image(tmp_path / ".hidden" / "h.png")
+    make_image(tmp_path / "old" / "o.png")
+    (tmp_path / "link.png").symlink_to(tmp_path / "d0" / "0.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    assert count_files(str(tmp_path), Settings()) == 8
+    for settings in (
+        {},
+        {"all_files": True},
+        {"include_hidden": True},
+        {"exclude": ("old/",)},
+        {"follow_symlinks": True},
+    ):
+        assert count_files(str(tmp_path), Settings(**settings)) == len(  # type: ignore[arg-type]
+            list(scan(tmp_path, **settings))
+        ), settings
+    stopped = threading.Event()
+    stopped.set()
+    assert count_files(str(tmp_path), Settings(), stopped) is None
+
+
 def test_missing_or_non_folder_root_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="does not exist"):
         scan(tmp_path / "nope")
@@ -148,6 +173,7 @@ class TestHashCache:
         root = tmp_path / "root"
         for i in range(30):
             make_image(root / f"d{i % 3}" / f"{i}.png")
+        settle()
         with HashCache(tmp_path / "cache") as cache:
             first = [r.fields() for r in scan(root, cache)]
         with HashCache(tmp_path / "cache") as cache:
@@ -156,20 +182,34 @@ class TestHashCache:
         assert second == first
         assert again.stats.bytes_read == 0 and again.stats.cache_hits == 30
 
-    def test_a_changed_file_is_rehashed(self, tmp_path: Path) -> None:
+    def test_a_file_rewritten_at_the_same_size_and_mtime_is_rehashed(self, tmp_path: Path) -> None:
         root = tmp_path / "root"
-        a, b = make_image(root / "a.png"), make_image(root / "b.png")
+        make_image(root / "a.png")
+        b = make_image(root / "b.png")
+        settle()  # else both are racy and re-hashed anyway
         with HashCache(tmp_path / "cache") as cache:
             list(scan(root, cache))
-            b.write_bytes(b"new content, same name")
-            os.utime(b, ns=(0, a.stat().st_mtime_ns))  # even with an old mtime: ctime moved
+            before = b.stat()
+            new = bytes(255 - byte for byte in b.read_bytes())  # other bytes, same length
+            with b.open("r+b") as fh:  # in place: the same inode
+                fh.write(new)
+            os.utime(b, ns=(before.st_atime_ns, before.st_mtime_ns))  # as a copy tool does
+            after = b.stat()
+            # only the ctime (which nothing can set back) tells the change
+            assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+                before.st_ino,
+                before.st_size,
+                before.st_mtime_ns,
+            )
+            assert after.st_ctime_ns != before.st_ctime_ns
             again = scan(root, cache)
             recs = {os.path.basename(r.path): r.hash for r in again}
-        assert recs["b.png"] == xxhash.xxh3_128_hexdigest(b"new content, same name")
-        assert again.stats.cache_hits == 1
+        assert recs["b.png"] == xxhash.xxh3_128_hexdigest(new)
+        assert again.stats.cache_hits == 1  # a.png, unchanged
 
     def test_the_key_is_relative_to_root_so_a_moved_tree_stays_cached(self, tmp_path: Path) -> None:
         make_image(tmp_path / "one" / "sub" / "a.png")
+        settle()
         with HashCache(tmp_path / "cache") as cache:
             list(scan(tmp_path / "one", cache))
             (tmp_path / "one").rename(tmp_path / "two")

@@ -1,0 +1,78 @@
+"""The shared results store: analyses by (settings fingerprint, content hash), one per user.
+
+Results describe content, not places: a tree that was moved, renamed or remounted, or
+a second tree holding copies, finds its results here and costs no provider request.
+Item states (what happened to which file of which ROOT) stay in each ROOT's checkpoint.
+
+Several processes (runs on different roots) share the store: it is one SQLite database
+in WAL mode through diskcache, whose writers wait for each other (SQLite's busy
+timeout), and every value is a whole result, so there is nothing to merge. Nothing
+deletes from it (`prune` forgets item states only); delete the folder to start afresh.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from imgbatch.errors import CheckpointError
+
+log = logging.getLogger("imgbatch")
+
+ResultKey = tuple[str, str]  # fingerprint, content hash
+
+
+class ResultStore:
+    """Stored outcomes (ok, or a permanent error caused by the content) by content."""
+
+    def __init__(self, directory: Path) -> None:
+        import diskcache
+
+        from imgbatch.hashcache import DISKCACHE_SETTINGS
+
+        self.directory = directory
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._db = diskcache.Cache(str(directory), **DISKCACHE_SETTINGS)
+        except Exception as exc:  # sqlite3.DatabaseError, OSError
+            raise CheckpointError(
+                f"cannot open the results store in {directory}: {exc}; move it aside "
+                "(results are then requested again) or set [state] results elsewhere"
+            ) from None
+
+    def get(self, fp: str, content_hash: str) -> dict[str, Any] | None:
+        """The stored outcome for this content under fingerprint `fp`, or None.
+
+        A damaged entry is a miss (warned about): the item is analysed again.
+        """
+        try:
+            value = self._db.get((fp, content_hash))
+        except Exception as exc:  # an unreadable value: unpickling, SQLite
+            log.warning(
+                "results store %s: unreadable entry (%s); re-analysing", self.directory, exc
+            )
+            return None
+        return value if isinstance(value, dict) else None
+
+    def put_many(self, items: Iterable[tuple[ResultKey, dict[str, Any]]]) -> int:
+        """Store outcomes in one transaction; returns how many."""
+        n = 0
+        with self._db.transact():
+            for key, value in items:
+                self._db.set(key, value)
+                n += 1
+        return n
+
+    def __len__(self) -> int:
+        return int(len(self._db))
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
