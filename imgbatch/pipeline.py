@@ -59,7 +59,7 @@ COMMIT_DELAY = 0.5
 class Limiter(Protocol):
     """Rate limiting of remote requests (ratelimit.AdaptiveLimiter)."""
 
-    def acquire(self, tokens: int = 0) -> None: ...
+    def acquire(self, tokens: int = 0, max_pause: float | None = None) -> bool: ...
 
     def accepted(self) -> None: ...
 
@@ -72,10 +72,27 @@ class Abandoned(Exception):
 
 @dataclass
 class _Tries:
-    requests: int = 0
-    failures: int = 0  # failed requests other than 429s
-    limited: int = 0  # 429s without a retry delay
-    limited_since: float | None = None
+    """One item's requests, and what its retries have used of their budgets."""
+
+    requests: int = 0  # requests sent, failovers included: the record's `attempts`
+    failures: int = 0  # failed requests other than 429s and failovers: max_attempts
+    limited: int = 0  # 429s without a retry delay: they back off on their own
+    deadline: float | None = None  # max_wait after the item first met a 429 (monotonic)
+    delay: float = 0.0  # the wait before the next request
+    give_up: bool = False  # the last failure ends the item
+
+    def rate_limited(self, since: float, max_wait: float) -> float:
+        """The item met a 429 (its own, or a pause it waited out): its max_wait runs from
+        the first time. Returns when it ends."""
+        if self.deadline is None:
+            self.deadline = since + max_wait
+        return self.deadline
+
+    def pause_left(self, max_wait: float) -> float:
+        """How long the next request may wait out a 429's pause."""
+        if self.deadline is None:
+            return max_wait
+        return max(0.0, self.deadline - time.monotonic())
 
 
 @dataclass
@@ -448,11 +465,14 @@ class Pipeline:
     def _work(self, item: _Item) -> Outcome:
         """Runs in a pool thread: decode once, then the provider with retries."""
         from imgbatch.imaging import prepare
+        from imgbatch.providers.base import Failover
+        from imgbatch.ratelimit import WaitTooLong
 
         if self.stop.is_set():  # queued behind a run-level stop: don't start
             raise Abandoned
         start = time.monotonic()
         tries = _Tries()
+        max_wait = self.settings.max_wait
         try:
             image = prepare(item.rec.path, self.settings.max_side, expect_hash=item.rec.hash)
             tokens = self.provider.estimate_tokens(image)
@@ -460,13 +480,23 @@ class Pipeline:
             request_body = self.provider.encode(image)
 
             def request() -> Analysis:
+                if self.limiter is not None:  # every request takes a slot, failovers too
+                    asked = time.monotonic()
+                    try:
+                        if self.limiter.acquire(tokens, max_pause=tries.pause_left(max_wait)):
+                            tries.rate_limited(asked, max_wait)
+                    except WaitTooLong as exc:  # transient: the next run retries the item
+                        raise ItemError(
+                            ErrorCode.RATE_LIMIT,
+                            f"{exc}: past max_wait ({max_wait:g}s)",
+                            retryable=False,
+                        ) from None
                 tries.requests += 1
-                if self.limiter is not None:
-                    self.limiter.acquire(tokens)
                 try:
                     analysis = self.provider.analyze(request_body)
                 except ItemError as exc:
-                    if exc.code is ErrorCode.RATE_LIMIT and self.limiter is not None:
+                    rate_limit = exc.code is ErrorCode.RATE_LIMIT
+                    if rate_limit and self.limiter is not None and not isinstance(exc, Failover):
                         self.limiter.rate_limited_for(exc.retry_after)
                     raise
                 if self.limiter is not None:
@@ -508,29 +538,40 @@ class Pipeline:
             )
 
     def _retrying(self, tries: _Tries) -> tenacity.Retrying:
-        """Transient errors only, exponential backoff with full jitter; waiting out a 429
-        uses no attempt (the limiter pauses everyone), up to `max_wait` per item."""
+        """Retries of what is retryable. Other transient errors: exponential backoff with
+        full jitter, up to `max_attempts`. 429s use no attempt: from the item's first 429
+        (its own, or a pause it waited out) it has `max_wait` seconds, the limiter's pauses
+        and its own backoffs included, then ends as RATE_LIMIT. A Failover is sent again at
+        once, using no attempt (as a 429, it uses the item's max_wait)."""
         import tenacity  # here: a re-run with nothing to analyse never pays for it
+
+        from imgbatch.providers.base import Failover
 
         s = self.settings
 
-        def stop(state: tenacity.RetryCallState) -> bool:
+        def note(state: tenacity.RetryCallState) -> None:
+            """After a failed request that may be retried (before `wait` and `stop`, in
+            every tenacity version): what it used up, the wait before the next one."""
             exc = state.outcome.exception() if state.outcome else None
+            now = time.monotonic()
             if isinstance(exc, ItemError) and exc.code is ErrorCode.RATE_LIMIT:
-                tries.limited_since = tries.limited_since or time.monotonic()
-                return time.monotonic() - tries.limited_since >= s.max_wait
-            tries.failures += 1
-            return tries.failures >= s.max_attempts
-
-        def wait(state: tenacity.RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            if isinstance(exc, ItemError) and exc.code is ErrorCode.RATE_LIMIT:
-                if exc.retry_after is not None:  # the limiter pauses everyone that long
-                    return 0.0 if self.limiter is not None else exc.retry_after
-                tries.limited += 1  # a bare 429: back off on our own (no attempt used)
-                return random.uniform(0, min(60.0, s.retry_delay * 2 ** (tries.limited - 1)))
-            ceiling = min(60.0, s.retry_delay * 2 ** max(0, tries.failures - 1))
-            return max(random.uniform(0, ceiling), getattr(exc, "retry_after", None) or 0.0)
+                deadline = tries.rate_limited(now, s.max_wait)
+                if isinstance(exc, Failover):
+                    delay = 0.0  # another key is ready
+                elif exc.retry_after is not None:  # the limiter pauses everyone that long
+                    delay = 0.0 if self.limiter is not None else exc.retry_after
+                else:  # a bare 429: back off on our own
+                    tries.limited += 1
+                    delay = random.uniform(0, min(60.0, s.retry_delay * 2 ** (tries.limited - 1)))
+                tries.delay, tries.give_up = delay, now + delay > deadline
+            elif isinstance(exc, Failover):  # a rejected key: the pool shrinks, so this ends
+                tries.delay, tries.give_up = 0.0, False
+            else:
+                tries.failures += 1
+                ceiling = min(60.0, s.retry_delay * 2 ** (tries.failures - 1))
+                retry_after = getattr(exc, "retry_after", None) or 0.0
+                tries.delay = max(random.uniform(0, ceiling), retry_after)
+                tries.give_up = tries.failures >= s.max_attempts
 
         def sleep(seconds: float) -> None:
             if self.stop.wait(seconds):
@@ -538,8 +579,9 @@ class Pipeline:
 
         return tenacity.Retrying(
             retry=tenacity.retry_if_exception(lambda e: isinstance(e, ItemError) and e.retryable),
-            stop=stop,
-            wait=wait,
+            after=note,
+            stop=lambda _: tries.give_up,
+            wait=lambda _: tries.delay,
             sleep=sleep,
             reraise=True,
         )

@@ -6,7 +6,9 @@ and there are no bursts. It adapts to the quota the server really has:
 
 - a 429 pauses every thread until the server's retry delay has passed, and lowers the
   rate to below what the server was seen to accept recently (multiplicative decrease,
-  once per congestion event, however many in-flight requests were refused);
+  once per congestion event, however many in-flight requests were refused); a request
+  may bound how long it waits out such a pause (`acquire(max_pause=...)`), and is then
+  refused at once, rather than held, when the pause would outlast it;
 - each accepted request raises the rate again, never above `rpm`: quickly (+5%) up to
   90% of the rate the server was last seen to accept, then slowly (+0.5%), probing; so
   the limiter settles near the real quota instead of bouncing off it.
@@ -38,6 +40,14 @@ class Interrupted(Exception):
     """The limiter was closed while a thread waited in it."""
 
 
+class WaitTooLong(Exception):
+    """A 429's pause would hold this request longer than it may wait."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"rate limited for {seconds:.0f}s more")
+        self.seconds = seconds  # left of the pause
+
+
 class AdaptiveLimiter:
     """Thread-safe pacing of remote requests; see the module docstring."""
 
@@ -60,13 +70,24 @@ class AdaptiveLimiter:
         self._last_decrease = -1e18
         self._accepted: deque[float] = deque()
         self.rate_limited = 0  # 429s seen
+        self.acquired = 0  # requests let through
         self.waited = 0.0  # seconds threads spent waiting here, summed
 
-    def acquire(self, tokens: int = 0) -> None:
-        """Block until this request may start; raises Interrupted if stopping."""
+    def acquire(self, tokens: int = 0, max_pause: float | None = None) -> bool:
+        """Block until this request may start; returns whether a 429's pause held it.
+
+        With `max_pause`, raises WaitTooLong at once, booking nothing, when a pause would
+        hold the request longer than that many seconds (the pacing alone is never refused).
+        Raises Interrupted if stopping.
+        """
+        held = False
+        limit = None if max_pause is None else self._clock() + max_pause
         while True:
             with self._lock:
                 now = self._clock()
+                if limit is not None and self._paused_until > limit:
+                    raise WaitTooLong(self._paused_until - now)
+                held = held or self._paused_until > now
                 start = max(now, self._next, self._paused_until)
                 interval = 60.0 * (1 + MARGIN) / self.rate
                 if self.tpm and tokens:
@@ -80,7 +101,8 @@ class AdaptiveLimiter:
             with self._lock:
                 # a 429 may have paused everyone while this thread slept: book again
                 if self._paused_until <= self._clock():
-                    return
+                    self.acquired += 1
+                    return held
 
     def accepted(self) -> None:
         """The server accepted a request: remember it, and raise the rate a little."""

@@ -38,6 +38,7 @@ def analyze(
     *args: str | Path,
     key: str = KEY,
     env: dict[str, str] | None = None,
+    timeout: float = 120,
 ) -> CliResult:
     full_env = {
         "GEMINI_API_KEY": key,
@@ -46,7 +47,7 @@ def analyze(
         "IMGBATCH_RPM": "6000",
         **(env or {}),
     }
-    return run_cli(["analyze", *args, root], env=full_env)
+    return run_cli(["analyze", *args, root], env=full_env, timeout=timeout)
 
 
 def test_happy_path_structured_output_with_tokens(server: FakeGemini, photos: Path) -> None:
@@ -86,15 +87,18 @@ def test_a_quota_window_far_below_rpm_is_learnt_and_every_item_ends_ok(
     server: FakeGemini, tmp_path: Path
 ) -> None:
     root = tmp_path / "photos"
-    for i in range(12):
+    for i in range(24):
         make_image(root / f"{i:02d}.png", size=(30 + i, 30))
-    server.set_quota((4, 1.0))
+    server.set_quota((4, 1.0))  # 4 a second, against --rpm 6000
     res = analyze(server, root, "--rpm", "6000", "--workers", "4")
     assert res.rc == 0, res.stderr
-    assert [r["status"] for r in res.records] == ["ok"] * 12
-    counts = server.count_by_status()
-    assert counts[200] == 12
-    assert counts.get(429, 0) <= 12  # the limiter slowed down: not one 429 per answer
+    assert [r["status"] for r in res.records] == ["ok"] * 24
+    statuses = [r.status for r in server.requests]
+    assert statuses.count(200) == 24
+    # learnt from the first 429s: without the limiter's decrease, every window of the
+    # quota ends in a 429 (5-6 of them, the last ones late in the run); with it, 1 or 2
+    assert statuses.count(429) <= 3
+    assert 429 not in statuses[len(statuses) // 2 :]
 
 
 def test_5xx_bursts_are_retried_with_backoff(server: FakeGemini, photos: Path) -> None:
@@ -162,6 +166,71 @@ def test_the_daily_quota_stops_the_run_with_exit_4_and_the_next_run_resumes(
     )
 
 
+def test_the_daily_quota_of_every_project_is_exit_4_with_several_keys_and_workers(
+    photos: Path,
+) -> None:
+    keys = [KEY, OTHER_KEY, "test-key-THIRD-5555555555"]
+    projects = {key: f"project-{i}" for i, key in enumerate(keys)}
+    with FakeGemini(keys=set(keys), projects=projects, day_quota=1) as server:
+        res = analyze(
+            server,
+            photos,
+            "--workers",
+            "4",
+            key="",
+            env={"IMGBATCH_GEMINI_API_KEYS": ",".join(keys), "GEMINI_API_KEY": ""},
+        )
+        assert res.rc == 4, res.stderr
+        assert "daily quota is exhausted" in res.stderr and "rejected" not in res.stderr
+        assert [r["status"] for r in res.records] == ["ok"] * 3  # one a project
+        assert all(r.outcome == "quota_day" for r in server.requests if r.status == 429)
+
+
+def test_a_pool_emptied_by_daily_quotas_stops_every_thread_for_the_quota(
+    tmp_path: Path,
+) -> None:
+    """Once the last key has left the pool for its daily quota, the next thread to pick a
+    key must stop the run for the quota too (exit 4), not for rejected keys (exit 5).
+    Threads of a run meet only in the key pool, so calls in turn replay that race."""
+    from imgbatch.config import Settings
+    from imgbatch.imaging import prepare
+    from imgbatch.providers.gemini import GeminiProvider
+
+    projects = {KEY: "project-a", OTHER_KEY: "project-b"}
+    with FakeGemini(keys=set(projects), projects=projects, day_quota=0) as server:
+        settings = Settings(provider="gemini", gemini_api_keys=(KEY, OTHER_KEY))
+        provider = GeminiProvider(settings, env={"IMGBATCH_GEMINI_BASE_URL": server.url})
+        encoded = provider.encode(prepare(make_image(tmp_path / "a.png")))
+        raised = []
+        for _ in range(4):  # one thread's request, then the next thread's, ...
+            try:
+                provider.analyze(encoded)
+            except Exception as exc:
+                raised.append(type(exc).__name__)
+        provider.close()
+    # the first key leaves (its request goes to the other key at once), then the last
+    assert raised == ["Failover"] + ["QuotaExhaustedError"] * 3
+    assert len(server.requests) == 2  # an empty pool sends nothing
+
+
+def test_a_rejected_key_and_a_spent_daily_quota_are_exit_4_naming_the_rejected_key(
+    server: FakeGemini, photos: Path
+) -> None:
+    server.set_day_quota(0)  # the valid key's project has no quota left today
+    res = analyze(
+        server,
+        photos,
+        "--workers",
+        "1",  # the valid key is tried first: the rejected one is the last to leave
+        key="",
+        env={"IMGBATCH_GEMINI_API_KEYS": f"test-key-WRONG-000,{KEY}", "GEMINI_API_KEY": ""},
+    )
+    assert res.rc == 4, res.stderr  # the one a later run resumes from
+    assert "daily quota is exhausted" in res.stderr
+    assert "1 of the 2 keys rejected (400 INVALID_ARGUMENT)" in res.stderr
+    assert res.records == []
+
+
 def test_a_rejected_key_stops_the_run_with_exit_5_and_few_requests(
     server: FakeGemini, photos: Path
 ) -> None:
@@ -184,6 +253,9 @@ def test_a_pool_of_keys_fails_over_from_a_rejected_key(server: FakeGemini, photo
     assert all(r["status"] == "ok" for r in res.records)
     bad = [r for r in server.requests if r.status == 400]
     assert len(bad) <= 2  # the bad key left the pool after its first answers
+    assert "key 1 of 2 left the pool (rejected: 400 INVALID_ARGUMENT)" in res.stderr
+    # a failover is a request like any other: through the limiter, counted in attempts
+    assert sum(r["attempts"] for r in res.records) == len(server.requests)
 
 
 def test_keys_of_two_projects_share_the_work_when_one_is_rate_limited(
@@ -204,6 +276,39 @@ def test_keys_of_two_projects_share_the_work_when_one_is_rate_limited(
         assert res.rc == 0, res.stderr
         used = {r.api_key for r in server.requests if r.status == 200}
         assert used == {KEY, OTHER_KEY}
+        # the request refused for project-a went at once to project-b, through the
+        # limiter like any request, and counts in the item's attempts
+        assert server.count_by_status()[429] >= 1
+        assert sum(r["attempts"] for r in res.records) == len(server.requests)
+        assert max(r["attempts"] for r in res.records) >= 2
+
+
+def test_a_retry_delay_longer_than_max_wait_fails_items_at_once_not_after_it(
+    server: FakeGemini, photos: Path
+) -> None:
+    server.fail_next(1, 429, retry_delay="3600s")  # e.g. an hourly quota: come back in 1 h
+    res = analyze(server, photos, "--workers", "2", timeout=60)  # the default --max-wait 600
+    assert res.rc == 1, res.stderr
+    failed = [r for r in res.records if r["status"] == "error"]
+    assert len(res.records) == 6 and len(failed) >= 5  # the other worker's request was sent
+    for r in failed:
+        assert r["error"]["code"] == "RATE_LIMIT"
+        assert r["error"]["message"].endswith("s more: past max_wait (600s)")
+    assert len(server.requests) <= 2  # nobody asked again within the server's delay
+    again = analyze(server, photos)  # transient: the next run retries them
+    assert again.rc == 0 and sorted(r["path"] for r in again.records) == sorted(
+        r["path"] for r in failed
+    )
+
+
+def test_bare_429s_are_waited_out_for_max_wait_then_the_item_fails(
+    server: FakeGemini, photos: Path
+) -> None:
+    server.fail_next(100_000, 429)  # no retry delay: each item backs off on its own
+    res = analyze(server, photos, "--limit", "2", "--max-wait", "1", timeout=60)
+    assert res.rc == 1, res.stderr
+    assert [r["error"]["code"] for r in res.records] == ["RATE_LIMIT"] * 2
+    assert all(r["attempts"] > 1 for r in res.records)  # waited out: no attempt used up
 
 
 def test_a_custom_schema_is_sent_as_response_json_schema(

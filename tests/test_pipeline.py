@@ -27,9 +27,10 @@ class CountingLimiter:
         self.n = 0
         self._lock = threading.Lock()
 
-    def acquire(self, tokens: int = 0) -> None:
+    def acquire(self, tokens: int = 0, max_pause: float | None = None) -> bool:
         with self._lock:
             self.n += 1
+        return False
 
     def accepted(self) -> None:
         pass

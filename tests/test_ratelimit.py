@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 
 import pytest
 
-from imgbatch.ratelimit import MARGIN, AdaptiveLimiter, Interrupted
+from imgbatch.ratelimit import MARGIN, AdaptiveLimiter, Interrupted, WaitTooLong
 
 
 class Clock:
@@ -119,6 +120,36 @@ def test_a_slot_booked_before_a_pause_is_booked_again_after_it() -> None:
     assert clock.now >= 5.0  # it did not go out inside the pause
 
 
+def test_a_request_may_bound_its_wait_for_a_pause_and_is_refused_at_once_past_it() -> None:
+    lim, clock = limiter(rpm=600)
+    assert lim.acquire(max_pause=0) is False  # not held by a pause
+    lim.rate_limited_for(3600.0)  # "retry in an hour"
+    with pytest.raises(WaitTooLong) as refused:
+        lim.acquire(max_pause=600)
+    assert refused.value.seconds == pytest.approx(3600) and clock.now == 0.0  # at once
+    assert lim.acquire(max_pause=3600) is True  # within its bound: waits the pause out
+    assert clock.now == pytest.approx(3600)
+
+
+def test_a_pause_that_starts_while_a_request_waits_is_bounded_too() -> None:
+    clock = Clock()
+    lim: AdaptiveLimiter
+    paused = []
+
+    class PauseWhileSleeping(SleepingEvent):
+        def wait(self, timeout: float | None = None) -> bool:
+            if not paused:  # another thread's request is refused meanwhile
+                paused.append(True)
+                lim.rate_limited_for(3600.0)
+            return super().wait(timeout)
+
+    lim = AdaptiveLimiter(60, clock=clock, stop=PauseWhileSleeping(clock))
+    lim._next = 1.0  # this thread's slot is 1 s away
+    with pytest.raises(WaitTooLong):
+        lim.acquire(max_pause=600)
+    assert clock.now == pytest.approx(1.0)
+
+
 def test_a_bare_429_slows_down_a_little_and_pauses_nobody() -> None:
     lim, clock = limiter(rpm=600)
     lim.rate_limited_for(None)
@@ -152,3 +183,22 @@ def test_after_a_cut_the_rate_climbs_fast_to_the_known_good_rate_then_probes() -
     for _ in range(10):
         lim.accepted()
     assert 0.9 * 120 < lim.rate < 0.9 * 120 * 1.06  # then slowly, probing
+
+
+def test_the_limiter_learns_a_quota_far_below_rpm_instead_of_hitting_it_every_window() -> None:
+    lim, clock = limiter(rpm=6000)
+    window: deque[float] = deque()  # the server: 4 requests in any 1 s, on the same clock
+    refused = []
+    for i in range(100):
+        lim.acquire()
+        while window and window[0] <= clock.now - 1.0:
+            window.popleft()
+        if len(window) < 4:
+            window.append(clock.now)
+            lim.accepted()
+        else:
+            refused.append(i)
+            lim.rate_limited_for(window[0] + 1.0 - clock.now)
+    # 3 refusals: the first teaches the rate, later ones probe; without the decrease
+    # the limiter goes back to --rpm after each pause, and 38 requests are refused
+    assert len(refused) <= 5

@@ -1,8 +1,9 @@
 """The provider protocol and registry: adding a provider is a module and one line here.
 
 A provider turns one prepared image into an analysis. It raises `ItemError` for a
-failure of that item (the pipeline records it and goes on) and an `ImgbatchError`
-for a failure of the run (a rejected key, the day's quota gone).
+failure of that item (the pipeline records it and goes on), `Failover` for a failure of
+one request that another request may avoid at once (another API key), and an
+`ImgbatchError` for a failure of the run (every key rejected, the day's quota gone).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from imgbatch.errors import UsageError
+from imgbatch.errors import ErrorCode, ItemError, UsageError
 
 if TYPE_CHECKING:
     from imgbatch.config import Settings
@@ -29,6 +30,17 @@ class Analysis:
     input_tokens: int | None = None
     output_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Failover(ItemError):
+    """This request failed for a reason of its own, not the item's (its API key was
+    rejected, or its key's quota is used up while another key is ready): the pipeline
+    sends it again at once, through the rate limiter like any request. It counts in the record's
+    `attempts` but uses none of `max_attempts`; as a 429 (`code` RATE_LIMIT) it uses the
+    item's `max_wait`."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(code, message, retry_after=0.0, retryable=True)
 
 
 class Provider(Protocol):
@@ -56,7 +68,9 @@ class Provider(Protocol):
         ...
 
     def analyze(self, encoded: Any) -> Analysis:
-        """Analyse one encoded image; raise ItemError for this item's failure."""
+        """Analyse one encoded image with one request (the pipeline takes a rate-limiter
+        slot before each call, and retries); raise ItemError for this item's failure,
+        Failover to have the request sent again at once."""
         ...
 
     def close(self) -> None:

@@ -5,15 +5,19 @@ Every failure is classified here, and nowhere else:
   retries are off and it wraps none of them), RATE_LIMIT (429, with the server's retry
   delay), AI_ERROR (5xx; an answer that is empty or not the JSON asked for), BLOCKED
   (a blocked prompt or answer; never retried), AI_ERROR not retried (another 400);
-- per run: a per-day quota (429 whose QuotaFailure names a PerDay quota) raises
-  QuotaExhaustedError; a rejected key leaves the pool, and when none is left AuthError;
-  an unknown model is a configuration error.
+- per request (`Failover`): a rejected key, or a key whose project's daily quota is
+  used up, leaves the pool; a key answered 429 cools down; while another key is ready,
+  the pipeline sends the request again at once (with a new rate-limiter slot);
+- per run: no key left; QuotaExhaustedError if any key left for the daily quota (a
+  429 whose QuotaFailure names a PerDay quota: the next run resumes), AuthError if every
+  key was rejected; an unknown model is a configuration error.
 API keys never appear in messages: any text taken from an answer is scrubbed of them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -27,9 +31,16 @@ from google.genai import errors as genai_errors
 from google.genai import types
 
 from imgbatch.config import Settings, gemini_keys
-from imgbatch.errors import AuthError, ConfigError, ErrorCode, ItemError, QuotaExhaustedError
+from imgbatch.errors import (
+    AuthError,
+    ConfigError,
+    ErrorCode,
+    ImgbatchError,
+    ItemError,
+    QuotaExhaustedError,
+)
 from imgbatch.imaging import PreparedImage, encode_for_upload, estimate_tokens
-from imgbatch.providers.base import Analysis
+from imgbatch.providers.base import Analysis, Failover
 
 try:  # the SDK also uses plain httpx when it is installed
     import httpx
@@ -39,6 +50,8 @@ try:  # the SDK also uses plain httpx when it is installed
 except ImportError:  # pragma: no cover - depends on the environment
     _TIMEOUTS = (httpx2.TimeoutException,)
     _TRANSPORT = (httpx2.TransportError,)
+
+log = logging.getLogger("imgbatch")
 
 DEFAULT_PROMPT = (
     "Describe this photo for a searchable catalogue. Answer in JSON with: description "
@@ -89,12 +102,20 @@ def _parse_duration(text: Any) -> float | None:
     return float(match.group(1)) if match else None
 
 
+#: why a key left the pool
+REJECTED = "rejected"
+DAILY_QUOTA = "daily quota"
+
+
 class KeyPool:
-    """API keys with failover: a key answered 429 cools down, a rejected key leaves."""
+    """API keys with failover: a key answered 429 cools down; a key that is rejected, or
+    whose project's daily quota is used up, leaves, and the pool remembers why, so that
+    when none is left the run stops with the right error (`exhausted`)."""
 
     def __init__(self, keys: Sequence[str]) -> None:
         self._keys = list(keys)
         self._cool_until = dict.fromkeys(range(len(keys)), 0.0)
+        self._left: dict[int, tuple[str, str]] = {}  # index -> (why, the server's status)
         self._lock = threading.Lock()
         self._turn = 0
 
@@ -102,10 +123,11 @@ class KeyPool:
         return len(self._cool_until)
 
     def pick(self) -> int:
-        """The index of the key to use next: the coolest, in turn."""
+        """The index of the key to use next: the coolest, in turn; when no key is left,
+        raises the run-level error that says why (another thread may have emptied it)."""
         with self._lock:
             if not self._cool_until:
-                raise AuthError("every configured Gemini API key was rejected")
+                raise self._exhausted()
             now = time.monotonic()
             order = sorted(self._cool_until)
             self._turn += 1
@@ -129,11 +151,47 @@ class KeyPool:
                 return None
             return max(0.0, min(self._cool_until.values()) - time.monotonic())
 
-    def reject(self, index: int) -> int:
-        """Drop a key; returns how many are left."""
+    def leave(self, index: int, why: str, status: str) -> int:
+        """Drop a key for good (`why`: REJECTED or DAILY_QUOTA, `status` the server's
+        answer); returns how many are left. A key that already left keeps its reason."""
         with self._lock:
-            self._cool_until.pop(index, None)
-            return len(self._cool_until)
+            dropped = self._cool_until.pop(index, None) is not None
+            if dropped:
+                self._left[index] = (why, status)
+            left = len(self._cool_until)
+        if dropped and left:
+            log.warning(
+                "Gemini API key %d of %d left the pool (%s: %s); %d left",
+                index + 1,
+                len(self._keys),
+                why,
+                status,
+                left,
+            )
+        return left
+
+    def exhausted(self) -> ImgbatchError:
+        """The error that stops the run once no key is left: QuotaExhaustedError when any
+        key left for its daily quota (the next run can resume from it, so it wins over
+        rejected keys, which the message names), AuthError when every key was rejected."""
+        with self._lock:
+            return self._exhausted()
+
+    def _exhausted(self) -> ImgbatchError:
+        rejected = [status for why, status in self._left.values() if why == REJECTED]
+        check = "check GEMINI_API_KEY / IMGBATCH_GEMINI_API_KEYS"
+        if len(rejected) < len(self._left):
+            also = ""
+            if rejected:  # named: they need mending before the next run
+                n, of = len(rejected), len(self._keys)
+                also = f"; {n} of the {of} keys rejected ({rejected[0]}): {check}"
+            return QuotaExhaustedError(
+                "the Gemini daily quota is exhausted; the next run resumes "
+                f"(daily quotas reset at midnight Pacific time){also}"
+            )
+        which = "the key" if len(self._keys) == 1 else f"all {len(self._keys)} keys"
+        status = f" ({rejected[0]})" if rejected else ""
+        return AuthError(f"the Gemini API rejected {which}{status}; {check}")
 
     def scrub(self, text: str) -> str:
         for key in self._keys:
@@ -253,40 +311,26 @@ class GeminiProvider:
         return encode_for_upload(image, fmt, self.settings.upload_quality)
 
     def analyze(self, encoded: tuple[bytes, str]) -> Analysis:
+        """One request, with the next key of the pool. A key's own trouble raises
+        Failover (see `_classify`): the pipeline sends the request again, with a slot."""
         data, mime = encoded
         contents: list[Any] = [types.Part.from_bytes(data=data, mime_type=mime), self.prompt]
-        while True:
-            index = self.pool.pick()
-            try:
-                resp = self._client(index).models.generate_content(
-                    model=self._model, contents=contents, config=self._config()
-                )
-            except genai_errors.APIError as exc:
-                if self._key_rejected(exc):
-                    left = self.pool.reject(index)
-                    if left:
-                        continue  # another key may work: not this item's failure
-                    raise AuthError(
-                        f"the Gemini API rejected the key ({exc.code} {exc.status}); "
-                        "check GEMINI_API_KEY / IMGBATCH_GEMINI_API_KEYS"
-                    ) from None
-                error = self._classify(exc, index)
-                if isinstance(error, ItemError) and error.code is ErrorCode.RATE_LIMIT:
-                    wait = self.pool.ready_in()
-                    if wait == 0.0:
-                        continue  # another key (another project) is ready: fail over at once
-                    if wait is not None and error.retry_after is not None:
-                        error.retry_after = min(error.retry_after, wait)
-                raise error from None
-            except _TIMEOUTS:
-                raise ItemError(
-                    ErrorCode.TIMEOUT, f"no answer within {self.settings.gemini_timeout:g}s"
-                ) from None
-            except _TRANSPORT as exc:
-                raise ItemError(
-                    ErrorCode.NETWORK_ERROR, f"network error: {type(exc).__name__}"
-                ) from None
-            return self._parse(resp, len(data))
+        index = self.pool.pick()
+        try:
+            resp = self._client(index).models.generate_content(
+                model=self._model, contents=contents, config=self._config()
+            )
+        except genai_errors.APIError as exc:
+            raise self._classify(exc, index) from None
+        except _TIMEOUTS:
+            raise ItemError(
+                ErrorCode.TIMEOUT, f"no answer within {self.settings.gemini_timeout:g}s"
+            ) from None
+        except _TRANSPORT as exc:
+            raise ItemError(
+                ErrorCode.NETWORK_ERROR, f"network error: {type(exc).__name__}"
+            ) from None
+        return self._parse(resp, len(data))
 
     def _key_rejected(self, exc: genai_errors.APIError) -> bool:
         if exc.code in (401, 403):
@@ -297,7 +341,13 @@ class GeminiProvider:
         return False
 
     def _classify(self, exc: genai_errors.APIError, index: int) -> Exception:
-        message = self.pool.scrub(f"{exc.code} {exc.status or ''}: {exc.message or ''}".strip())
+        """The error to raise for an error answer to a request made with key `index`."""
+        status = f"{exc.code} {exc.status or ''}".strip()
+        message = self.pool.scrub(f"{status}: {exc.message or ''}".strip())
+        if self._key_rejected(exc):
+            if self.pool.leave(index, REJECTED, status):
+                return Failover(ErrorCode.AUTH_ERROR, f"key rejected ({status})")
+            return self.pool.exhausted()
         if exc.code == 429:
             retry_after, quota_ids = None, []
             body = exc.details.get("error", {}) if isinstance(exc.details, dict) else {}
@@ -314,13 +364,17 @@ class GeminiProvider:
                         if isinstance(v, dict)
                     ]
             if any("PerDay" in q for q in quota_ids):
-                if self.pool.reject(index):  # another project's key may still have quota
-                    return ItemError(ErrorCode.RATE_LIMIT, message, retry_after=0.0)
-                return QuotaExhaustedError(
-                    "the Gemini daily quota is exhausted; the next run resumes "
-                    "(daily quotas reset at midnight Pacific time)"
-                )
+                if self.pool.leave(index, DAILY_QUOTA, status):
+                    return Failover(ErrorCode.RATE_LIMIT, message)  # another project's key
+                return self.pool.exhausted()
             self.pool.cool(index, retry_after if retry_after is not None else 1.0)
+            wait = self.pool.ready_in()
+            if wait is None:  # every key left meanwhile (other threads)
+                return self.pool.exhausted()
+            if wait == 0.0:
+                return Failover(ErrorCode.RATE_LIMIT, message)  # another key (project) is ready
+            if retry_after is not None:
+                retry_after = min(retry_after, wait)
             return ItemError(ErrorCode.RATE_LIMIT, message, retry_after=retry_after)
         if exc.code == 404:
             return ConfigError(f"Gemini model {self._model!r} not found: {message}")
