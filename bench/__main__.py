@@ -11,7 +11,8 @@ import time
 
 from bench.common import IMGBATCH, Table, child_env, generation_seconds, log
 
-MODULES = ["scan", "analyze", "gemini"]  # each has BENCHMARKS: {name: function(table, quick)}
+# each has BENCHMARKS: {name: function(table, quick)}
+MODULES = ["scan", "analyze", "gemini", "openai"]
 
 
 def main(argv: list[str] | None = None) -> int:

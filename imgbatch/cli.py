@@ -324,6 +324,20 @@ def scan(
             raise typer.Exit(int(ExitCode.ITEM_FAILURES))
 
 
+def _every_provider(**options: Any) -> dict[str, Any]:
+    """`analyze` options that set a provider's setting, as the settings of every provider
+    that has it (`model` -> gemini_model, openai_model, ollama_model)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(Settings)}
+    return {
+        f"{section}_{name}": value
+        for name, value in options.items()
+        for section in ("gemini", "openai", "ollama")
+        if f"{section}_{name}" in names
+    }
+
+
 @app.command()
 def analyze(
     root: Annotated[str, typer.Argument(help="Folder to analyse.", show_default=False)],
@@ -331,12 +345,35 @@ def analyze(
         str | None,
         _opt(
             "--provider",
-            help="auto | local | gemini (default: auto, which picks gemini only when a key "
-            "is configured for imgbatch).",
+            help="auto | local | gemini | openai | ollama (default: auto, which picks gemini "
+            "only when a key is configured for imgbatch, and never openai or ollama).",
         ),
     ] = None,
     workers: Annotated[
-        int | None, _opt("--workers", help="Analysing threads (default: 4).")
+        int | None,
+        _opt(
+            "--workers",
+            help="Analysing threads; with --executor dask and no scheduler, the local "
+            "worker processes (default: 4).",
+        ),
+    ] = None,
+    executor: Annotated[
+        str | None,
+        _opt(
+            "--executor",
+            envvar="IMGBATCH_EXECUTOR",
+            help="local (threads here) | dask (a Dask cluster; pip install "
+            "'imgbatch[dask]') (default: local).",
+        ),
+    ] = None,
+    dask_scheduler: Annotated[
+        str | None,
+        _opt(
+            "--dask-scheduler",
+            envvar="IMGBATCH_DASK_SCHEDULER",
+            help="Address of a Dask scheduler to join (default: a LocalCluster of "
+            "--workers processes). Workers must see ROOT at the same path.",
+        ),
     ] = None,
     max_side: Annotated[
         int | None,
@@ -379,7 +416,19 @@ def analyze(
     ] = False,
     model: Annotated[
         str | None,
-        _opt("--model", help="Gemini model (default: gemini-2.5-flash-lite)."),
+        _opt(
+            "--model",
+            help="Model of the provider that runs (default: gemini-2.5-flash-lite for "
+            "gemini, gpt-4.1-mini for openai; ollama has none: e.g. gemma3).",
+        ),
+    ] = None,
+    base_url: Annotated[
+        str | None,
+        _opt(
+            "--base-url",
+            help="Endpoint of the provider that runs; for openai and ollama one URL ending "
+            "in /v1, or several, comma-separated, that share the work.",
+        ),
     ] = None,
     prompt: Annotated[
         str | None,
@@ -403,15 +452,23 @@ def analyze(
     ] = None,
     media_resolution: Annotated[
         str | None,
-        _opt("--media-resolution", help="low | medium | high."),
+        _opt("--media-resolution", help="Gemini: low | medium | high."),
+    ] = None,
+    detail: Annotated[
+        str | None,
+        _opt("--detail", help="openai, ollama: image detail low | high | auto, where supported."),
     ] = None,
     timeout: Annotated[
         float | None,
-        _opt("--timeout", help="Seconds per request (default: 60)."),
+        _opt("--timeout", help="Seconds per request (default: 60; ollama: 300)."),
     ] = None,
     rpm: Annotated[
         float | None,
-        _opt("--rpm", help="Requests per minute at most, all threads together (default: 60)."),
+        _opt(
+            "--rpm",
+            help="Requests per minute at most, all threads together; 0: no limit "
+            "(default: 60; ollama: 0).",
+        ),
     ] = None,
     tpm: Annotated[
         float | None,
@@ -419,7 +476,11 @@ def analyze(
     ] = None,
     max_wait: Annotated[
         float | None,
-        _opt("--max-wait", help="Seconds an item may wait out rate limits (default: 600)."),
+        _opt(
+            "--max-wait",
+            help="Seconds an item may wait out rate limits (429s); a longer retry delay "
+            "ends it at once as RATE_LIMIT, which the next run retries (default: 600).",
+        ),
     ] = None,
     emit_all: Annotated[
         bool,
@@ -448,6 +509,8 @@ def analyze(
             config,
             provider=provider,
             workers=workers,
+            executor=executor,
+            dask_scheduler=dask_scheduler,
             max_side=max_side,
             max_attempts=max_attempts,
             all_files=all_files,
@@ -456,14 +519,20 @@ def analyze(
             exclude=exclude,
             checkpoint=checkpoint,
             log_every=log_every,
-            gemini_model=model,
-            gemini_prompt=prompt,
-            gemini_prompt_file=prompt_file,
-            gemini_schema=schema,
-            gemini_temperature=temperature,
-            gemini_max_output_tokens=max_output_tokens,
-            gemini_media_resolution=media_resolution,
-            gemini_timeout=timeout,
+            # each sets the setting of whichever provider runs (--model: gemini_model,
+            # openai_model, ollama_model); only the one that runs reads its own
+            **_every_provider(
+                model=model,
+                base_url=base_url,
+                prompt=prompt,
+                prompt_file=prompt_file,
+                schema=schema,
+                temperature=temperature,
+                max_output_tokens=max_output_tokens,
+                media_resolution=media_resolution,
+                detail=detail,
+                timeout=timeout,
+            ),
             rpm=rpm,
             tpm=tpm,
             max_wait=max_wait,
@@ -583,7 +652,14 @@ def runs(
 @app.command()
 def export(
     root: StateRoot = None,
-    format: Annotated[str, typer.Option("--format", help="jsonl | csv.")] = "jsonl",
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="jsonl | csv | parquet (needs --output; pip install 'imgbatch[parquet]') | "
+            "xmp (a sidecar beside each image; pip install 'imgbatch[xmp]').",
+        ),
+    ] = "jsonl",
     output: Annotated[
         str | None,
         _opt(
@@ -596,17 +672,52 @@ def export(
         str | None,
         _opt("--status", help="Only ok or only error items."),
     ] = None,
+    xmp_naming: Annotated[
+        str | None,
+        _opt(
+            "--xmp-naming",
+            help="full: IMG_0001.JPG.xmp (darktable, digiKam; the default) | "
+            "basename: IMG_0001.xmp (Lightroom).",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="With --format xmp: write nothing, print one JSON line per sidecar that "
+            "would change.",
+        ),
+    ] = False,
     checkpoint: CheckpointOpt = None,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Every stored result (of the last run's settings) as JSONL or CSV."""
+    """Every stored result (of the last run's settings) as JSONL, CSV, Parquet or XMP sidecars."""
     from imgbatch import report
 
     with _command(verbose, quiet):
         if status_ not in (None, "ok", "error"):
             raise UsageError("--status must be ok or error")
+        if format == "xmp":
+            if output is not None:
+                raise UsageError("--format xmp writes sidecars beside the images: no --output")
+            if status_ == "error":
+                raise UsageError("--format xmp exports ok results only")
+            with _stdout() as out:
+                summary = report.export_sidecars(
+                    _state(root, checkpoint, config),
+                    out.write,
+                    xmp_naming or "full",
+                    dry_run,
+                    results_dir(_settings(config)),
+                )
+            log.info("%s", summary.line())
+            if summary.failed:
+                raise typer.Exit(int(ExitCode.ITEM_FAILURES))
+            return
+        if xmp_naming is not None or dry_run:
+            raise UsageError("--xmp-naming and --dry-run go with --format xmp")
         with _stdout() as out:
             # report.export writes bytes, or wraps them in a TextIOWrapper for CSV
             n = report.export(

@@ -27,6 +27,9 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 
+OPENAI_URL = "https://api.openai.com/v1"
+
+
 def _s(default: Any, section: str, help: str, secret: bool = False) -> Any:
     metadata = {"section": section, "help": help, "secret": secret}
     if isinstance(default, (list, tuple)):
@@ -48,8 +51,12 @@ class Settings:
     hash_threads: int = _s(2, "scan", "threads hashing large files")
     hash_cache: bool = _s(True, "scan", "reuse hashes of unchanged files")
     # [analyze]
-    provider: str = _s("auto", "analyze", "auto | local | gemini")
-    workers: int = _s(4, "analyze", "threads analysing images")
+    provider: str = _s("auto", "analyze", "auto | local | gemini | openai | ollama")
+    workers: int = _s(4, "analyze", "threads analysing images (dask: local worker processes)")
+    executor: str = _s("local", "analyze", "local (threads) | dask (a Dask cluster)")
+    dask_scheduler: str = _s(
+        "", "analyze", "address of a Dask scheduler to join; '' = a LocalCluster here"
+    )
     in_flight: int = _s(0, "analyze", "items held in flight at most; 0 = 2 x workers")
     max_side: int = _s(768, "analyze", "long side of the decoded image, in pixels")
     max_attempts: int = _s(4, "analyze", "attempts per item for transient errors")
@@ -58,7 +65,7 @@ class Settings:
     upload_format: str = _s("jpeg", "analyze", "upload encoding for remote providers: jpeg | webp")
     upload_quality: int = _s(85, "analyze", "upload encoding quality, 1-100")
     # [rate]
-    rpm: float = _s(60.0, "rate", "requests per minute at most, shared by all threads")
+    rpm: float = _s(60.0, "rate", "requests per minute at most, all threads; 0 = no limit")
     tpm: float = _s(0.0, "rate", "input tokens per minute at most; 0 = no limit")
     max_wait: float = _s(600.0, "rate", "seconds one item may spend waiting out rate limits")
     # [gemini]
@@ -72,6 +79,34 @@ class Settings:
     gemini_max_output_tokens: int = _s(1024, "gemini", "cap on answer tokens")
     gemini_media_resolution: str = _s("", "gemini", "low | medium | high; '' = model default")
     gemini_timeout: float = _s(60.0, "gemini", "seconds per request")
+    # [openai]: any server speaking OpenAI's chat completions (vLLM, llama.cpp, LM Studio)
+    openai_base_url: tuple[str, ...] = _s(
+        (OPENAI_URL,), "openai", "endpoint URL(s), each ending in /v1; several share the work"
+    )
+    openai_api_key: str = _s(
+        "", "openai", "API key ('' = OPENAI_API_KEY for OpenAI's own URL)", secret=True
+    )
+    openai_model: str = _s("gpt-4.1-mini", "openai", "model name")
+    openai_prompt: str = _s("", "openai", "prompt; '' = the built-in one")
+    openai_prompt_file: str = _s("", "openai", "file holding the prompt")
+    openai_schema: str = _s("", "openai", "JSON Schema file replacing the built-in schema")
+    openai_temperature: float = _s(0.2, "openai", "sampling temperature")
+    openai_max_output_tokens: int = _s(1024, "openai", "cap on answer tokens")
+    openai_detail: str = _s("", "openai", "image detail: low | high | auto; '' = not sent")
+    openai_timeout: float = _s(60.0, "openai", "seconds per request")
+    # [ollama]: the same provider, for a local Ollama server: no key, unthrottled
+    ollama_base_url: tuple[str, ...] = _s(
+        (), "ollama", "endpoint URL(s); none = from OLLAMA_HOST, else http://127.0.0.1:11434/v1"
+    )
+    ollama_model: str = _s("", "ollama", "model name (required: e.g. gemma3)")
+    ollama_rpm: float = _s(0.0, "ollama", "requests per minute at most; 0 = no limit (--rpm wins)")
+    ollama_prompt: str = _s("", "ollama", "prompt; '' = the built-in one")
+    ollama_prompt_file: str = _s("", "ollama", "file holding the prompt")
+    ollama_schema: str = _s("", "ollama", "JSON Schema file replacing the built-in schema")
+    ollama_temperature: float = _s(0.2, "ollama", "sampling temperature")
+    ollama_max_output_tokens: int = _s(1024, "ollama", "cap on answer tokens")
+    ollama_detail: str = _s("", "ollama", "image detail: low | high | auto; '' = not sent")
+    ollama_timeout: float = _s(300.0, "ollama", "seconds per request (a model may load first)")
     # [state]
     checkpoint: str = _s("", "state", "state folder; '' = per root under the cache dir")
     results: str = _s(
@@ -82,6 +117,16 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    def key_free(self) -> Settings:
+        """These settings without any secret: what may travel to another process or
+        machine (a Dask worker)."""
+        blank: dict[str, Any] = {
+            f.name: type(getattr(self, f.name))()
+            for f in dataclasses.fields(self)
+            if f.metadata.get("secret")
+        }
+        return dataclasses.replace(self, **blank)
 
     def __repr__(self) -> str:
         """Every setting, secrets masked: a repr ends up in logs, tracebacks and reports."""
@@ -94,7 +139,7 @@ class Settings:
         return f"Settings({', '.join(shown)})"
 
 
-SECTIONS = ("scan", "analyze", "rate", "gemini", "state", "output")
+SECTIONS = ("scan", "analyze", "rate", "gemini", "openai", "ollama", "state", "output")
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
@@ -205,6 +250,10 @@ def load_settings(
     for name, value in (flags or {}).items():
         if value is not None:
             values[name] = _coerce(name, value, f"option --{name.replace('_', '-')}")
+    if values.get("provider") == "ollama" and (flags or {}).get("rpm") is None:
+        # a local server is limited by --workers, not by a quota: [rate] rpm is for paid
+        # APIs; [ollama] rpm (default 0, no limit) applies unless --rpm is given
+        values["rpm"] = values.get("ollama_rpm", _FIELDS["ollama_rpm"].default)
     settings = Settings(**values)
     _validate(settings)
     return settings
@@ -215,18 +264,23 @@ def _validate(s: Settings) -> None:
         raise ConfigError("batch_size must be at least 1")
     if s.hash_threads < 1:
         raise ConfigError("hash_threads must be at least 1")
+    if s.executor not in ("local", "dask"):
+        raise ConfigError(f"executor must be local or dask, not {s.executor!r}")
     if s.workers < 1 or s.max_attempts < 1 or s.in_flight < 0:
         raise ConfigError("workers and max_attempts must be at least 1, in_flight at least 0")
     if s.max_side < 16:
         raise ConfigError("max_side must be at least 16 pixels")
     if s.upload_format not in ("jpeg", "webp") or not 1 <= s.upload_quality <= 100:
         raise ConfigError("upload_format must be jpeg or webp, upload_quality 1-100")
-    if s.rpm <= 0 or s.tpm < 0 or s.max_wait < 0:
-        raise ConfigError("rpm must be positive, tpm and max_wait at least 0")
+    if s.rpm < 0 or s.ollama_rpm < 0 or s.tpm < 0 or s.max_wait < 0:
+        raise ConfigError("rpm, tpm and max_wait must be at least 0")
     if s.gemini_media_resolution not in ("", "low", "medium", "high"):
         raise ConfigError("gemini media_resolution must be low, medium or high")
-    if s.gemini_timeout <= 0:
-        raise ConfigError("gemini timeout must be positive")
+    if min(s.gemini_timeout, s.openai_timeout, s.ollama_timeout) <= 0:
+        raise ConfigError("timeout must be positive")
+    for section in ("openai", "ollama"):
+        if getattr(s, f"{section}_detail") not in ("", "low", "high", "auto"):
+            raise ConfigError(f"{section} detail must be low, high or auto")
     if s.log_every <= 0:
         raise ConfigError("log_every must be positive")
 

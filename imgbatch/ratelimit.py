@@ -14,6 +14,8 @@ and there are no bursts. It adapts to the quota the server really has:
   the limiter settles near the real quota instead of bouncing off it.
 
 With `tpm`, each request also takes its estimated input tokens from the schedule.
+With `rpm` 0 requests are not paced (a local server is limited by the workers, not by a
+quota), but a 429's retry delay still pauses every thread.
 
 Hand-written: the maintained limiters considered (`pyrate-limiter`, `limits`) enforce
 fixed rates; neither adapts to 429s nor pauses all threads for a server's retry delay.
@@ -58,6 +60,7 @@ class AdaptiveLimiter:
         clock: Callable[[], float] = time.monotonic,
         stop: threading.Event | None = None,
     ) -> None:
+        self.paced = rpm > 0  # rpm 0: no pacing, no rate to learn; 429 pauses only
         self.ceiling = float(rpm)
         self.rate = float(rpm)
         self._good = float(rpm)  # up to here the rate recovers quickly
@@ -89,7 +92,7 @@ class AdaptiveLimiter:
                     raise WaitTooLong(self._paused_until - now)
                 held = held or self._paused_until > now
                 start = max(now, self._next, self._paused_until)
-                interval = 60.0 * (1 + MARGIN) / self.rate
+                interval = 60.0 * (1 + MARGIN) / self.rate if self.paced else 0.0
                 if self.tpm and tokens:
                     interval = max(interval, 60.0 * (1 + MARGIN) * tokens / self.tpm)
                 self._next = start + interval
@@ -106,6 +109,8 @@ class AdaptiveLimiter:
 
     def accepted(self) -> None:
         """The server accepted a request: remember it, and raise the rate a little."""
+        if not self.paced:
+            return
         with self._lock:
             now = self._clock()
             self._accepted.append(now)
@@ -125,12 +130,14 @@ class AdaptiveLimiter:
             now = self._clock()
             self.rate_limited += 1
             if retry_after is None:
-                if now - self._last_decrease >= 1.0:
+                if self.paced and now - self._last_decrease >= 1.0:
                     self._last_decrease = now
                     self.rate = max(MIN_RPM, self.rate * MILD_DECREASE)
                 return
             pause = retry_after
             self._paused_until = max(self._paused_until, now + pause)
+            if not self.paced:
+                return
             # requests already in flight when the quota ran out are refused too:
             # they belong to the same event and must not cut the rate again
             if now - self._last_decrease < max(pause, 1.0):

@@ -6,38 +6,21 @@ writer, e.g. a cron run in the background); `prune` writes and takes the lock.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from imgbatch import exports
 from imgbatch.checkpoint import Checkpoint
 from imgbatch.config import Settings, results_dir
 from imgbatch.errors import OutputError, UsageError
 from imgbatch.output import human_duration
-from imgbatch.records import FileRecord, json_line
+from imgbatch.records import FileRecord
 from imgbatch.results import ResultStore
 
 LIVE_STATES = ("QUEUED", "PROCESSING")
-FILE_COLUMNS = [
-    "path",
-    "path_bytes_b64",
-    "hash",
-    "size",
-    "extension",
-    "mtime",
-    "exists",
-    "status",
-    "provider",
-    "model",
-    "error_code",
-    "error_message",
-]
 
 
 def open_checkpoint(state: Path) -> Checkpoint:
@@ -154,6 +137,8 @@ def _items(cp: Checkpoint, status_filter: str | None) -> Iterator[dict[str, Any]
             stored = cp.result(fp, content) if content else None
             rec["provider"] = (stored or last).get("provider")
             rec["model"] = (stored or last).get("model")
+            rec["input_tokens"] = stored.get("input_tokens") if stored else None
+            rec["output_tokens"] = stored.get("output_tokens") if stored else None
             if code is None:
                 rec["result"] = stored.get("result") if stored else None
             else:
@@ -161,44 +146,8 @@ def _items(cp: Checkpoint, status_filter: str | None) -> Iterator[dict[str, Any]
             yield rec
 
 
-def _csv_value(value: Any) -> Any:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "; ".join(
-            v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in value
-        )
-    if isinstance(value, dict):
-        return json.dumps(value, ensure_ascii=False, sort_keys=True)
-    if value is None:
-        return ""
-    return value
-
-
-def _write_export(
-    records: Iterator[dict[str, Any]], fmt: str, out: IO[bytes], result_cols: list[str]
-) -> int:
-    n = 0
-    if fmt == "jsonl":
-        for rec in records:
-            out.write(json_line(rec))
-            n += 1
-        return n
-    text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
-    writer = csv.writer(text)
-    writer.writerow(FILE_COLUMNS + result_cols + ["result_other"])
-    for rec in records:
-        result = rec.pop("result", None) or {}
-        error = rec.pop("error", None) or {}
-        row = [_csv_value(rec.get(c)) for c in FILE_COLUMNS[:10]]
-        row += [error.get("code", ""), error.get("message", "")]
-        row += [_csv_value(result.get(c)) for c in result_cols]
-        other = {k: v for k, v in result.items() if k not in result_cols}
-        row.append(_csv_value(other) if other else "")
-        writer.writerow(row)
-        n += 1
-    text.detach()
-    return n
+def _results(results: Path | None) -> Path:
+    return results or results_dir(Settings(results=os.environ.get("IMGBATCH_RESULTS", "")))
 
 
 def export(
@@ -209,40 +158,58 @@ def export(
     status_filter: str | None = None,
     results: Path | None = None,
 ) -> int:
-    """Write every stored result as JSONL or CSV to `output` (atomically) or `out`.
+    """Write every stored result as JSONL, CSV or Parquet to `output` (atomically) or
+    `out`; returns how many records. Parquet needs `output`.
 
     `results` is the shared results store's folder (default: the user's).
     """
-    if fmt not in ("jsonl", "csv"):
-        raise UsageError(f"unknown export format {fmt!r}: use jsonl or csv")
-    if results is None:
-        results = results_dir(Settings(results=os.environ.get("IMGBATCH_RESULTS", "")))
-    with open_checkpoint(state) as cp, ResultStore(results) as store:
-        cp.results = store
-        # CSV columns: file fields first, then the keys of the first stored result
-        first = next((r for r in _items(cp, "ok") if r.get("result")), None)
-        result_cols = list(first["result"]) if first else []
-        records = _items(cp, status_filter)
+    if fmt not in ("jsonl", "csv", "parquet"):
+        raise UsageError(f"unknown export format {fmt!r}: use jsonl, csv, parquet or xmp")
+    if fmt == "parquet":
+        exports.require("parquet")  # before any work: a missing extra is the error to report
         if output is None:
-            return _write_export(records, fmt, out, result_cols)
+            raise UsageError("--format parquet needs --output FILE: Parquet is not a stream")
+    with open_checkpoint(state) as cp, ResultStore(_results(results)) as store:
+        cp.results = store
+
+        def write(fh: IO[bytes]) -> int:
+            records = _items(cp, status_filter)
+            if fmt == "jsonl":
+                return exports.write_jsonl(records, fh)
+            if fmt == "parquet":
+                return exports.write_parquet(records, fh)
+            # CSV columns: file fields first, then the keys of the first stored result
+            first = next((r for r in _items(cp, "ok") if r.get("result")), None)
+            return exports.write_csv(records, fh, list(first["result"]) if first else [])
+
+        if output is None:
+            return write(out)
         target = Path(output)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
-        except OSError as exc:
-            raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
+            mode: int | None = target.stat().st_mode & 0o777  # a file replaced keeps its mode
+        except OSError:
+            mode = None
         try:
-            with os.fdopen(fd, "wb") as fh:
-                n = _write_export(records, fmt, fh, result_cols)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)  # a reader never sees half a file
+            with exports.replacing(target, mode=mode) as fh:
+                return write(fh)
         except OSError as exc:  # a full disk, an I/O error: the old file stays as it was
-            os.unlink(tmp)
             raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return n
+
+
+def export_sidecars(
+    state: Path,
+    emit: Callable[[bytes], None],
+    naming: str = "full",
+    dry_run: bool = False,
+    results: Path | None = None,
+) -> exports.SidecarSummary:
+    """Write or merge an XMP sidecar beside every image with a stored ok result that has
+    tags or a description (see exports.SidecarWriter). With `dry_run`, write nothing and
+    give `emit` one JSON line per sidecar that would change."""
+    writer = exports.SidecarWriter(emit, naming, dry_run)  # first: a missing extra, a bad naming
+    with open_checkpoint(state) as cp, ResultStore(_results(results)) as store:
+        cp.results = store
+        return writer.write_all(_items(cp, "ok"))
 
 
 def prune(state: Path, wait: bool = False) -> int:

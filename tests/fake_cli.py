@@ -4,6 +4,7 @@ from tests.fakeprovider import register_fake
 
 register_fake()
 
-from imgbatch.cli import main  # noqa: E402
+if __name__ == "__main__":  # not in the worker processes a LocalCluster spawns
+    from imgbatch.cli import main
 
-main()
+    main()

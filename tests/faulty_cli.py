@@ -28,6 +28,7 @@ class Faulty(FakeRemote):
 
 base.register("faulty", Faulty)
 
-from imgbatch.cli import main  # noqa: E402
+if __name__ == "__main__":
+    from imgbatch.cli import main
 
-main()
+    main()

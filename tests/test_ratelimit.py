@@ -202,3 +202,15 @@ def test_the_limiter_learns_a_quota_far_below_rpm_instead_of_hitting_it_every_wi
     # 3 refusals: the first teaches the rate, later ones probe; without the decrease
     # the limiter goes back to --rpm after each pause, and 38 requests are refused
     assert len(refused) <= 5
+
+
+def test_rpm_0_paces_nothing_but_a_429_still_pauses_everyone() -> None:
+    lim, clock = limiter(rpm=0)  # a local server: limited by the workers, not by a quota
+    assert starts(lim, clock, 50) == [0.0] * 50
+    for _ in range(20):
+        lim.accepted()
+    lim.rate_limited_for(None)  # a bare 429: nothing to slow down from
+    assert starts(lim, clock, 3) == [0.0] * 3
+    lim.rate_limited_for(2.0)  # the server asked for a pause: everyone waits it out
+    assert starts(lim, clock, 3) == pytest.approx([2.0] * 3)
+    assert lim.rate_limited == 2

@@ -84,6 +84,9 @@ ProviderFactory = Callable[["Settings"], Provider]
 _BUILTIN: dict[str, str] = {
     "local": "imgbatch.providers.local:LocalProvider",
     "gemini": "imgbatch.providers.gemini:GeminiProvider",
+    # never chosen by `auto`: always asked for by name (no key check below)
+    "openai": "imgbatch.providers.openai:OpenAIProvider",
+    "ollama": "imgbatch.providers.openai:OllamaProvider",
 }
 _registered: dict[str, ProviderFactory] = {}
 #: remote providers and the function telling whether a key is configured for them
@@ -116,7 +119,8 @@ _KEY_CHECKS["gemini"] = _gemini_has_key
 
 def choose(requested: str, settings: Settings, env: Mapping[str, str]) -> str:
     """The provider to use: `auto` picks a remote one only when a key is configured for
-    imgbatch itself (the generic GOOGLE_API_KEY needs an explicit `--provider gemini`)."""
+    imgbatch itself (the generic GOOGLE_API_KEY needs an explicit `--provider gemini`),
+    and never `openai` or `ollama`, which are always asked for by name."""
     if requested != "auto":
         if requested not in _BUILTIN and requested not in _registered:
             raise UsageError(

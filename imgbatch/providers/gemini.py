@@ -20,9 +20,7 @@ import json
 import logging
 import re
 import threading
-import time
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import httpx2
@@ -41,6 +39,8 @@ from imgbatch.errors import (
 )
 from imgbatch.imaging import PreparedImage, encode_for_upload, estimate_tokens
 from imgbatch.providers.base import Analysis, Failover
+from imgbatch.providers.pool import DAILY_QUOTA, REJECTED, KeyPool, OnEmpty
+from imgbatch.providers.prompt import DEFAULT_SCHEMA, load_prompt, load_schema
 
 try:  # the SDK also uses plain httpx when it is installed
     import httpx
@@ -52,28 +52,6 @@ except ImportError:  # pragma: no cover - depends on the environment
     _TRANSPORT = (httpx2.TransportError,)
 
 log = logging.getLogger("imgbatch")
-
-DEFAULT_PROMPT = (
-    "Describe this photo for a searchable catalogue. Answer in JSON with: description "
-    "(one or two plain sentences), tags (5 to 15 lower-case keywords), objects (the main "
-    "visible objects), colors (dominant colour names), mood (one or two words) and text "
-    "(any legible text in the image, or an empty string)."
-)
-
-#: the default structured output: documented in the README, field by field
-DEFAULT_SCHEMA: dict[str, Any] = {
-    "type": "OBJECT",
-    "properties": {
-        "description": {"type": "STRING"},
-        "tags": {"type": "ARRAY", "items": {"type": "STRING"}},
-        "objects": {"type": "ARRAY", "items": {"type": "STRING"}},
-        "colors": {"type": "ARRAY", "items": {"type": "STRING"}},
-        "mood": {"type": "STRING"},
-        "text": {"type": "STRING"},
-    },
-    "required": ["description", "tags", "objects", "colors", "mood", "text"],
-    "propertyOrdering": ["description", "tags", "objects", "colors", "mood", "text"],
-}
 
 BLOCK_REASONS = {
     "SAFETY",
@@ -102,102 +80,27 @@ def _parse_duration(text: Any) -> float | None:
     return float(match.group(1)) if match else None
 
 
-#: why a key left the pool
-REJECTED = "rejected"
-DAILY_QUOTA = "daily quota"
+def _exhausted(total: int) -> OnEmpty:
+    """The error that stops the run once no key is left: QuotaExhaustedError when any
+    key left for its daily quota (the next run can resume from it, so it wins over
+    rejected keys, which the message names), AuthError when every key was rejected."""
 
-
-class KeyPool:
-    """API keys with failover: a key answered 429 cools down; a key that is rejected, or
-    whose project's daily quota is used up, leaves, and the pool remembers why, so that
-    when none is left the run stops with the right error (`exhausted`)."""
-
-    def __init__(self, keys: Sequence[str]) -> None:
-        self._keys = list(keys)
-        self._cool_until = dict.fromkeys(range(len(keys)), 0.0)
-        self._left: dict[int, tuple[str, str]] = {}  # index -> (why, the server's status)
-        self._lock = threading.Lock()
-        self._turn = 0
-
-    def __len__(self) -> int:
-        return len(self._cool_until)
-
-    def pick(self) -> int:
-        """The index of the key to use next: the coolest, in turn; when no key is left,
-        raises the run-level error that says why (another thread may have emptied it)."""
-        with self._lock:
-            if not self._cool_until:
-                raise self._exhausted()
-            now = time.monotonic()
-            order = sorted(self._cool_until)
-            self._turn += 1
-            ready = [i for i in order if self._cool_until[i] <= now]
-            if ready:
-                return ready[self._turn % len(ready)]
-            return min(order, key=lambda i: self._cool_until[i])
-
-    def key(self, index: int) -> str:
-        return self._keys[index]
-
-    def cool(self, index: int, seconds: float) -> None:
-        with self._lock:
-            if index in self._cool_until:
-                self._cool_until[index] = time.monotonic() + seconds
-
-    def ready_in(self) -> float | None:
-        """Seconds until some key is off its cool-down (0: one is ready now)."""
-        with self._lock:
-            if not self._cool_until:
-                return None
-            return max(0.0, min(self._cool_until.values()) - time.monotonic())
-
-    def leave(self, index: int, why: str, status: str) -> int:
-        """Drop a key for good (`why`: REJECTED or DAILY_QUOTA, `status` the server's
-        answer); returns how many are left. A key that already left keeps its reason."""
-        with self._lock:
-            dropped = self._cool_until.pop(index, None) is not None
-            if dropped:
-                self._left[index] = (why, status)
-            left = len(self._cool_until)
-        if dropped and left:
-            log.warning(
-                "Gemini API key %d of %d left the pool (%s: %s); %d left",
-                index + 1,
-                len(self._keys),
-                why,
-                status,
-                left,
-            )
-        return left
-
-    def exhausted(self) -> ImgbatchError:
-        """The error that stops the run once no key is left: QuotaExhaustedError when any
-        key left for its daily quota (the next run can resume from it, so it wins over
-        rejected keys, which the message names), AuthError when every key was rejected."""
-        with self._lock:
-            return self._exhausted()
-
-    def _exhausted(self) -> ImgbatchError:
-        rejected = [status for why, status in self._left.values() if why == REJECTED]
+    def error(left: list[tuple[str, str]]) -> ImgbatchError:
+        rejected = [status for why, status in left if why == REJECTED]
         check = "check GEMINI_API_KEY / IMGBATCH_GEMINI_API_KEYS"
-        if len(rejected) < len(self._left):
+        if len(rejected) < len(left):
             also = ""
             if rejected:  # named: they need mending before the next run
-                n, of = len(rejected), len(self._keys)
-                also = f"; {n} of the {of} keys rejected ({rejected[0]}): {check}"
+                also = f"; {len(rejected)} of the {total} keys rejected ({rejected[0]}): {check}"
             return QuotaExhaustedError(
                 "the Gemini daily quota is exhausted; the next run resumes "
                 f"(daily quotas reset at midnight Pacific time){also}"
             )
-        which = "the key" if len(self._keys) == 1 else f"all {len(self._keys)} keys"
+        which = "the key" if total == 1 else f"all {total} keys"
         status = f" ({rejected[0]})" if rejected else ""
         return AuthError(f"the Gemini API rejected {which}{status}; {check}")
 
-    def scrub(self, text: str) -> str:
-        for key in self._keys:
-            if key:
-                text = text.replace(key, "***")
-        return text
+    return error
 
 
 class GeminiProvider:
@@ -218,38 +121,21 @@ class GeminiProvider:
                 "[gemini] api_keys in the config file"
             )
         self.settings = settings
-        self.pool = KeyPool(keys)
-        self.base_url = env.get("IMGBATCH_GEMINI_BASE_URL") or settings.gemini_base_url
+        self.pool = KeyPool(
+            keys, _exhausted(len(keys)), lambda i: f"Gemini API key {i + 1} of {len(keys)}"
+        )
+        # settings hold IMGBATCH_GEMINI_BASE_URL already, under --base-url; `env` serves callers
+        # that build Settings themselves
+        self.base_url = settings.gemini_base_url or env.get("IMGBATCH_GEMINI_BASE_URL", "")
         self._model = settings.gemini_model
-        self.prompt = self._load_prompt(settings)
-        self.json_schema = self._load_schema(settings.gemini_schema)
+        self.prompt = load_prompt(settings.gemini_prompt, settings.gemini_prompt_file)
+        self.json_schema = load_schema(settings.gemini_schema)
         self._clients: dict[int, genai.Client] = {}
         self._lock = threading.Lock()
         for index in range(len(keys)):  # built now: ~75 ms each, not inside a rate slot
             self._client(index)
 
     # -- settings ------------------------------------------------------------------
-
-    @staticmethod
-    def _load_prompt(settings: Settings) -> str:
-        if settings.gemini_prompt_file:
-            try:
-                return Path(settings.gemini_prompt_file).expanduser().read_text("utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"cannot read the prompt file: {exc}") from None
-        return settings.gemini_prompt or DEFAULT_PROMPT
-
-    @staticmethod
-    def _load_schema(path: str) -> dict[str, Any] | None:
-        if not path:
-            return None
-        try:
-            schema = json.loads(Path(path).expanduser().read_text("utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise ConfigError(f"cannot read the JSON Schema {path}: {exc}") from None
-        if not isinstance(schema, dict):
-            raise ConfigError(f"the JSON Schema in {path} is not an object")
-        return schema
 
     @property
     def model(self) -> str:

@@ -1,0 +1,27 @@
+"""`analyze` as three stages and the loop that ties them.
+
+    scanner ─> plan ─(needs work)─> execute (an engine: threads, or Dask) ─> record
+                 └─(skip / stored result / scan error / copy in flight)────────┘
+
+- `plan`: what each scanned file needs (skip, reuse a stored result, join a copy in
+  flight, work);
+- `execute`: decoding and analysis with retries, run by an engine;
+- `record`: write the line, then commit the item, then the run record;
+- `run`: `Pipeline` (the loop) and `analyze_root` (provider, state, lock).
+"""
+
+from imgbatch.pipeline.items import CONTENT_ERRORS, Outcome, RunOptions, WorkItem
+from imgbatch.pipeline.record import MAX_TAGS, RunSummary, summary_lines
+from imgbatch.pipeline.run import Pipeline, analyze_root
+
+__all__ = [
+    "CONTENT_ERRORS",
+    "MAX_TAGS",
+    "Outcome",
+    "Pipeline",
+    "RunOptions",
+    "RunSummary",
+    "WorkItem",
+    "analyze_root",
+    "summary_lines",
+]

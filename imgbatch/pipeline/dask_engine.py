@@ -1,0 +1,220 @@
+"""`--executor dask`: the work of a run on a Dask cluster (the `imgbatch[dask]` extra).
+
+What runs where: the driver (this process) keeps the scan, the plan, the checkpoint,
+the limiter and stdout. Workers get a path, the scan's hash and a key-free copy of the
+settings (no API key ever leaves the driver) and read the file themselves, so they must
+see ROOT at the same path (a shared filesystem; checked on a worker at start):
+- the offline analyzer runs whole on the worker; only its result travels back;
+- for a remote provider the worker decodes and encodes the upload (~70 KB, never the
+  original file's bytes), and the driver sends it through its one shared limiter and
+  key pool, from a few threads of its own.
+
+`distributed.Client.get_executor()` is a real `concurrent.futures.Executor`, so the
+loop in `run.py` treats this engine as it treats local threads. A worker that dies
+loses nothing: Dask runs its tasks again elsewhere. A lost scheduler stops the run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from imgbatch.config import Settings
+from imgbatch.errors import FatalError, ItemError, UsageError
+from imgbatch.pipeline.execute import Analyzer
+from imgbatch.pipeline.items import Outcome, WorkItem
+from imgbatch.records import FileRecord
+
+log = logging.getLogger("imgbatch")
+
+PIP = "pip install 'imgbatch[dask]'"
+CONNECT_TIMEOUT = 20  # seconds to reach a scheduler, and to reconnect before giving up
+
+# -- on the workers --------------------------------------------------------------------
+
+_analyzers: dict[tuple[str, Settings], Analyzer] = {}
+_analyzers_lock = threading.Lock()
+
+
+def _analyzer(provider: str, settings: Settings) -> Analyzer:
+    """One analyzer per worker process and settings (the provider built once)."""
+    key = (provider, settings)
+    with _analyzers_lock:
+        found = _analyzers.get(key)
+        if found is None:
+            from imgbatch.providers import base
+
+            found = _analyzers[key] = Analyzer(settings, base.create(provider, settings))
+        return found
+
+
+def analyse_on_worker(path: str, content_hash: str, provider: str, settings: Settings) -> Outcome:
+    """The whole analysis of one file by a local (offline) provider, on a worker."""
+    item = WorkItem(FileRecord(path, hash=content_hash), "", "")
+    return _analyzer(provider, settings).work(item)
+
+
+def prepare_on_worker(path: str, content_hash: str, max_side: int, encoder: Any) -> Any:
+    """Decode (and encode, given the provider's key-free `encoder`) one file on a worker:
+    returns (upload, tokens), (PreparedImage, None) without an encoder, or an Outcome
+    when the file cannot be decoded."""
+    from imgbatch.imaging import prepare
+
+    start = time.monotonic()
+    try:
+        image = prepare(path, max_side, expect_hash=content_hash)
+        return encoder(image) if encoder is not None else (image, None)
+    except ItemError as exc:
+        return Analyzer._failed(exc, start, 0)
+
+
+# -- on the driver ----------------------------------------------------------------------
+
+
+class DaskEngine:
+    """Items analysed on a Dask cluster: an existing one (`address`), or a LocalCluster
+    of `settings.workers` single-threaded processes on this machine."""
+
+    def __init__(
+        self, analyzer: Analyzer, settings: Settings, root: str, address: str | None = None
+    ) -> None:
+        try:  # typed as a module: distributed ships no annotations for mypy
+            distributed = importlib.import_module("distributed")
+        except ImportError:
+            raise UsageError(f"--executor dask needs the dask extra: {PIP}") from None
+        if not log.isEnabledFor(logging.DEBUG):  # its errors are ours to report, in one line
+            quiet(logging.CRITICAL)
+        self.analyzer = analyzer
+        self.provider = analyzer.provider
+        self.settings = settings
+        self._worker_settings = settings.key_free()
+        self._cluster: Any = None
+        try:
+            if address:
+                self._client = distributed.Client(address, timeout=CONNECT_TIMEOUT)
+            else:
+                self._cluster = distributed.LocalCluster(
+                    n_workers=settings.workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    silence_logs=logging.CRITICAL,
+                )
+                self._client = distributed.Client(self._cluster, timeout=CONNECT_TIMEOUT)
+        except OSError as exc:  # TimeoutError included: no scheduler at that address
+            raise UsageError(f"cannot reach the Dask scheduler {address}: {exc}") from None
+        self._executor = self._client.get_executor(pure=False)
+        self._requests: ThreadPoolExecutor | None = None
+        encoder = getattr(self.provider, "upload_encoder", None)
+        self._encoder = encoder() if encoder is not None else None
+        self._check_root(root)
+        where = address or f"a LocalCluster of {settings.workers} processes"
+        log.info("executor: dask (%s)", where)
+
+    def _check_root(self, root: str) -> None:
+        """Workers read files by path: they must see ROOT where this process does."""
+        try:
+            seen = self._client.submit(os.path.isdir, root, pure=False).result(
+                timeout=CONNECT_TIMEOUT
+            )
+        except Exception as exc:
+            self.shutdown(wait=False)
+            raise FatalError(f"the Dask cluster cannot run a task: {exc}") from None
+        if not seen:
+            self.shutdown(wait=False)
+            raise UsageError(
+                f"ROOT {root} is not visible to the Dask workers at the same path; they "
+                "read the files themselves and need them on a shared filesystem, mounted "
+                "at the same path"
+            )
+
+    def submit(self, item: WorkItem) -> Future[Outcome]:
+        rec = item.rec
+        assert rec.hash is not None
+        if not self.provider.remote:
+            whole: Future[Outcome] = self._executor.submit(
+                analyse_on_worker, rec.path, rec.hash, self.provider.name, self._worker_settings
+            )
+            return whole
+        outcome: Future[Outcome] = Future()
+        outcome.set_running_or_notify_cancel()
+        start = time.monotonic()
+        prepared = self._executor.submit(
+            prepare_on_worker, rec.path, rec.hash, self.settings.max_side, self._encoder
+        )
+
+        def send(done: Future[Any]) -> None:  # on the client's thread: hand over at once
+            try:
+                value = done.result()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting loop
+                outcome.set_exception(exc)
+                return
+            if isinstance(value, Outcome):
+                outcome.set_result(value)
+                return
+            try:
+                future = self._request_pool().submit(self._send, item, value, start)
+            except RuntimeError as exc:  # shut down meanwhile
+                outcome.set_exception(exc)
+                return
+            future.add_done_callback(lambda f: _copy(f, outcome))
+
+        prepared.add_done_callback(send)
+        return outcome
+
+    def _send(self, item: WorkItem, prepared: tuple[Any, int | None], start: float) -> Outcome:
+        body, tokens = prepared
+        if tokens is None:  # the provider has no worker-side encoder: encode here
+            tokens = self.provider.estimate_tokens(body)
+            body = self.provider.encode(body)
+        return self.analyzer.send(item, body, tokens, start)
+
+    def _request_pool(self) -> ThreadPoolExecutor:
+        if self._requests is None:
+            self._requests = ThreadPoolExecutor(self.settings.workers, "imgbatch-request")
+        return self._requests
+
+    def check(self, failed: bool = False) -> None:
+        """A lost scheduler stops the run. After a failed future (`failed`), a client
+        that is not running (reconnecting, or given up) means the same."""
+        status = self._client.status
+        if status in ("closing", "closed") or (failed and status != "running"):
+            raise FatalError(
+                "lost the Dask scheduler; what finished is recorded: run again to resume"
+            )
+
+    def shutdown(self, wait: bool) -> None:
+        if self._requests is not None:
+            self._requests.shutdown(wait=wait, cancel_futures=True)
+        try:
+            self._executor.shutdown(wait=False)
+            self._client.close(timeout=5)
+            if self._cluster is not None:
+                self._cluster.close(timeout=5)
+        except Exception:  # closing is best effort: a lost scheduler cannot be told
+            log.debug("closing the Dask client", exc_info=True)
+
+
+def quiet(level: int) -> None:
+    """Dask's own loggers (it sets some levels itself, e.g. distributed.client) log at
+    `level` and above only."""
+    for name in list(logging.root.manager.loggerDict):
+        if name == "distributed" or name.startswith("distributed."):
+            logging.getLogger(name).setLevel(level)
+    logging.getLogger("distributed").setLevel(level)
+
+
+def _copy(source: Future[Outcome], target: Future[Outcome]) -> None:
+    if source.cancelled():
+        target.cancel()
+        return
+    exc = source.exception()
+    if exc is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(source.result())

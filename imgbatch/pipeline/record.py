@@ -1,0 +1,304 @@
+"""Record: write the line, then commit the item, then update the run record and summary.
+
+Write-then-commit lives here and only here: an item counts as done only once its line
+is out (flushed, and synced when stdout is a file), so a crash between the two repeats
+a line on the next run and never loses one (at-least-once).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from imgbatch.checkpoint import Checkpoint, ItemState
+from imgbatch.errors import DECODER_MISSING, ExitCode, ImgbatchError, ItemError
+from imgbatch.output import JsonlSink, Progress
+from imgbatch.pipeline.items import CONTENT_ERRORS, Outcome, RunOptions, WorkItem
+from imgbatch.records import json_line
+
+RUN_SAVE_EVERY = 2.0  # seconds between run-record updates (read by `status`)
+MAX_TAGS, TOP_TAGS = 2000, 500  # a run's tag counter: pruned to the top 500 past 2000
+#: the offline analyzer's finished items are committed in groups: at most this many, or
+#: this many seconds after the group's first, each group after its lines are flushed (and
+#: synced to a file). A remote provider's are committed one by one: a crash must not make
+#: the next run pay for a request again, and one commit is nothing beside one request.
+COMMIT_EVERY = 64
+COMMIT_DELAY = 0.5
+
+
+@dataclass
+class RunSummary:
+    """Counts of one run; also the body of its run record."""
+
+    id: int
+    provider: str
+    model: str
+    fingerprint: str
+    root: str
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    state: str = "QUEUED"
+    counts: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    messages: Counter[tuple[str, str]] = field(default_factory=Counter)
+    tags: Counter[str] = field(default_factory=Counter)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    exit_code: int | None = None
+    total: int | None = None  # --limit: items this run processes at most
+    listed: int | None = None  # files found by the listing-only count, once it has ended
+    executor: str = "local"
+
+    @property
+    def failed(self) -> int:
+        return self.counts["failed"]
+
+    @property
+    def elapsed(self) -> float:
+        return (self.ended or time.time()) - self.started
+
+    @property
+    def images_per_min(self) -> float:
+        return 60 * (self.counts["completed"] + self.counts["failed"]) / max(self.elapsed, 1e-9)
+
+    def expected_total(self) -> int | None:
+        """Items this run will write, as far as known: the files listed less the unchanged
+        ones skipped so far (exact once the scan has passed them), at most --limit."""
+        if self.listed is None:
+            return self.total
+        left = max(0, self.listed - self.counts["skipped"])
+        return left if self.total is None else min(left, self.total)
+
+    def count_tags(self, tags: list[Any]) -> None:
+        """Count an item's tags. Free-form tags are countless: past MAX_TAGS distinct ones
+        only the TOP_TAGS most common are kept (a tag dropped then counts afresh)."""
+        self.tags.update(t for t in tags if isinstance(t, str))
+        if len(self.tags) > MAX_TAGS:
+            self.tags = Counter(dict(self.tags.most_common(TOP_TAGS)))
+
+    def record(self) -> dict[str, Any]:
+        """The run record stored in the checkpoint (plain data, for `status` and `runs`)."""
+        return {
+            "id": self.id,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "root": self.root,
+            "provider": self.provider,
+            "model": self.model,
+            "fingerprint": self.fingerprint,
+            "executor": self.executor,
+            "started": self.started,
+            "updated": time.time(),
+            "ended": self.ended,
+            "state": self.state,
+            "counts": dict(self.counts),
+            "errors": dict(self.errors),
+            "top_errors": [[c, m, n] for (c, m), n in self.messages.most_common(5)],
+            "tokens": {"input": self.input_tokens, "output": self.output_tokens},
+            "images_per_min": round(self.images_per_min, 1),
+            "exit_code": self.exit_code,
+            "total": self.expected_total(),
+        }
+
+
+def summary_lines(s: RunSummary, scanned: int) -> list[str]:
+    """The human summary printed on stderr at the end of a run."""
+    if s.id == 0:  # a dry run
+        return [
+            f"dry run: {s.counts['would_send']:,} images would be sent to {s.provider} "
+            f"({s.model}), about {s.input_tokens:,} input tokens for the images; "
+            f"{s.counts['cached']:,} have stored results, {s.counts['skipped']:,} unchanged "
+            f"(of {scanned:,} files); nothing was sent"
+        ]
+    lines = [
+        f"{s.state.lower()}: {s.counts['completed']:,} ok, {s.counts['failed']:,} failed, "
+        f"{s.counts['cached']:,} from stored results, {s.counts['skipped']:,} unchanged "
+        f"(of {scanned:,} files) in {s.elapsed:.1f}s, {s.images_per_min:,.0f} images/min"
+    ]
+    if s.errors:
+        lines.append("errors: " + ", ".join(f"{c} {n}" for c, n in s.errors.most_common()))
+    if s.input_tokens or s.output_tokens:
+        lines.append(f"tokens: {s.input_tokens:,} in, {s.output_tokens:,} out")
+    if s.tags:
+        lines.append("top tags: " + ", ".join(f"{t} ({n})" for t, n in s.tags.most_common(8)))
+    return lines
+
+
+class Recorder:
+    """Where finished items go: their line to the sink, their state and result to the
+    checkpoint (after the line), their counts to the run summary and progress.
+
+    Args:
+        checkpoint: item states (buffered commits) and the shared results store.
+        sink: the JSONL output.
+        summary: the run's counts, saved as its run record.
+        provider, model: written in every record.
+        options: a dry run records nothing.
+        progress: updated as items finish.
+        remote: a remote provider's items are committed one by one (see COMMIT_EVERY).
+    """
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        sink: JsonlSink,
+        summary: RunSummary,
+        options: RunOptions,
+        progress: Progress | None = None,
+        remote: bool = False,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.sink = sink
+        self.summary = summary
+        self.options = options
+        self.progress = progress
+        self._commit_every = 1 if remote else COMMIT_EVERY
+        self._first_uncommitted: float | None = None
+        self._last_save = 0.0
+        self.in_flight = 0  # set by the run: shown as "processing" in the run record
+
+    def emit(self, item: WorkItem, outcome: Outcome, cached: bool) -> None:
+        """Write the line, then commit the item (at-least-once), then count it."""
+        self.write(item, outcome, cached)
+        s, rec = self.summary, item.rec
+        code = outcome.code
+        message = outcome.message if outcome.status != "ok" else None
+        # a changed file is recorded without a hash: the next run scans and analyses it
+        content = None if outcome.changed else rec.hash
+        state: ItemState = (content, code, s.id, rec.size, rec.mtime_ns, message)
+        stored = None
+        if not cached and (
+            outcome.status == "ok"
+            # a verdict of this machine's missing decoder is not one about the content
+            or (code in CONTENT_ERRORS and not (message or "").startswith(DECODER_MISSING))
+        ):
+            stored = outcome.stored(s.provider, s.model, s.id)
+        if not self.options.dry_run:
+            self.checkpoint.commit(s.fingerprint, item.rel_dir, item.name, state, stored)
+            self.commit_written()
+        if outcome.status == "ok":
+            s.counts["completed"] += 1
+            tags = (outcome.result or {}).get("tags")
+            if isinstance(tags, list):
+                s.count_tags(tags)
+        else:
+            s.counts["failed"] += 1
+            s.errors[code or "?"] += 1
+            s.messages[(code or "?", outcome.message or "")] += 1
+        if cached:
+            s.counts["cached"] += 1
+        else:
+            s.input_tokens += outcome.input_tokens or 0
+            s.output_tokens += outcome.output_tokens or 0
+        if self.progress is not None:
+            self.progress.update(
+                s.counts["completed"] + s.counts["failed"],
+                failed=s.counts["failed"],
+                total=s.expected_total(),
+                cached=s.counts["cached"],
+            )
+        if s.state == "QUEUED":  # its first item is written: the run is under way
+            s.state = "PROCESSING"
+            self.save(force=True)
+        else:
+            self.save()
+
+    def write(self, item: WorkItem, outcome: Outcome, cached: bool) -> None:
+        """Write an item's line (and nothing else: --emit-all's unchanged items)."""
+        out = item.rec.fields()
+        out["status"] = outcome.status
+        out.pop("error", None)
+        out["provider"] = self.summary.provider
+        out["model"] = self.summary.model
+        if outcome.status == "ok":
+            out["result"] = outcome.result
+        else:
+            out["error"] = {"code": outcome.code, "message": outcome.message or ""}
+        out["attempts"] = 0 if cached else outcome.attempts
+        out["cached"] = cached
+        out["input_tokens"] = outcome.input_tokens
+        out["output_tokens"] = outcome.output_tokens
+        out["latency_ms"] = 0 if cached else outcome.latency_ms
+        self.sink.write(json_line(out))
+
+    def would_send(
+        self, item: WorkItem, max_side: int, media_resolution: str | None, remote: bool
+    ) -> None:
+        """A dry run's line: what would be sent and its estimated input tokens (the
+        image's header only is read)."""
+        from imgbatch.imaging import estimate_tokens, fitted_size
+
+        out = item.rec.fields()
+        try:
+            w, h = fitted_size(item.rec.path, max_side)
+            tokens = estimate_tokens(w, h, media_resolution)
+        except ItemError as exc:
+            out.update(status="error", error={"code": exc.code.value, "message": exc.message})
+            tokens = 0
+        else:
+            out["status"] = "would-send"
+            self.summary.counts["would_send"] += 1
+        out["provider"], out["model"] = self.summary.provider, self.summary.model
+        out["estimated_tokens"] = tokens if remote else 0
+        self.summary.input_tokens += out["estimated_tokens"]
+        self.sink.write(json_line(out))
+
+    def commit_written(self, force: bool = False) -> None:
+        """Commit the finished items once their lines are out: flush the sink (and sync
+        it when it is a file, so a power loss cannot keep a commit whose line was lost),
+        then write the group in one transaction."""
+        cp = self.checkpoint
+        if not cp.pending:
+            return
+        now = time.monotonic()
+        if self._first_uncommitted is None:
+            self._first_uncommitted = now
+        if (
+            force
+            or cp.pending >= self._commit_every
+            or now - self._first_uncommitted >= COMMIT_DELAY
+        ):
+            self.sink.flush()
+            self.sink.sync()
+            cp.flush()
+            self._first_uncommitted = None
+
+    def save(self, force: bool = False) -> None:
+        """Rewrite the run record (every few seconds, or now)."""
+        if self.options.dry_run:
+            return
+        now = time.monotonic()
+        if force or now - self._last_save >= RUN_SAVE_EVERY:
+            self._last_save = now
+            self.summary.counts["processing"] = self.in_flight
+            self.checkpoint.save_run(self.summary.record())
+
+    def finish(self, fatal: ImgbatchError | None, stopped: bool) -> None:
+        """Commit what was written (or forget what may not have been), and close the run
+        record with its state and exit code."""
+        if self.sink.closed:  # lines still buffered were lost: their items are redone
+            self.checkpoint.discard()
+        else:
+            try:
+                self.commit_written(force=True)
+            except BaseException:
+                self.checkpoint.discard()
+                raise
+        s = self.summary
+        s.ended = time.time()
+        s.counts["processing"] = 0
+        if fatal is not None:
+            s.state, s.exit_code = "FAILED", int(fatal.exit_code)
+        elif stopped:
+            s.state = "ABORTED"
+        elif s.failed:
+            s.state = "PARTIAL" if s.counts["completed"] else "FAILED"
+            s.exit_code = int(ExitCode.ITEM_FAILURES)
+        else:
+            s.state, s.exit_code = "COMPLETED", int(ExitCode.OK)
+        if not self.options.dry_run:
+            self.checkpoint.save_run(s.record())

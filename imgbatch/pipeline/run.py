@@ -1,0 +1,316 @@
+"""The loop that ties plan, execute and record over one ROOT, and `analyze_root`.
+
+The driver keeps the scan, the plan, the checkpoint, the limiter and stdout; only the
+work itself goes to the engine. The stream is never materialised: the scanner is lazy,
+and at most `in_flight` items (work plus copies waiting for it) are held at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+
+from imgbatch.checkpoint import FORMAT_VERSION, Checkpoint, claim_root
+from imgbatch.config import Settings, results_dir, state_dir
+from imgbatch.errors import FatalError, ImgbatchError, UsageError
+from imgbatch.hashcache import HashCache
+from imgbatch.output import JsonlSink, Progress
+from imgbatch.pipeline.execute import Abandoned, Analyzer, Engine, Limiter, make_engine
+from imgbatch.pipeline.items import Outcome, RunOptions, WorkItem
+from imgbatch.pipeline.plan import Action, Planner
+from imgbatch.pipeline.record import Recorder, RunSummary, summary_lines
+from imgbatch.providers.base import Provider, fingerprint_id
+from imgbatch.records import FileRecord
+from imgbatch.results import ResultStore
+from imgbatch.scanner import Scanner, check_root
+
+log = logging.getLogger("imgbatch")
+
+
+class Pipeline:
+    """One `analyze` run over ROOT. Library API: build it, call `run()`.
+
+    Args:
+        root: the folder to analyse.
+        settings: all settings (scan filters, workers, executor, max side, retries).
+        options: fresh / retry-failed / emit-all / limit / dry run.
+        provider: the analysing provider (see providers.base.create).
+        checkpoint: where items, results and runs are recorded (locked by the caller).
+        sink: where output lines go, one per item.
+        hash_cache: the scanner's hash cache, or None.
+        limiter: taken before every request of a remote provider.
+        progress: updated as items finish.
+        stop: set it (e.g. from a signal handler) to stop taking new items.
+        engine: runs the work; default: the one `settings.executor` names.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        settings: Settings,
+        options: RunOptions,
+        provider: Provider,
+        checkpoint: Checkpoint,
+        sink: JsonlSink,
+        hash_cache: HashCache | None = None,
+        limiter: Limiter | None = None,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+        engine: Engine | None = None,
+    ) -> None:
+        if not settings.hash:
+            raise UsageError("analyze needs content hashes: --no-hash applies to scan only")
+        self.root = os.path.abspath(root)
+        self.settings = settings
+        self.options = options
+        self.provider = provider
+        self.checkpoint = checkpoint
+        self.sink = sink
+        self.stop = stop or threading.Event()
+        self.scanner = Scanner(self.root, settings, hash_cache, on_wait=sink.flush)
+        self.fp = fingerprint_id({"provider": provider.name, **provider.fingerprint()})
+        run_id = 0 if options.dry_run else checkpoint.next_run_id()  # a dry run writes nothing
+        self.summary = RunSummary(run_id, provider.name, provider.model, self.fp, self.root)
+        self.summary.total = options.limit
+        self.summary.executor = settings.executor
+        self.planner = Planner(checkpoint, self.fp, options, self.root, self.summary.counts, run_id)
+        self.recorder = Recorder(
+            checkpoint, sink, self.summary, options, progress, remote=provider.remote
+        )
+        self.analyzer = Analyzer(settings, provider, limiter, self.stop)
+        self._engine = engine
+        self._pending: dict[Future[Outcome], WorkItem] = {}
+        self._fatal: ImgbatchError | None = None
+
+    # -- the run -----------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        """Process ROOT; returns the summary, raises ImgbatchError for a run-level stop."""
+        s, rec = self.summary, self.recorder  # QUEUED until its first item is written
+        if not self.options.dry_run:
+            self.checkpoint.set_root(self.root)  # for export and prune
+        rec.save(force=True)
+        limit = self.options.limit
+        max_in_flight = max(1, self.settings.in_flight or 2 * self.settings.workers)
+        engine = None
+        try:
+            if not self.options.dry_run:
+                engine = self._engine or make_engine(self.settings, self.analyzer, self.root)
+            self._engine = engine
+            for scanned in self.scanner:
+                if self.stop.is_set() or self._fatal is not None:
+                    break
+                self._take(scanned)
+                if limit is not None and s.counts["processed"] >= limit:
+                    break
+                while self._in_flight() >= max_in_flight and not self.stop.is_set():
+                    self._drain(block=True, timeout=0.5)
+                    rec.commit_written()
+                if self._pending:
+                    self._drain(block=False)
+                rec.commit_written()
+            deadline: float | None = None
+            while self._pending and self._fatal is None:
+                if self.stop.is_set():  # stopping: in-flight items get `grace` seconds
+                    deadline = deadline or time.monotonic() + self.settings.grace
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        running = sum(1 for f in self._pending if f.running())
+                        log.warning(
+                            "abandoning %d in-flight item(s); the next run redoes them",
+                            running or len(self._pending),
+                        )
+                        break
+                    self._drain(block=True, timeout=left)
+                else:
+                    self._drain(block=True, timeout=0.5)  # wakes up to notice a stop
+                rec.commit_written()  # a slow trickle is committed within a second
+        except BaseException as exc:  # closed output, interrupt: what is unrecorded is redone
+            self.stop.set()
+            if isinstance(exc, ImgbatchError) and self._fatal is None:
+                self._fatal = exc  # e.g. stdout failed: the run record says FAILED, 5
+            raise
+        finally:
+            for fut in self._pending:
+                fut.cancel()
+            if engine is not None:
+                engine.shutdown(wait=not self.stop.is_set())
+            rec.in_flight = 0
+            rec.finish(self._fatal, self.stop.is_set())
+        if self._fatal is not None:
+            raise self._fatal
+        return s
+
+    def _in_flight(self) -> int:
+        """Work running or queued, plus copies waiting for it."""
+        return len(self._pending) + self.planner.joined()
+
+    def _take(self, scanned: FileRecord) -> None:
+        """Plan one scanned file, then act on the decision."""
+        d = self.planner.decide(scanned)
+        if d.action is Action.SKIP or d.action is Action.JOIN:
+            return
+        assert d.item is not None
+        if d.action is Action.WORK:
+            self._submit(d.item)
+        elif d.action is Action.EMIT:
+            assert d.outcome is not None
+            self.recorder.emit(d.item, d.outcome, d.cached)
+        elif d.action is Action.REEMIT:
+            assert d.outcome is not None
+            self.recorder.write(d.item, d.outcome, True)
+        else:  # Action.DRY
+            s = self.settings
+            self.recorder.would_send(
+                d.item, s.max_side, s.gemini_media_resolution or None, self.provider.remote
+            )
+
+    def _submit(self, item: WorkItem) -> None:
+        assert self._engine is not None
+        self._pending[self._engine.submit(item)] = item
+        self.recorder.in_flight = len(self._pending)
+
+    def _drain(self, block: bool, timeout: float | None = None) -> None:
+        assert self._engine is not None
+        self._engine.check()
+        done, _ = wait(self._pending, timeout=timeout if block else 0, return_when=FIRST_COMPLETED)
+        for fut in done:
+            item = self._pending.pop(fut)
+            try:
+                outcome = fut.result()
+            except Abandoned:
+                self.planner.settle(item, None)
+                continue
+            except ImgbatchError as exc:  # run-level: stop intake, record nothing for it
+                self._stop_run(exc)
+                self.planner.settle(item, None)
+                continue
+            except Exception as exc:  # the engine itself failed (a lost cluster)
+                self._stop_run(self._engine_failure(exc))
+                self.planner.settle(item, None)
+                continue
+            self.recorder.emit(item, outcome, cached=False)
+            copies, retry = self.planner.settle(item, outcome)
+            for copy in copies:
+                self.recorder.emit(copy, outcome, cached=True)
+            if retry is not None:  # the item failed for itself: the next copy tries
+                self._submit(retry)
+        self.recorder.in_flight = len(self._pending)
+
+    def _engine_failure(self, exc: Exception) -> ImgbatchError:
+        """The run-level error for a future the engine itself failed: the engine's own
+        diagnosis (e.g. a lost scheduler) when it has one."""
+        assert self._engine is not None
+        try:
+            self._engine.check(failed=True)
+        except ImgbatchError as diagnosis:
+            return diagnosis
+        detail = str(exc) or "no detail"
+        return FatalError(f"the executor failed ({type(exc).__name__}: {detail})")
+
+    def _stop_run(self, exc: ImgbatchError) -> None:
+        if self._fatal is None:
+            self._fatal = exc
+            self.stop.set()
+
+
+def _count_beside(root: str, settings: Settings, summary: RunSummary) -> threading.Event:
+    """Count ROOT's files from listings alone in a daemon thread, beside the run: the
+    total of its progress and of `status`. Set the returned event to stop it."""
+    from imgbatch.scanner import count_files
+
+    stop = threading.Event()
+
+    def count() -> None:
+        try:
+            listed = count_files(root, settings, stop)
+        except Exception:  # only a total is lost: the run's own walk reports errors
+            log.debug("counting the files under ROOT failed", exc_info=True)
+            return
+        if listed is not None:
+            summary.listed = listed
+
+    threading.Thread(target=count, name="imgbatch-count", daemon=True).start()
+    return stop
+
+
+def analyze_root(
+    root: str,
+    settings: Settings,
+    options: RunOptions,
+    sink: JsonlSink,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+    env: Mapping[str, str] | None = None,
+    wait: bool = False,
+) -> tuple[RunSummary, int]:
+    """`imgbatch analyze`: choose the provider, open and lock the state, run.
+
+    Returns the run summary and the number of files scanned.
+    """
+    from imgbatch.providers import base
+
+    env = os.environ if env is None else env
+    state = state_dir(root, settings, env)
+    name = base.choose(settings.provider, settings, env)
+    if settings.provider == "auto":
+        log.info(
+            "provider: %s%s",
+            name,
+            " (no API key configured: offline analyzer)"
+            if name == "local"
+            else " (an API key is configured)",
+        )
+    check_root(root)  # before anything is created
+    provider = base.create(name, settings)
+    limiter = None
+    if provider.remote:
+        from imgbatch.ratelimit import AdaptiveLimiter
+
+        limiter = AdaptiveLimiter(settings.rpm, settings.tpm, stop=stop)
+    try:
+        with (
+            ResultStore(results_dir(settings, env)) as results,
+            Checkpoint(state, results=results) as checkpoint,
+        ):
+            checkpoint.lock("analyze", wait=wait, stop=stop)
+            # a dry run records nothing: it checks the root, and reads format 1 as it is
+            claim_root(state, os.path.abspath(root), record=not options.dry_run)
+            if checkpoint.format != FORMAT_VERSION and not options.dry_run:
+                moved = checkpoint.upgrade()
+                log.info("checkpoint upgraded: %s result(s) moved to %s", moved, results.directory)
+            if checkpoint.mark_dead_runs():
+                log.warning("an earlier run was killed; resuming where it stopped")
+            hash_cache = HashCache(state / "hashcache") if settings.hash_cache else None
+            try:
+                pipeline = Pipeline(
+                    root,
+                    settings,
+                    options,
+                    provider,
+                    checkpoint,
+                    sink,
+                    hash_cache,
+                    limiter,
+                    progress,
+                    stop,
+                )
+                counting = _count_beside(root, settings, pipeline.summary)
+                try:
+                    summary = pipeline.run()
+                except ImgbatchError:  # a run-level stop: still say what was done
+                    for line in summary_lines(pipeline.summary, pipeline.scanner.stats.seen):
+                        log.info("%s", line)
+                    raise
+                finally:
+                    counting.set()
+            finally:
+                if hash_cache is not None:
+                    hash_cache.close()
+            return summary, pipeline.scanner.stats.seen
+    finally:
+        provider.close()
