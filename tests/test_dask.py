@@ -271,3 +271,37 @@ def test_a_lost_scheduler_is_exit_5_with_what_finished_recorded(
         ["export", "--checkpoint", state], env={"IMGBATCH_RESULTS": env["IMGBATCH_RESULTS"]}
     )
     assert {r["path"] for r in exported.records} == {r["path"] for r in printed}
+
+
+def test_ctrl_c_stops_a_local_cluster_run_like_a_threads_run(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches the whole process group: the driver stops gracefully
+    (exit 130), the workers finish what is in flight instead of dying with tracebacks."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(40):
+        Image.effect_noise((900, 700), 40 + i).convert("RGB").save(root / f"{i:02d}.png")
+    state = tmp_path / "state"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imgbatch", "analyze", str(root), "--checkpoint", str(state)]
+        + ["--executor", "dask", "--workers", "2", "--grace", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "IMGBATCH_RESULTS": str(tmp_path / "results")},
+        cwd=REPO,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    lines = [proc.stdout.readline() for _ in range(3)]
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    printed = [json.loads(line) for line in [*lines, *out.splitlines()]]
+    assert proc.returncode == 130, err.decode()
+    assert "Traceback" not in err.decode() and "KeyboardInterrupt" not in err.decode()
+    assert "abandoning" not in err.decode()  # in-flight items finished within the grace
+    assert all(r["status"] == "ok" for r in printed) and len(printed) < 40
+    again = run_cli(
+        ["analyze", str(root), "--checkpoint", str(state)],
+        env={"IMGBATCH_RESULTS": str(tmp_path / "results")},
+    )
+    assert again.rc == 0
+    assert len(again.records) + len(printed) == 40  # resumed where it stopped

@@ -19,9 +19,12 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 from imgbatch.config import Settings
@@ -98,13 +101,14 @@ class DaskEngine:
             if address:
                 self._client = distributed.Client(address, timeout=CONNECT_TIMEOUT)
             else:
-                self._cluster = distributed.LocalCluster(
-                    n_workers=settings.workers,
-                    threads_per_worker=1,
-                    processes=True,
-                    dashboard_address=None,
-                    silence_logs=logging.CRITICAL,
-                )
+                with _sigint_ignored():  # inherited by the worker processes it spawns
+                    self._cluster = distributed.LocalCluster(
+                        n_workers=settings.workers,
+                        threads_per_worker=1,
+                        processes=True,
+                        dashboard_address=None,
+                        silence_logs=logging.CRITICAL,
+                    )
                 self._client = distributed.Client(self._cluster, timeout=CONNECT_TIMEOUT)
         except OSError as exc:  # TimeoutError included: no scheduler at that address
             raise UsageError(f"cannot reach the Dask scheduler {address}: {exc}") from None
@@ -198,6 +202,22 @@ class DaskEngine:
                 self._cluster.close(timeout=5)
         except Exception:  # closing is best effort: a lost scheduler cannot be told
             log.debug("closing the Dask client", exc_info=True)
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while a LocalCluster starts its processes, which inherit that (and
+    Python keeps an ignored SIGINT ignored). A Ctrl-C in the terminal goes to the whole
+    process group: the driver alone must see it and stop gracefully, while the workers
+    finish the items in flight within the grace period instead of dying with them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal dispositions can only be changed from the main thread
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def quiet(level: int) -> None:
