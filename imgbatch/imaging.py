@@ -191,6 +191,21 @@ def encode_for_upload(
     return buf.getvalue(), _UPLOAD_MIME[name]
 
 
+def upload_and_tokens(
+    prep: PreparedImage,
+    fmt: str = "JPEG",
+    quality: int = 85,
+    media_resolution: str | None = None,
+    extra_tokens: int = 0,
+) -> tuple[tuple[bytes, str], int]:
+    """The upload (bytes, mime) of a prepared image and its estimated input tokens (plus
+    `extra_tokens` for the prompt): what a remote provider's worker-side encoder returns."""
+    w, h = prep.image.size
+    return encode_for_upload(prep, fmt, quality), estimate_tokens(
+        w, h, media_resolution
+    ) + extra_tokens
+
+
 def estimate_tokens(width: int, height: int, media_resolution: str | None = None) -> int:
     """Gemini 2.x input tokens for an image of this size (the size that is uploaded).
 

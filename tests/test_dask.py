@@ -305,3 +305,37 @@ def test_ctrl_c_stops_a_local_cluster_run_like_a_threads_run(tmp_path: Path) -> 
     )
     assert again.rc == 0
     assert len(again.records) + len(printed) == 40  # resumed where it stopped
+
+
+def test_gemini_through_dask_sends_the_same_uploads_as_threads(tmp_path: Path) -> None:
+    """The worker decodes and encodes (a key-free encoder); the driver, which alone holds
+    the key, sends: the fake Gemini server sees the same uploads as from threads."""
+    from tests.fakegemini import FakeGemini
+
+    key = "test-key-SECRET-dask-0123456789"
+    root = tmp_path / "photos"
+    for i in range(4):
+        make_image(root / f"img{i}.jpg", size=(1600 + 10 * i, 1200), color=(30 * i, 90, 150))
+    with FakeGemini(keys={key}, seed=7) as server:
+        env = {
+            "GEMINI_API_KEY": key,
+            "IMGBATCH_GEMINI_BASE_URL": server.url,
+            "IMGBATCH_RPM": "6000",
+        }
+
+        def run(*args: str, n: int) -> Any:
+            return run_cli(
+                ["analyze", str(root), "--checkpoint", str(tmp_path / f"s{n}"), *args],
+                env={**env, "IMGBATCH_RESULTS": str(tmp_path / f"r{n}")},
+                timeout=180,
+            )
+
+        local = run(n=1)
+        dask = run("--executor", "dask", "--workers", "2", n=2)
+        assert local.rc == dask.rc == 0, dask.stderr
+        assert records_by_path(dask.records) == records_by_path(local.records)
+        sent = server.requests
+        assert len(sent) == 8 and {r.api_key for r in sent} == {key}
+        uploads = [sorted(i.data for r in part for i in r.images) for part in (sent[:4], sent[4:])]
+        assert uploads[0] == uploads[1]  # the same bytes uploaded, whoever encoded them
+        assert server.errors == []

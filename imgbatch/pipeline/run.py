@@ -271,7 +271,9 @@ def analyze_root(
     if provider.remote:
         from imgbatch.ratelimit import AdaptiveLimiter
 
-        limiter = AdaptiveLimiter(settings.rpm, settings.tpm, stop=stop)
+        # a provider may pace itself otherwise (ollama: unthrottled unless asked)
+        rpm = getattr(provider, "rpm", settings.rpm)
+        limiter = AdaptiveLimiter(rpm, settings.tpm, stop=stop)
     try:
         with (
             ResultStore(results_dir(settings, env)) as results,

@@ -16,11 +16,12 @@ API keys never appear in messages: any text taken from an answer is scrubbed of 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx2
@@ -37,7 +38,7 @@ from imgbatch.errors import (
     ItemError,
     QuotaExhaustedError,
 )
-from imgbatch.imaging import PreparedImage, encode_for_upload, estimate_tokens
+from imgbatch.imaging import PreparedImage, encode_for_upload, estimate_tokens, upload_and_tokens
 from imgbatch.providers.base import Analysis, Failover
 from imgbatch.providers.pool import DAILY_QUOTA, REJECTED, KeyPool, OnEmpty
 from imgbatch.providers.prompt import DEFAULT_SCHEMA, load_prompt, load_schema
@@ -195,6 +196,19 @@ class GeminiProvider:
         """The upload: re-encoded without EXIF or GPS."""
         fmt = "WEBP" if self.settings.upload_format == "webp" else "JPEG"
         return encode_for_upload(image, fmt, self.settings.upload_quality)
+
+    def upload_encoder(self) -> Callable[[PreparedImage], tuple[tuple[bytes, str], int]]:
+        """What a Dask worker runs to make the upload and count its tokens: key-free and
+        picklable (a partial of imaging's functions), so only the ~70 KB upload travels
+        back to the driver, which sends it through its limiter and key pool."""
+        s = self.settings
+        return functools.partial(
+            upload_and_tokens,
+            fmt="WEBP" if s.upload_format == "webp" else "JPEG",
+            quality=s.upload_quality,
+            media_resolution=s.gemini_media_resolution or None,
+            extra_tokens=len(self.prompt) // 4,
+        )
 
     def analyze(self, encoded: tuple[bytes, str]) -> Analysis:
         """One request, with the next key of the pool. A key's own trouble raises
