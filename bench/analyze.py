@@ -45,7 +45,11 @@ def analyze_summary(r: Run) -> AnalyzeSummary:
 
 
 def analyze(root: Path, state: Path, *opts: str) -> list[str]:
+    # the results store is shared by every ROOT: keep it in the state folder, so that a
+    # fresh state is a fresh run, not one answered from the last run's results
     return [
+        "env",
+        f"IMGBATCH_RESULTS={state / 'results'}",
         IMGBATCH,
         "analyze",
         str(root),
