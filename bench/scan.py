@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -18,6 +21,7 @@ from bench.common import (
     TreeSpec,
     best_of,
     check,
+    child_env,
     make_tree,
     mb,
     ratio,
@@ -202,10 +206,175 @@ def memory(table: Table, quick: bool) -> None:
     table.add(f"difference {many.files:,} - {few.files:,} files", f"{c2 - c1:+.1f} MB", note)
 
 
+# -- issue 14: the targets table -----------------------------------------------------------
+
+#: the issue's trees: 50,000 files of 1-8 KiB (100 per folder), 25 files of 160 MB
+ISSUE_SPECS = {
+    "small": TreeSpec("small-50k", 50_000, SMALL, 100),
+    "large": TreeSpec("large-25", 25, (160 * 10**6, 160 * 10**6), 0, ext=".tif", seed=6),
+}
+ISSUE_QUICK = {
+    "small": TreeSpec("small-10k", 10_000, SMALL, 100),
+    "large": TreeSpec("large-5", 5, (160 * 10**6, 160 * 10**6), 0, ext=".tif", seed=6),
+}
+#: imgbatch runs here with its bytecode cached, as an installed package does (pip compiles
+#: it); these machines set PYTHONDONTWRITEBYTECODE=1, which makes every run of a source
+#: checkout compile its modules again (~0.1 s), a cost no user pays
+BYTECODE = {"PYTHONDONTWRITEBYTECODE": ""}
+
+
+def issue_tree(name: str, quick: bool) -> tuple[Tree, str]:
+    spec = (ISSUE_QUICK if quick else ISSUE_SPECS)[name]
+    t = make_tree(spec)
+    age = time.time() - t.path.stat().st_mtime  # let racy files age (see tree())
+    if age < 2.1:
+        time.sleep(2.1 - age)
+    return t, f"{t.files:,} files ({mb(t.bytes)})"
+
+
+def target_row(table: Table, what: str, now: float, today: str, target: float) -> None:
+    """A row of the issue's table: the ratio now, the issue's "today", the target."""
+    ok = check(now <= target)
+    table.add(what, f"{now:.2f}x", f"today {today} (issue 14); target <= {target:g}x: {ok}")
+
+
+def evict(t: Tree) -> None:
+    """Drop the tree's file contents from the page cache (POSIX_FADV_DONTNEED; folders
+    and inodes stay cached), so the next read comes from the disk."""
+    for dirpath, _, files in os.walk(t.path):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def cached_share(t: Tree, sample: int = 200) -> float:
+    """Share of a sample of the tree's bytes in the page cache, from `fincore`."""
+    files = sorted(str(p) for p in itertools.islice(t.path.rglob("*.*"), sample))
+    if not files or not shutil.which("fincore"):
+        return float("nan")
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES,SIZE", *files],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    res, size = sum(map(int, out[0::2])), sum(map(int, out[1::2]))
+    return res / size if size else float("nan")
+
+
+def targets(table: Table, quick: bool) -> None:
+    """Every row of issue 14's scan targets, as ratios against baselines of this run."""
+    t, desc = issue_tree("small", quick)
+    table.section(f"issue 14 targets, scan: {desc} (100 per folder); bytecode cached")
+    xxh = sh("find {} -type f -print0 | xargs -0 xxh128sum", t.path)
+    xxh_s = best_of(xxh).seconds
+    table.add("baseline: find + xargs -0 xxh128sum", secs(xxh_s), rate(t, xxh_s))
+    state = scratch("issue-state")
+    argv = imgbatch(t.path, "--checkpoint", str(state))
+    first = checked(t, best_of(argv, setup=lambda: scratch("issue-state"), env=BYTECODE))
+    table.add("imgbatch scan, fresh state", secs(first.seconds), rate(t, first.seconds))
+    target_row(table, "first scan / xxh128sum", first.seconds / xxh_s, "2.2x", 1.2)
+    run(argv, env=BYTECODE)  # writes the hash cache (its files are not racy: aged above)
+    again = checked(t, best_of(argv, env=BYTECODE))
+    hits = summary(again).cache_hits
+    note = f"{hits:,} of {t.files:,} from the hash cache"
+    table.add("imgbatch scan again, same state folder", secs(again.seconds), note)
+    target_row(table, "re-scan (unchanged) / xxh128sum", again.seconds / xxh_s, "1.5x", 0.7)
+    for label, procs in (("--hash-procs 1 (no worker processes)", "1"), ("--hash-procs 2", "2")):
+        one = checked(t, best_of([*argv, "--hash-procs", procs], env=BYTECODE))
+        table.add(f"re-scan, {label}", secs(one.seconds), ratio(one.seconds, xxh_s))
+
+    # cold: contents evicted before every run (folders and inodes stay cached)
+    evict(t)
+    share = cached_share(t)
+    note = f"fincore after eviction: {share:.1%} of a sample cached"
+    cold_xxh = best_of(xxh, setup=lambda: evict(t)).seconds
+    table.add("cold: find + xargs -0 xxh128sum", secs(cold_xxh), note)
+    plain = imgbatch(t.path, "--no-hash-cache")
+    cold = checked(t, best_of(plain, setup=lambda: evict(t), env=BYTECODE))
+    table.add("cold: imgbatch scan --no-hash-cache", secs(cold.seconds), rate(t, cold.seconds))
+    target_row(table, "cold first scan / cold xxh128sum", cold.seconds / cold_xxh, "1.65x", 0.6)
+
+    big, desc = issue_tree("large", quick)
+    table.section(f"issue 14 targets, scan: large files, {desc}; bytecode cached")
+    xxh = sh("find {} -type f -print0 | xargs -0 xxh128sum", big.path)
+    xxh_s = best_of(xxh).seconds
+    table.add("baseline: find + xargs -0 xxh128sum", secs(xxh_s), rate(big, xxh_s))
+    two = sh("find {} -type f -print0 | xargs -0 -P2 -n1 xxh128sum", big.path)
+    two_s = best_of(two).seconds
+    table.add("two streams: xargs -P2 xxh128sum", secs(two_s), ratio(two_s, xxh_s))
+    plain = imgbatch(big.path, "--no-hash-cache")
+    r = checked(big, best_of(plain, env=BYTECODE))
+    table.add(
+        "imgbatch scan --no-hash-cache (2 hashing threads)", secs(r.seconds), rate(big, r.seconds)
+    )
+    target_row(table, "first scan of large files / xxh128sum", r.seconds / xxh_s, "1.0x", 0.8)
+    one = checked(big, best_of([*plain, "--hash-threads", "1"], env=BYTECODE))
+    table.add("--hash-threads 1", secs(one.seconds), ratio(one.seconds, xxh_s))
+
+    many, desc = tree("many", quick)
+    few, _ = tree("few", quick)
+    table.section(f"issue 14 targets, scan: peak RSS summed over the process tree, {desc}")
+    peaks = {}
+    for tr in (few, many):
+        argv = imgbatch(tr.path, "--checkpoint", str(scratch("issue-mem")))
+        peaks[tr.files] = tree_peak_rss(argv, BYTECODE)
+        table.add(f"{tr.files:,} files, fresh hash cache", f"{peaks[tr.files]:.1f} MB")
+    grow = peaks[many.files] - peaks[few.files]
+    ok = check(peaks[many.files] < 80 and grow <= 10)
+    note = f"{grow:+.1f} MB from {few.files:,} files; today flat; target flat, < 80 MB: {ok}"
+    table.add(f"peak RSS, {many.files:,} files, summed", f"{peaks[many.files]:.1f} MB", note)
+
+
+def tree_peak_rss(argv: list[str], env: dict[str, str] | None = None) -> float:
+    """Peak of the summed RSS (MB) of a command and all its descendants, sampled every
+    5 ms from /proc (ru_maxrss only knows the largest single process)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**child_env(), **(env or {})},
+    )
+    peak = 0
+    while proc.poll() is None:
+        total = 0
+        for pid in descendants(proc.pid):
+            try:
+                with open(f"/proc/{pid}/statm") as f:
+                    total += int(f.read().split()[1]) * page
+            except (OSError, IndexError, ValueError):
+                pass  # it just ended
+        peak = max(peak, total)
+        time.sleep(0.005)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv} exited {proc.returncode}")
+    return peak / 1e6
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (/proc/PID/task/TID/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
 BENCHMARKS: dict[str, Callable[[Table, bool], None]] = {
     "small": small,
     "flat": flat,
     "large": large,
     "rescan": rescan,
     "memory": memory,
+    "targets": targets,
 }

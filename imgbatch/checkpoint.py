@@ -15,6 +15,15 @@ SQLite's transactions: no value is ever a separate, un-fsynced file):
   A folder with more than LARGE_FOLDER items keeps only a marker there, and one
   ``(b"item", fingerprint, folder, name)`` row per item.
 - ``(b"run", id)`` -> the run record, rewritten every few seconds while it runs.
+- Gemini Batch API jobs (`analyze --batch`, see pipeline/batch.py), from the intent
+  recorded before anything is sent until their results are collected:
+  ``b"batch-jobs"`` -> the ids of the jobs not yet collected, oldest first;
+  ``(b"batch", id)`` -> the job's record (its display name, unique to the submission,
+  is its id; then the Files API name of its input, the job's name once created, its
+  state and counts as last polled); ``(b"batch-keys", id)`` -> ``{request key: (folder,
+  name, hash, size, mtime_ns)}``, the items it carries; ``(b"batched", fingerprint,
+  hash)`` -> the id of the job carrying that content, so that it is neither submitted
+  again nor sent live meanwhile (see `batched`). Each change is one transaction.
 
 Results (by fingerprint and content hash) live in the shared `results.ResultStore`.
 `commit()` only buffers: `flush()` writes every buffered result, then every buffered
@@ -50,6 +59,8 @@ _LARGE = "\0large"  # marker in a large folder's row ("\0" is in no file name)
 #: hash (None for a scan error), error code (None: ok), run id, size, mtime_ns, message
 ItemState = tuple["str | None", "str | None", int, "int | None", "int | None", "str | None"]
 FolderStates = dict[str, ItemState]
+#: an item carried by a batch job: folder, name, hash, size, mtime_ns
+BatchEntry = tuple[str, str, str, "int | None", "int | None"]
 _FolderKey = tuple[str, str]  # fingerprint, folder relative to ROOT
 
 
@@ -147,6 +158,8 @@ class Checkpoint:
         self._pending_results: dict[ResultKey, dict[str, Any]] = {}
         self.pending = 0  # items committed but not yet flushed
         self._lock: StateLock | None = None
+        # read once: without batch jobs, `batched()` costs nothing
+        self._any_batch = bool(self._get(b"batch-jobs"))
 
     def _get(self, key: Any) -> Any:
         """A value, or a CheckpointError naming the folder when it cannot be read."""
@@ -347,6 +360,61 @@ class Checkpoint:
                 state = self._get(key)
                 if state is not None:
                     yield os.fsdecode(key[2]), {key[3]: state}
+
+    # -- Gemini Batch API jobs --------------------------------------------------------
+
+    def batch_jobs(self) -> list[dict[str, Any]]:
+        """The records of the batch jobs not yet collected (intents included), oldest
+        first."""
+        jobs = [self._get((b"batch", job_id)) for job_id in self._get(b"batch-jobs") or []]
+        return [job for job in jobs if isinstance(job, dict)]
+
+    def add_batch_job(self, job: dict[str, Any], keys: dict[str, BatchEntry]) -> None:
+        """Record a submission's intent before anything of it is sent, in one transaction:
+        the job (`id`, `fingerprint`, ...), the items it carries by request key, and each
+        of their contents as batched under the job's fingerprint."""
+        job_id, fp = job["id"], job["fingerprint"]
+        with self._db.transact():
+            ids = list(self._get(b"batch-jobs") or [])
+            self._db.set((b"batch", job_id), job)
+            self._db.set((b"batch-keys", job_id), keys)
+            for entry in keys.values():
+                self._db.set((b"batched", fp, entry[2]), job_id)
+            self._db.set(b"batch-jobs", [*ids, job_id])
+        self._any_batch = True
+
+    def save_batch_job(self, job: dict[str, Any]) -> None:
+        """Rewrite a job's record (uploaded, created, polled)."""
+        self._db.set((b"batch", job["id"]), job)
+
+    def batch_keys(self, job_id: str) -> dict[str, BatchEntry]:
+        """The items a job carries, by request key."""
+        keys = self._get((b"batch-keys", job_id))
+        return keys if isinstance(keys, dict) else {}
+
+    def end_batch_job(self, job_id: str) -> None:
+        """Forget a job (collected, or ended without results), in one transaction: its
+        contents are no longer batched, so what was not recorded is planned again."""
+        job = self._get((b"batch", job_id))
+        fp = job.get("fingerprint") if isinstance(job, dict) else None
+        with self._db.transact():
+            for entry in self.batch_keys(job_id).values():
+                key = (b"batched", fp, entry[2])
+                if self._db.get(key) == job_id:
+                    self._db.delete(key)
+            self._db.delete((b"batch-keys", job_id))
+            self._db.delete((b"batch", job_id))
+            ids = [i for i in self._get(b"batch-jobs") or [] if i != job_id]
+            self._db.set(b"batch-jobs", ids)
+        self._any_batch = bool(ids)
+
+    def batched(self, fp: str, content_hash: str) -> str | None:
+        """The id of the batch job that carries this content under fingerprint `fp`, or
+        None (at once when no job is recorded: a live run pays nothing for this)."""
+        if not self._any_batch:
+            return None
+        job_id = self._get((b"batched", fp, content_hash))
+        return job_id if isinstance(job_id, str) else None
 
     # -- runs --------------------------------------------------------------------
 

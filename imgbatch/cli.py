@@ -273,6 +273,14 @@ def scan(
         int | None,
         _opt("--hash-threads", help="Threads hashing large files (default: 2)."),
     ] = None,
+    hash_procs: Annotated[
+        int | None,
+        _opt(
+            "--hash-procs",
+            help="Processes hashing small files, started once a few thousand files have "
+            "gone by (default 0: one per core; 1: none).",
+        ),
+    ] = None,
     hash_cache: Annotated[
         bool | None,
         _opt("--hash-cache/--no-hash-cache", help="Reuse hashes of unchanged files."),
@@ -297,6 +305,7 @@ def scan(
             exclude=exclude,
             hash=hash,
             hash_threads=hash_threads,
+            hash_procs=hash_procs,
             hash_cache=hash_cache,
             checkpoint=checkpoint,
             log_every=log_every,
@@ -490,6 +499,34 @@ def analyze(
             "unchanged files (default: only what this run processed).",
         ),
     ] = False,
+    batch: Annotated[
+        bool,
+        typer.Option(
+            "--batch",
+            help="Gemini Batch API at half the price: collect the jobs that ended, then "
+            "submit the new work as jobs, collected by a later run (results within 24 h).",
+        ),
+    ] = False,
+    batch_wait: Annotated[
+        bool,
+        typer.Option(
+            "--batch-wait",
+            help="With --batch: poll (30 s, backing off to 5 min) and collect until every "
+            "job has ended, holding the lock.",
+        ),
+    ] = False,
+    batch_max_requests: Annotated[
+        int | None,
+        _opt("--batch-max-requests", help="Requests per batch job at most (default: 10,000)."),
+    ] = None,
+    batch_max_pending: Annotated[
+        int | None,
+        _opt(
+            "--batch-max-pending",
+            help="Requests in jobs not yet collected at most; a run submits up to it "
+            "(default: 50,000).",
+        ),
+    ] = None,
     all_files: AllFilesOpt = None,
     include_hidden: HiddenOpt = None,
     follow_symlinks: FollowOpt = None,
@@ -537,13 +574,19 @@ def analyze(
             tpm=tpm,
             max_wait=max_wait,
             grace=grace,
+            batch_max_requests=batch_max_requests,
+            batch_max_pending=batch_max_pending,
         )
+        if batch_wait and not batch:
+            raise UsageError("--batch-wait goes with --batch")
         options = RunOptions(
             fresh=fresh,
             retry_failed=retry_failed,
             emit_all=emit_all,
             limit=limit,
             dry_run=dry_run,
+            batch=batch,
+            batch_wait=batch_wait,
         )
         sink = JsonlSink(flush_every=1)
         signals.graceful = True  # from now on a signal stops intake; in-flight items finish
@@ -729,6 +772,89 @@ def export(
                 results_dir(_settings(config)),
             )
         log.info("exported %s records%s", f"{n:,}", f" to {output}" if output else "")
+
+
+@app.command(name="report")
+def html_report(
+    root: StateRoot = None,
+    output: Annotated[
+        str | None,
+        _opt(
+            "--output",
+            "-o",
+            help="Write to this file (atomically: a temporary file renamed) instead of stdout.",
+        ),
+    ] = None,
+    max_thumbnails: Annotated[
+        int,
+        typer.Option(
+            "--max-thumbnails",
+            help="Items shown with a thumbnail at most; the others are text rows.",
+            min=0,
+        ),
+    ] = 2000,
+    checkpoint: CheckpointOpt = None,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """A self-contained HTML contact sheet of the stored results (the last run's settings)."""
+    from imgbatch.web.report import write_report
+
+    with _command(verbose, quiet):
+        with _stdout() as out:
+            made = write_report(
+                _state(root, checkpoint, config),
+                results_dir(_settings(config)),
+                output,
+                cast("IO[bytes]", SinkFile(out)),
+                max_thumbnails,
+            )
+        log.info(
+            "report of %s items, %s with a thumbnail%s",
+            f"{made.items:,}",
+            f"{made.thumbnails:,}",
+            f", written to {output}" if output else "",
+        )
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind; anything but loopback needs --token.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", help="Port (0: any free one).", min=0, max=65535)
+    ] = 8765,
+    allow_root: Annotated[
+        list[str] | None,
+        _opt(
+            "--allow-root",
+            help="A folder whose trees runs may analyse (repeatable); without one, every "
+            "run is refused.",
+        ),
+    ] = None,
+    token: Annotated[
+        str | None,
+        _opt(
+            "--token",
+            envvar="IMGBATCH_SERVE_TOKEN",
+            help="Bearer token every /api/ request must carry (required off loopback); "
+            "open the page as http://HOST:PORT/#token=TOKEN.",
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+    log_format: LogFormatOpt = "text",
+) -> None:
+    """A local HTTP API to start, follow and cancel runs (live over Server-Sent Events), and
+    a dashboard page; needs the serve extra (pip install 'imgbatch\\[serve]')."""
+    from imgbatch.web import load_server
+
+    with _command(verbose, quiet, log_format):
+        _settings(config)  # a bad config file is an error now, not at the first run
+        load_server().serve(host, port, allow_root or [], token, config, access_log=verbose)
 
 
 @app.command()

@@ -49,6 +49,7 @@ class Settings:
     exclude: tuple[str, ...] = _s((), "scan", "glob patterns to leave out")
     hash: bool = _s(True, "scan", "hash file contents (xxh3-128)")
     hash_threads: int = _s(2, "scan", "threads hashing large files")
+    hash_procs: int = _s(0, "scan", "processes hashing small files (scan); 0 = one per core")
     hash_cache: bool = _s(True, "scan", "reuse hashes of unchanged files")
     # [analyze]
     provider: str = _s("auto", "analyze", "auto | local | gemini | openai | ollama")
@@ -107,6 +108,14 @@ class Settings:
     ollama_max_output_tokens: int = _s(1024, "ollama", "cap on answer tokens")
     ollama_detail: str = _s("", "ollama", "image detail: low | high | auto; '' = not sent")
     ollama_timeout: float = _s(300.0, "ollama", "seconds per request (a model may load first)")
+    # [batch]: analyze --batch, the Gemini Batch API
+    batch_max_requests: int = _s(10_000, "batch", "requests per batch job at most")
+    batch_max_pending: int = _s(
+        50_000, "batch", "requests in jobs not yet collected at most (a run submits up to it)"
+    )
+    batch_poll: float = _s(
+        30.0, "batch", "first seconds between polls with --batch-wait; backs off to 10x"
+    )
     # [state]
     checkpoint: str = _s("", "state", "state folder; '' = per root under the cache dir")
     results: str = _s(
@@ -139,7 +148,7 @@ class Settings:
         return f"Settings({', '.join(shown)})"
 
 
-SECTIONS = ("scan", "analyze", "rate", "gemini", "openai", "ollama", "state", "output")
+SECTIONS = ("scan", "analyze", "rate", "gemini", "openai", "ollama", "batch", "state", "output")
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
@@ -264,6 +273,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("batch_size must be at least 1")
     if s.hash_threads < 1:
         raise ConfigError("hash_threads must be at least 1")
+    if s.hash_procs < 0:
+        raise ConfigError("hash_procs must be at least 0 (0 = one per core)")
     if s.executor not in ("local", "dask"):
         raise ConfigError(f"executor must be local or dask, not {s.executor!r}")
     if s.workers < 1 or s.max_attempts < 1 or s.in_flight < 0:
@@ -283,6 +294,8 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{section} detail must be low, high or auto")
     if s.log_every <= 0:
         raise ConfigError("log_every must be positive")
+    if s.batch_max_requests < 1 or s.batch_max_pending < 1 or s.batch_poll <= 0:
+        raise ConfigError("batch max_requests and max_pending must be at least 1, poll positive")
 
 
 def gemini_keys(settings: Settings, env: Mapping[str, str], explicit: bool) -> list[str]:

@@ -4,14 +4,23 @@ Requests are spaced evenly (a GCRA-style schedule: each request takes the next s
 `60 / rate` seconds after the previous one), so the configured `rpm` is never exceeded
 and there are no bursts. It adapts to the quota the server really has:
 
-- a 429 pauses every thread until the server's retry delay has passed, and lowers the
-  rate to below what the server was seen to accept recently (multiplicative decrease,
-  once per congestion event, however many in-flight requests were refused); a request
-  may bound how long it waits out such a pause (`acquire(max_pause=...)`), and is then
-  refused at once, rather than held, when the pause would outlast it;
+- a 429 with a retry delay (a quota's answer) pauses every thread until the server's
+  retry delay has passed, once per congestion event however many in-flight requests
+  were refused; a request may bound how long it waits out such a pause
+  (`acquire(max_pause=...)`), and is then refused at once, rather than held, when the
+  pause would outlast it;
+- the first such 429 teaches the quota: the window it belongs to ends when the retry
+  delay does, and began at the first request; the requests the server accepted from
+  then until the pause ends filled it. The rate goes to that many per that long (again
+  when the pause ends, with the answers in flight counted);
 - each accepted request raises the rate again, never above `rpm`: quickly (+5%) up to
-  90% of the rate the server was last seen to accept, then slowly (+0.5%), probing; so
-  the limiter settles near the real quota instead of bouncing off it.
+  the rate last known to be good, then slowly (+0.3%), probing; a later quota 429 means
+  the probe went past the quota: the rate steps back under the one that met it, and
+  probes half as fast from then on. So the limiter settles just under the real quota
+  instead of bouncing off it;
+- a 429 without a retry delay (no quota details) slows down a little: a hint, not a
+  measurement; without anything learned yet, a quota 429 cuts the rate
+  multiplicatively, below the rate the server was seen to accept.
 
 With `tpm`, each request also takes its estimated input tokens from the schedule.
 With `rpm` 0 requests are not paced (a local server is limited by the workers, not by a
@@ -30,11 +39,13 @@ from collections.abc import Callable
 
 MIN_RPM = 1.0
 MARGIN = 0.02  # pace 2% under the rate: threads waking late must not push a window over it
-DECREASE = 0.7  # on a quota 429: below the accepted rate by this factor
+DECREASE = 0.7  # on a quota 429 with nothing learned: below the accepted rate by this factor
 MILD_DECREASE = 0.95  # on a bare 429 (no quota details): a hint, not a measurement
 FAST_INCREASE = 0.05  # per accepted request, below the last known-good rate
-SLOW_INCREASE = 0.005  # per accepted request, above it (at least +0.5 rpm)
-GOOD = 0.9  # the known-good rate: this much of the rate accepted before a 429
+SLOW_INCREASE = 0.003  # per accepted request, above it (at least +0.5 rpm): probing
+GOOD = 0.9  # with nothing learned, the known-good rate: this much of the accepted rate
+STEP_BACK = 0.97  # a quota 429 while probing past the learned rate: under the rate that met it
+MIN_PROBE = 0.0002  # each step back halves the probing above a known quota, down to this
 WINDOW = 60.0  # seconds of accepted requests remembered to measure the accepted rate
 
 
@@ -72,6 +83,10 @@ class AdaptiveLimiter:
         self._paused_until = 0.0
         self._last_decrease = -1e18
         self._accepted: deque[float] = deque()
+        self._first: float | None = None  # the first request's slot: where a window began
+        self._learn_at: float | None = None  # a quota window to measure once its pause ends
+        self._learned = False  # the quota's rate is known (then 429s only step back)
+        self._probe = SLOW_INCREASE  # per accepted request above a known quota
         self.rate_limited = 0  # 429s seen
         self.acquired = 0  # requests let through
         self.waited = 0.0  # seconds threads spent waiting here, summed
@@ -91,7 +106,11 @@ class AdaptiveLimiter:
                 if limit is not None and self._paused_until > limit:
                     raise WaitTooLong(self._paused_until - now)
                 held = held or self._paused_until > now
+                if self._learn_at is not None and now >= self._learn_at:
+                    self._learn(self._learn_at)  # the window's answers are all in now
                 start = max(now, self._next, self._paused_until)
+                if self._first is None and self.paced:
+                    self._first = start
                 interval = 60.0 * (1 + MARGIN) / self.rate if self.paced else 0.0
                 if self.tpm and tokens:
                     interval = max(interval, 60.0 * (1 + MARGIN) * tokens / self.tpm)
@@ -102,8 +121,11 @@ class AdaptiveLimiter:
                 if self._stop.wait(delay):
                     raise Interrupted
             with self._lock:
+                now = self._clock()
+                if self._learn_at is not None and now >= self._learn_at:
+                    self._learn(self._learn_at)  # for the slots booked from now on
                 # a 429 may have paused everyone while this thread slept: book again
-                if self._paused_until <= self._clock():
+                if self._paused_until <= now:
                     self.acquired += 1
                     return held
 
@@ -116,10 +138,12 @@ class AdaptiveLimiter:
             self._accepted.append(now)
             while self._accepted and self._accepted[0] < now - WINDOW:
                 self._accepted.popleft()
-            step = FAST_INCREASE if self.rate < self._good else SLOW_INCREASE
-            rate = self.rate + max(0.5, self.rate * step)
             if self.rate < self._good:
-                rate = min(rate, self._good)
+                rate = min(self._good, self.rate + max(0.5, self.rate * FAST_INCREASE))
+            elif self._learned:  # probing just above a known quota, more gently each time
+                rate = self.rate * (1 + self._probe)
+            else:
+                rate = self.rate + max(0.5, self.rate * SLOW_INCREASE)
             self.rate = min(self.ceiling, rate)
 
     def rate_limited_for(self, retry_after: float | None) -> None:
@@ -143,10 +167,38 @@ class AdaptiveLimiter:
             if now - self._last_decrease < max(pause, 1.0):
                 return
             self._last_decrease = now
-            seen = self._accepted_rate(now)
-            basis = self.rate if seen is None else min(self.rate, seen)
-            self._good = GOOD * basis
-            self.rate = max(MIN_RPM, basis * DECREASE)
+            if self._learned:  # probing went past the quota: step back under it
+                self.rate = self._good = max(MIN_RPM, self.rate * STEP_BACK)
+                self._probe = max(MIN_PROBE, self._probe / 2)
+                return
+            if self._first is not None and self._learn_at is None:
+                # the quota's window began with our first request and ends with the pause:
+                # measured when the pause ends, once the answers in flight are in
+                self._learn_at = now + pause
+            if not self._window_rate(self._first, now + pause):  # what is known so far
+                seen = self._accepted_rate(now)
+                basis = self.rate if seen is None else min(self.rate, seen)
+                self._good = GOOD * basis
+                self.rate = max(MIN_RPM, basis * DECREASE)
+
+    def _window_rate(self, first: float | None, end: float) -> bool:
+        """Set the rate to the requests accepted in [first, end) per that time (a quota
+        window that was filled); False if too few tell nothing. No margin: the retry
+        delay is rounded up (to whole seconds above one), so the window measured is at
+        least the real one, and pacing keeps its own MARGIN."""
+        if first is None or end <= first:
+            return False
+        accepted = sum(1 for t in self._accepted if first <= t < end)
+        if accepted < 2:
+            return False
+        self.rate = self._good = max(MIN_RPM, min(self.ceiling, 60.0 * accepted / (end - first)))
+        return True
+
+    def _learn(self, end: float) -> None:
+        """The pause after the first quota 429 has ended: measure its window again."""
+        assert self._first is not None
+        self._learn_at = None
+        self._learned = self._window_rate(self._first, end)
 
     def _accepted_rate(self, now: float) -> float | None:
         """Requests per minute the server accepted recently, or None if too few to tell."""

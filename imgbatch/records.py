@@ -44,15 +44,16 @@ def is_clean(text: str) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def _iso_seconds(sec: int) -> str:
-    # files of one folder often share their second: strftime once per second seen
+def iso_seconds(sec: int) -> str:
+    """``2024-05-01T12:00:00`` (UTC) for a Unix time in seconds; cached, as files of one
+    folder often share their second (strftime once per second seen)."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
 
 
 def iso_utc(ns: int) -> str:
     """ISO-8601 UTC timestamp with microseconds, e.g. ``2024-05-01T12:00:00.123456Z``."""
     sec, rem = divmod(ns, 1_000_000_000)
-    return f"{_iso_seconds(sec)}.{rem // 1000:06d}Z"
+    return f"{iso_seconds(sec)}.{rem // 1000:06d}Z"
 
 
 def extension_of(path: str) -> str:

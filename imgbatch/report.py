@@ -58,7 +58,14 @@ def status(state: Path) -> dict[str, Any] | None:
         runs = cp.runs()
         if not runs:
             return None
-        return run_status(cp, runs[0], cp.locked_by_other())
+        out = run_status(cp, runs[0], cp.locked_by_other())
+        jobs = cp.batch_jobs()
+        if jobs:  # analyze --batch: the Gemini Batch API jobs not yet collected
+            out["batch_jobs"] = [
+                {k: job.get(k) for k in ("id", "name", "state", "requests", "counts", "submitted")}
+                for job in jobs
+            ]
+        return out
 
 
 def runs(state: Path, limit: int = 100) -> list[dict[str, Any]]:
@@ -76,7 +83,8 @@ def status_lines(s: dict[str, Any]) -> list[str]:
         f"run {s['id']}: {s['state']} (pid {s['pid']} on {s['host']}), started {started}, "
         f"{human_duration(s['elapsed'])} elapsed"
         + (f", exit code {s['exit_code']}" if s.get("exit_code") is not None else ""),
-        f"  root: {s['root']}  provider: {s['provider']} ({s['model']})",
+        f"  root: {s['root']}  provider: {s['provider']} ({s['model']})"
+        + ("  mode: batch (the Batch API price applies: half of live)" if _batch(s) else ""),
         f"  completed {c.get('completed', 0):,}  failed {c.get('failed', 0):,}  "
         f"cached {c.get('cached', 0):,}  processing {c.get('processing', 0):,}  "
         f"unchanged {c.get('skipped', 0):,}",
@@ -91,7 +99,32 @@ def status_lines(s: dict[str, Any]) -> list[str]:
         )
     for code, message, n in s.get("top_errors", [])[:5]:
         lines.append(f"  {n:>6,} x {code}: {message}")
+    b = s.get("batch")
+    if b:
+        lines.append(
+            f"  batch: submitted {b.get('submitted', 0):,} requests in {b.get('jobs', 0):,} "
+            f"jobs, collected {b.get('collected', 0):,} items"
+        )
+    jobs = s.get("batch_jobs") or []
+    if jobs:
+        lines.append(
+            f"  batch jobs pending: {len(jobs):,} ({sum(j['requests'] for j in jobs):,} "
+            "requests, at the Batch API price: half of live); `analyze --batch` collects them"
+        )
+    for job in jobs:
+        c = job.get("counts") or {}
+        done = c.get("succeeded", 0) + c.get("failed", 0)
+        progress = f", {done:,} done" if done else ""
+        submitted = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["submitted"]))
+        lines.append(
+            f"    {job['name'] or job['id']}  {job['state']}  {job['requests']:,} "
+            f"requests{progress}, submitted {submitted}"
+        )
     return lines
+
+
+def _batch(run: dict[str, Any]) -> bool:
+    return run.get("mode") == "batch"
 
 
 def run_line(s: dict[str, Any]) -> str:
@@ -101,7 +134,8 @@ def run_line(s: dict[str, Any]) -> str:
     code = "" if s.get("exit_code") is None else str(s["exit_code"])
     top = s.get("top_errors") or []
     return (
-        f"{s['id']:>5}  {started}  {s['state']:<10} {human_duration(s['elapsed']):>9}  "
+        f"{s['id']:>5}  {started}  {s['state']:<10} {'batch' if _batch(s) else 'live':<5} "
+        f"{human_duration(s['elapsed']):>9}  "
         f"{c.get('completed', 0):>8,} {c.get('failed', 0):>7,} {c.get('cached', 0):>7,}  "
         f"{s['images_per_min']:>9,.1f}  {s['tokens']['input'] + s['tokens']['output']:>10,}"
         f"  {code:>4}  {top[0][0] + ': ' + top[0][1] if top else ''}"
@@ -109,7 +143,7 @@ def run_line(s: dict[str, Any]) -> str:
 
 
 RUNS_HEADER = (
-    " run  started           state          elapsed        ok  failed  cached  "
+    " run  started           state      mode        elapsed        ok  failed  cached  "
     "images/min      tokens  exit  top error"
 )
 

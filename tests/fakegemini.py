@@ -1,5 +1,7 @@
 """A fake Gemini API server (``generateContent``) for the test suite. Standard library only,
-plus Pillow, which it uses only to describe the images it receives.
+plus Pillow, which it uses only to describe the images it receives. Its Batch and Files
+APIs (``server.batch``) are in tests/fakegemini_batch.py; ``before_answer`` lets a test act
+at the moment the server has done what a request asked but not yet answered it.
 
 What the real SDK (google-genai 3.4.0, with its retries off, which is the default) raises
 against this server, measured by tests/test_fakegemini.py:
@@ -81,6 +83,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from tests.fakegemini_batch import FakeBatchService
 
 __all__ = [
     "DEFAULT_SCHEMA",
@@ -218,6 +222,7 @@ class RecordedRequest:
     # dropped, bad_key, no_key, forbidden, bad_request, too_large, not_found, bug
     response_text: str | None = None  # the text part answered, for ok/malformed
     finished: float | None = None  # server clock when the answer was written
+    route: str = "generate"  # or a Batch / Files API route (see tests/fakegemini_batch.py)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -483,6 +488,10 @@ class _Behaviour:
     models: frozenset[str] | None = None
     max_request_bytes: int = 20 * 1024 * 1024
     responder: Responder | None = None
+    #: called with each request's record just before its answer is written (outside the
+    #: lock): e.g. to SIGKILL a client at the moment the server has acted but the client
+    #: has not heard of it
+    before_answer: Callable[[RecordedRequest], None] | None = None
 
 
 _SET_FIELDS = {"keys", "forbidden_keys", "models"}
@@ -509,6 +518,7 @@ class _Reply:
     outcome: str = "ok"
     hang: bool = False
     text: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class _BadRequest(Exception):
@@ -564,6 +574,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.server.fake._handle(self)
 
+    def do_DELETE(self) -> None:
+        self.server.fake._handle(self)
+
     def log_message(self, format: str, *args: Any) -> None:
         pass  # the request line may carry ?key=: never print it
 
@@ -597,6 +610,7 @@ class FakeGemini:
         models: Iterable[str] | None = None,
         max_request_bytes: int = 20 * 1024 * 1024,
         responder: Responder | None = None,
+        before_answer: Callable[[RecordedRequest], None] | None = None,
         seed: int = 0,
         clock: Callable[[], float] = time.monotonic,
         host: str = "127.0.0.1",
@@ -650,7 +664,10 @@ class FakeGemini:
             models=models,
             max_request_bytes=max_request_bytes,
             responder=responder,
+            before_answer=before_answer,
         )
+        #: the Batch and Files APIs (tests/fakegemini_batch.py)
+        self.batch = FakeBatchService(self)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -928,6 +945,11 @@ class FakeGemini:
             too_big = length > b.max_request_bytes
             limit = b.max_request_bytes
         raw = self._read_body(h, length, keep=not too_big)
+        batch = self.batch.route(h.command, split.path, split.query)
+        if batch is not None:
+            rec.route = batch[0]
+        if batch is not None and batch[0] == "upload_chunk":  # its URL is its credential
+            return self._batch_reply(batch, rec, split, h, raw)
         with self._lock:
             b = self._behaviour
             rec.project = b.projects.get(key, b.default_project) if key else None
@@ -946,6 +968,8 @@ class FakeGemini:
                 return self._json(400, _bad_key_body(), "bad_key")
             if key in b.forbidden_keys:
                 return self._json(403, _forbidden_body(), "forbidden")
+        if batch is not None:
+            return self._batch_reply(batch, rec, split, h, raw)
         if h.command != "POST" or not route:
             return self._json(
                 404, _error_body(404, f"Method not found: {h.command} {split.path}"), "not_found"
@@ -964,6 +988,20 @@ class FakeGemini:
             reply = self._decide(rec)
         if reply is None:  # the happy answer: built outside the lock (Pillow, responder)
             reply = self._happy(rec)
+        return reply
+
+    def _batch_reply(
+        self, batch: tuple[str, tuple[str, ...]], rec: RecordedRequest, split: Any, h: _Handler,
+        raw: bytes,
+    ) -> _Reply:  # fmt: skip
+        status, body, outcome, headers = self.batch.handle(
+            batch[0], batch[1], rec, split.query, h.headers, raw
+        )
+        if isinstance(body, bytes):
+            kind = "application/octet-stream" if outcome == "file_download" else "text/plain"
+            return _Reply(status, body, kind, outcome, headers=headers)
+        reply = self._json(status, body, outcome)
+        reply.headers = headers
         return reply
 
     @staticmethod
@@ -1178,8 +1216,11 @@ class FakeGemini:
             with self._lock:
                 latency = self._behaviour.latency
                 hang_seconds = self._behaviour.hang_seconds
+                before_answer = self._behaviour.before_answer
                 rec.outcome = reply.outcome
                 rec.response_text = reply.text
+            if before_answer is not None:
+                before_answer(rec)
             awake = self._sleep(latency)
             if awake and reply.hang:
                 awake = self._sleep(hang_seconds)
@@ -1200,6 +1241,8 @@ class FakeGemini:
             h.send_header("Content-Type", reply.content_type)
             h.send_header("Content-Length", str(len(reply.body)))
             h.send_header("Vary", "Origin, X-Origin, Referer")
+            for name, value in reply.headers.items():
+                h.send_header(name, value)
             h.end_headers()
             h.wfile.write(reply.body)
             h.wfile.flush()

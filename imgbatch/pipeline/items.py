@@ -21,6 +21,8 @@ class RunOptions:
     emit_all: bool = False  # re-emit stored results of unchanged files
     limit: int | None = None  # stop after this many processed items
     dry_run: bool = False  # list what would be sent, with estimated tokens; send nothing
+    batch: bool = False  # Gemini Batch API jobs: collect those ended, submit the new work
+    batch_wait: bool = False  # with batch: poll until every job has ended, collecting them
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Outcome:
     output_tokens: int | None = None
     latency_ms: int | None = None
     changed: bool = False  # the file changed since its scan: nothing true to store
+    batch: bool = False  # the answer came from a Batch API job (its line says so)
 
     def stored(self, provider: str, model: str, run: int) -> dict[str, Any]:
         """Its form in the results store."""

@@ -91,14 +91,19 @@ class Planner:
                 self.counts["skipped"] += 1
                 return _SKIP
             return Decision(Action.EMIT, item, Outcome.failed(code, rec.error_message))
-        self.counts["processed"] += 1
         stored = self.checkpoint.result(self.fp, rec.hash or "")
         if stored is not None and self._reusable(stored):
+            self.counts["processed"] += 1
             if opts.dry_run:  # nothing to send, and a dry run records nothing
                 self.counts["cached"] += 1
                 return _SKIP
             return Decision(Action.EMIT, item, Outcome.from_stored(stored), True)
         assert rec.hash is not None
+        if self.checkpoint.batched(self.fp, rec.hash) is not None:
+            # its request waits in a Gemini Batch API job: neither sent again nor live
+            self.counts["in_batch"] += 1
+            return _SKIP
+        self.counts["processed"] += 1
         if opts.dry_run:
             return Decision(Action.DRY, item)
         if rec.hash in self._waiting:

@@ -52,6 +52,8 @@ class RunSummary:
     total: int | None = None  # --limit: items this run processes at most
     listed: int | None = None  # files found by the listing-only count, once it has ended
     executor: str = "local"
+    #: a --batch run's submitted / jobs / pending / collected counts (None: a live run)
+    batch: Counter[str] | None = None
 
     @property
     def failed(self) -> int:
@@ -102,6 +104,8 @@ class RunSummary:
             "images_per_min": round(self.images_per_min, 1),
             "exit_code": self.exit_code,
             "total": self.expected_total(),
+            "mode": "live" if self.batch is None else "batch",
+            **({} if self.batch is None else {"batch": dict(self.batch)}),
         }
 
 
@@ -119,6 +123,19 @@ def summary_lines(s: RunSummary, scanned: int) -> list[str]:
         f"{s.counts['cached']:,} from stored results, {s.counts['skipped']:,} unchanged "
         f"(of {scanned:,} files) in {s.elapsed:.1f}s, {s.images_per_min:,.0f} images/min"
     ]
+    if s.counts["in_batch"]:
+        lines.append(
+            f"{s.counts['in_batch']:,} waiting in Gemini Batch API jobs (`analyze --batch` "
+            "collects them)"
+        )
+    if s.batch is not None:
+        b = s.batch
+        lines.append(
+            f"submitted {b['submitted']:,} requests in {b['jobs']:,} jobs; {b['pending']:,} "
+            f"jobs pending; collected {b['collected']:,} items"
+            + (f"; {b['deferred']:,} left for a later run" if b["deferred"] else "")
+            + " (the Batch API price applies: half of live)"
+        )
     if s.errors:
         lines.append("errors: " + ", ".join(f"{c} {n}" for c, n in s.errors.most_common()))
     if s.input_tokens or s.output_tokens:
@@ -223,6 +240,8 @@ class Recorder:
         out["input_tokens"] = outcome.input_tokens
         out["output_tokens"] = outcome.output_tokens
         out["latency_ms"] = 0 if cached else outcome.latency_ms
+        if outcome.batch:
+            out["batch"] = True
         self.sink.write(json_line(out))
 
     def would_send(

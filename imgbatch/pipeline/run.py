@@ -19,6 +19,7 @@ from imgbatch.config import Settings, results_dir, state_dir
 from imgbatch.errors import FatalError, ImgbatchError, UsageError
 from imgbatch.hashcache import HashCache
 from imgbatch.output import JsonlSink, Progress
+from imgbatch.pipeline.batch import BatchRun
 from imgbatch.pipeline.execute import Abandoned, Analyzer, Engine, Limiter, make_engine
 from imgbatch.pipeline.items import Outcome, RunOptions, WorkItem
 from imgbatch.pipeline.plan import Action, Planner
@@ -265,6 +266,8 @@ def analyze_root(
             if name == "local"
             else " (an API key is configured)",
         )
+    if options.batch and name != "gemini":
+        raise UsageError(f"--batch needs the gemini provider (the Gemini Batch API), not {name}")
     check_root(root)  # before anything is created
     provider = base.create(name, settings)
     limiter = None
@@ -289,7 +292,9 @@ def analyze_root(
                 log.warning("an earlier run was killed; resuming where it stopped")
             hash_cache = HashCache(state / "hashcache") if settings.hash_cache else None
             try:
-                pipeline = Pipeline(
+                # --batch: Gemini Batch API jobs (a dry run is the same either way)
+                batch = options.batch and not options.dry_run
+                pipeline = (BatchRun if batch else Pipeline)(
                     root,
                     settings,
                     options,

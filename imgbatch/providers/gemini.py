@@ -311,6 +311,26 @@ class GeminiProvider:
             extra={"upload_bytes": upload_bytes},
         )
 
+    # -- for the Batch API mode (providers/gemini_batch.py) ----------------------------
+
+    def client(self, index: int) -> genai.Client:
+        """The SDK client of key `index` (built once)."""
+        return self._client(index)
+
+    def classify(self, exc: genai_errors.APIError, index: int) -> Exception:
+        """What an error answer to a request made with key `index` means, as for a live
+        request (the key pool learns from it too)."""
+        return self._classify(exc, index)
+
+    def parse_answer(self, raw: dict[str, Any]) -> Analysis:
+        """An answer in its REST JSON form (a Batch API results line's `response`), read as
+        a live answer is: ItemError for a blocked, empty or malformed one."""
+        try:  # _from_response drops fields this SDK does not know, as its own calls do
+            resp = types.GenerateContentResponse._from_response(response=raw, kwargs={})
+        except ValueError:  # pydantic's ValidationError
+            raise ItemError(ErrorCode.AI_ERROR, "an answer the SDK cannot read") from None
+        return self._parse(resp, 0)
+
     def close(self) -> None:
         with self._lock:
             for client in self._clients.values():

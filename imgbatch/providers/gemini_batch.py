@@ -1,0 +1,340 @@
+"""The Gemini Batch API (`analyze --batch`): request lines, input files, jobs, results.
+
+Beside providers/gemini.py, the only module that imports the Gemini SDK. It reuses that
+provider's requests (prompt, schema, generation settings, upload encoding: a batch
+result is stored under the same settings fingerprint as a live one, so either serves
+the other), its key pool and its classification of error answers.
+
+The SDK does the talking: the Files API's resumable upload, creating, deleting and
+downloading. Where its types fall short of what the server answers (google-genai 3.6.1:
+`BatchJob` drops `batchStats`, `done` and a top-level `error`; a per-line error with
+`details` objects makes `batches.get` raise), the job is read as raw JSON through the
+same client.
+
+Errors, for the caller (pipeline/batch.py):
+- `NotFound`: a job or file the server does not know (deleted, expired, or a results
+  file not downloadable yet);
+- `Unavailable`: a 429, a 5xx, a timeout or a network error: try again later (a 429 on
+  upload or create leaves the rest of the submission for the next run);
+- an `ImgbatchError` stops the run as a live request's would: the daily quota
+  (QuotaExhaustedError), every key rejected (AuthError), an unknown model (ConfigError).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
+
+from imgbatch.errors import ErrorCode, ImgbatchError, ItemError
+from imgbatch.providers.base import Analysis, Failover
+from imgbatch.providers.gemini import _TIMEOUTS, _TRANSPORT, GeminiProvider
+from imgbatch.providers.prompt import DEFAULT_SCHEMA
+
+log = logging.getLogger("imgbatch")
+
+T = TypeVar("T")
+
+#: a request file stays under this size (Google takes input files up to 2 GB)
+MAX_FILE_BYTES = 100 * 1024 * 1024
+MIME_TYPE = "application/jsonl"  # Python's mimetypes has no .jsonl
+#: job states (the API's BATCH_STATE_* without the prefix) after which nothing changes
+ENDED = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED"})
+#: gRPC codes a results line may carry instead of an HTTP status, by name
+_GRPC = {
+    1: "CANCELLED",
+    2: "UNKNOWN",
+    3: "INVALID_ARGUMENT",
+    4: "DEADLINE_EXCEEDED",
+    5: "NOT_FOUND",
+    7: "PERMISSION_DENIED",
+    8: "RESOURCE_EXHAUSTED",
+    9: "FAILED_PRECONDITION",
+    10: "ABORTED",
+    13: "INTERNAL",
+    14: "UNAVAILABLE",
+    16: "UNAUTHENTICATED",
+}
+_HTTP = {429: "RESOURCE_EXHAUSTED", 504: "DEADLINE_EXCEEDED", 503: "UNAVAILABLE", 500: "INTERNAL"}
+_MEDIA = {
+    "low": "MEDIA_RESOLUTION_LOW",
+    "medium": "MEDIA_RESOLUTION_MEDIUM",
+    "high": "MEDIA_RESOLUTION_HIGH",
+}
+
+
+class NotFound(Exception):
+    """The server does not know this job or file (or not yet: a results file)."""
+
+
+class Unavailable(Exception):
+    """Not now: a 429, a 5xx, a timeout or a network error. `rate_limited`: a 429;
+    `failover`: the key's own trouble (rejected, or cooling down while another is ready)."""
+
+    def __init__(self, message: str, rate_limited: bool = False, failover: bool = False) -> None:
+        super().__init__(message)
+        self.rate_limited = rate_limited
+        self.failover = failover
+
+
+@dataclass
+class JobStatus:
+    """A job as the server describes it (read from its raw JSON)."""
+
+    name: str
+    display_name: str
+    state: str  # PENDING | RUNNING | SUCCEEDED | FAILED | CANCELLED | EXPIRED
+    results_file: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)  # requests, pending, succeeded, failed
+    error: str | None = None  # a FAILED job's reason
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED
+
+    @classmethod
+    def from_json(cls, op: dict[str, Any]) -> JobStatus:
+        meta = op.get("metadata") if isinstance(op.get("metadata"), dict) else {}
+        assert isinstance(meta, dict)
+        state = str(meta.get("state") or "PENDING")
+        state = state.removeprefix("BATCH_STATE_").removeprefix("JOB_STATE_")
+        output = meta.get("output") or op.get("response") or {}
+        results = output.get("responsesFile") if isinstance(output, dict) else None
+        stats = meta.get("batchStats") if isinstance(meta.get("batchStats"), dict) else {}
+        assert isinstance(stats, dict)
+        counts = {}
+        for ours, theirs in (
+            ("requests", "requestCount"),
+            ("pending", "pendingRequestCount"),
+            ("succeeded", "successfulRequestCount"),
+            ("failed", "failedRequestCount"),
+        ):
+            try:  # counts come as strings (int64 in JSON)
+                counts[ours] = int(stats.get(theirs) or 0)
+            except (TypeError, ValueError):
+                counts[ours] = 0
+        error = op.get("error")
+        return cls(
+            name=str(op.get("name") or meta.get("name") or ""),
+            display_name=str(meta.get("displayName") or ""),
+            state=state,
+            results_file=str(results) if results else None,
+            counts=counts,
+            error=str(error.get("message") or error) if isinstance(error, dict) else None,
+        )
+
+
+def key_id(key: str) -> str:
+    """A name for an API key that is not the key (recorded with a job, whose project
+    must be asked about it later)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+class GeminiBatch:
+    """The Batch API with the keys, requests and answers of a `GeminiProvider`."""
+
+    def __init__(self, provider: GeminiProvider) -> None:
+        self.provider = provider
+        self._indexes: dict[str, int] = {}  # key_id -> pool index, for every configured key
+        index = 0
+        while True:
+            try:
+                self._indexes.setdefault(key_id(provider.pool.key(index)), index)
+            except IndexError:
+                break
+            index += 1
+
+    # -- request lines -------------------------------------------------------------
+
+    def _request_template(self) -> dict[str, Any]:
+        """A request without its image: the live request's prompt and settings, in the
+        REST form of generateContent."""
+        p, s = self.provider, self.provider.settings
+        config: dict[str, Any] = {
+            "responseMimeType": "application/json",
+            "temperature": s.gemini_temperature,
+            "maxOutputTokens": s.gemini_max_output_tokens,
+        }
+        if p.json_schema is not None:
+            config["responseJsonSchema"] = p.json_schema
+        else:
+            config["responseSchema"] = DEFAULT_SCHEMA
+        if s.gemini_media_resolution:
+            config["mediaResolution"] = _MEDIA[s.gemini_media_resolution]
+        return {
+            "contents": [{"role": "user", "parts": ["IMAGE", {"text": p.prompt}]}],
+            "generationConfig": config,
+        }
+
+    def request_line(self, key: str, encoded: tuple[bytes, str]) -> bytes:
+        """One line of a request file: `{"request": ..., "key": key}` with the image."""
+        data, mime = encoded
+        image = {"inlineData": {"mimeType": mime, "data": base64.b64encode(data).decode()}}
+        request = self._request_template()
+        request["contents"][0]["parts"][0] = image
+        line = {"key": key, "request": request}
+        return json.dumps(line, separators=(",", ":")).encode() + b"\n"
+
+    # -- answers -------------------------------------------------------------------
+
+    def answer(self, line: dict[str, Any]) -> Analysis:
+        """The analysis in one results line; ItemError for an error line (classified as
+        a live failure: a gRPC code or an HTTP status), or a blocked, empty or malformed
+        answer."""
+        error = line.get("error")
+        if isinstance(error, dict):
+            raise _line_error(error, self.provider.pool.scrub)
+        response = line.get("response")
+        if not isinstance(response, dict):
+            raise ItemError(ErrorCode.AI_ERROR, "batch results line without a response")
+        return self.provider.parse_answer(response)
+
+    # -- files and jobs --------------------------------------------------------------
+
+    def upload(self, path: Path, display_name: str) -> tuple[str, str]:
+        """Upload a request file (resumable, in 8 MiB chunks); returns its Files API name
+        and the id of the key whose project now holds it (see `key_id`). A key's own
+        trouble moves on to the next key; none left is the pool's run-level error."""
+        config = types.UploadFileConfig(mime_type=MIME_TYPE, display_name=display_name)
+        while True:
+            index = self.provider.pool.pick()
+            try:
+                uploaded = self._call(
+                    "uploading the request file",
+                    index,
+                    lambda c: c.files.upload(file=path, config=config),
+                )
+                break
+            except Unavailable as exc:
+                if not exc.failover:
+                    raise
+        if not uploaded.name:
+            raise Unavailable("the Files API answered an upload without a file name")
+        return uploaded.name, key_id(self.provider.pool.key(index))
+
+    def create(self, file_name: str, display_name: str, key: str) -> JobStatus:
+        """Create a job over an uploaded request file. Not idempotent: the caller records
+        its intent (the display name) first, and looks it up (`find`) after a crash."""
+
+        def create(client: genai.Client) -> JobStatus:
+            job = client.batches.create(
+                model=self.provider.model, src=file_name, config={"display_name": display_name}
+            )
+            state = str(getattr(job.state, "value", job.state) or "PENDING")
+            return JobStatus(
+                job.name or "", display_name, state.removeprefix("JOB_STATE_"), None, {}
+            )
+
+        return self._call("creating the batch job", self._index(key), create, not_found=True)
+
+    def find(self, display_name: str, key: str) -> JobStatus | None:
+        """The job created under `display_name` (listed by the project of key `key`), or
+        None: how a submission killed around its `create` learns whether it happened."""
+        token = ""
+        while True:
+            page = self._raw("listing batch jobs", key, "get", f"batches?pageSize=100{token}")
+            for op in page.get("operations") or []:
+                if isinstance(op, dict):
+                    status = JobStatus.from_json(op)
+                    if status.display_name == display_name:
+                        return status
+            nxt = page.get("nextPageToken")
+            if not nxt:
+                return None
+            token = f"&pageToken={nxt}"
+
+    def status(self, name: str, key: str) -> JobStatus:
+        """Poll one job (raw JSON: see the module docstring)."""
+        return JobStatus.from_json(self._raw("polling the batch job", key, "get", name))
+
+    def download(self, file_name: str, key: str, destination: Path) -> None:
+        """Stream a results file to `destination`; NotFound while it cannot be
+        downloaded (a job has been seen SUCCEEDED before its results file was)."""
+        self._call(
+            "downloading the results",
+            self._index(key),
+            lambda c: c.files.download(file=file_name, destination=str(destination)),
+            not_found=True,
+        )
+
+    def delete_file(self, file_name: str, key: str) -> None:
+        """Delete an input file (Files API storage is capped per project); best effort:
+        it expires after 48 hours anyway."""
+        try:
+            self._call("deleting", self._index(key), lambda c: c.files.delete(name=file_name))
+        except (NotFound, Unavailable) as exc:
+            log.debug("could not delete %s: %s", file_name, exc)
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def _index(self, key: str) -> int:
+        """The pool index of the key named `key` (see `key_id`), or the next key if that
+        one is no longer configured."""
+        index = self._indexes.get(key)
+        return self.provider.pool.pick() if index is None else index
+
+    def _raw(self, what: str, key: str, method: str, path: str) -> dict[str, Any]:
+        def request(client: genai.Client) -> dict[str, Any]:
+            # the SDK's own transport (base URL, key, timeout), without its types
+            answer = client._api_client.request(method, path, {})
+            body = json.loads(answer.body or "{}")
+            if not isinstance(body, dict):
+                raise Unavailable(f"{what}: the answer is not a JSON object")
+            return body
+
+        return self._call(what, self._index(key), request, not_found=True)
+
+    def _call(
+        self, what: str, index: int, fn: Callable[[genai.Client], T], not_found: bool = False
+    ) -> T:
+        """`fn(client of key index)`, its failures as NotFound, Unavailable or a run-level
+        ImgbatchError (never the key itself in a message)."""
+        try:
+            return fn(self.provider.client(index))
+        except genai_errors.APIError as exc:
+            if exc.code == 404 and not_found:
+                raise NotFound(f"{what}: 404 {exc.message or ''}".strip()) from None
+            error = self.provider.classify(exc, index)
+            if isinstance(error, ImgbatchError):
+                raise error from None
+            message = self.provider.pool.scrub(f"{what}: {error}")
+            rate_limited = isinstance(error, ItemError) and error.code is ErrorCode.RATE_LIMIT
+            raise Unavailable(message, rate_limited, isinstance(error, Failover)) from None
+        except _TIMEOUTS:
+            raise Unavailable(f"{what}: no answer in time") from None
+        except _TRANSPORT as exc:
+            raise Unavailable(f"{what}: network error: {type(exc).__name__}") from None
+        except (ValueError, KeyError) as exc:  # an answer the SDK cannot read
+            raise Unavailable(f"{what}: unexpected answer ({type(exc).__name__})") from None
+
+
+def _line_error(error: dict[str, Any], scrub: Callable[[str], str]) -> ItemError:
+    """A results line's `error` as a live failure: RESOURCE_EXHAUSTED (gRPC 8, HTTP 429)
+    is RATE_LIMIT, DEADLINE_EXCEEDED (4, 504) TIMEOUT, anything else AI_ERROR; all three
+    are transient, so the next run submits the item again."""
+    raw = error.get("code")
+    try:
+        code = int(raw) if raw is not None else None
+    except (TypeError, ValueError):
+        code = None
+    name = str(error.get("status") or "")
+    if code is not None and not name:
+        name = _GRPC.get(code, "") if code < 100 else _HTTP.get(code, "")
+    if name == "RESOURCE_EXHAUSTED":
+        kind = ErrorCode.RATE_LIMIT
+    elif name == "DEADLINE_EXCEEDED":
+        kind = ErrorCode.TIMEOUT
+    else:
+        kind = ErrorCode.AI_ERROR
+    message = str(error.get("message") or "")
+    status = " ".join(str(x) for x in (code, name) if x not in (None, ""))
+    return ItemError(kind, scrub(f"batch request failed ({status or '?'}): {message}".strip()))

@@ -1,0 +1,451 @@
+"""`imgbatch serve`: the runs API, its event stream (Server-Sent Events) and the dashboard.
+
+Starlette and uvicorn, sse-starlette for the stream: the `imgbatch[serve]` extra. The
+runs themselves live in runs.py; this module is HTTP only: routes, request validation,
+and the rules every request passes first (`Guard`):
+
+- the `Host` header must name the address and port the server is bound to (DNS
+  rebinding: a foreign page whose name resolves to 127.0.0.1 gets nothing), unless it is
+  bound to every address (0.0.0.0, ::), which needs a token anyway;
+- with a token (required off loopback), every `/api/` request carries it as a bearer
+  token, compared in constant time; the page (`GET /`) needs none;
+- a POST must come from this origin (an `Origin` header, when sent, naming this server)
+  and carry `application/json`, which no cross-site form can send without a preflight.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from imgbatch.errors import ImgbatchError, LockHeldError, UsageError
+from imgbatch.web import static
+from imgbatch.web.report import MAX_THUMBNAILS, SCRIPT_HASH, Report
+from imgbatch.web.runs import OPTIONS, Runs, ServedRun, StartError
+
+log = logging.getLogger("imgbatch")
+
+MAX_BODY = 64 * 1024  # bytes of a request body at most
+PAGE_LIMIT, MAX_PAGE = 100, 1000  # items per page of /items: default, at most
+POLL = 0.1  # seconds between looks at a run's new events, per open stream
+PING = 15  # seconds between heartbeat comments on an open stream
+#: the dashboard's policy; it also allows the report's script (by hash), its inline
+#: styles and data: images, since a report opened from the page as a blob: URL
+#: inherits this policy
+PAGE_CSP = (
+    f"default-src 'none'; script-src 'self' {SCRIPT_HASH}; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+PAGE_HEADERS = {
+    "Content-Security-Policy": PAGE_CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+_ASSETS = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
+
+
+class Problem(Exception):
+    """A request refused: its HTTP status and one line saying why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    # "replace": a lone surrogate (a name that is not UTF-8) never makes the answer fail
+    return Response(
+        body.encode("utf-8", "replace"),
+        status,
+        {"Cache-Control": "no-store", **(headers or {})},
+        "application/json",
+    )
+
+
+def _problem(status: int, message: str) -> Response:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return _json({"error": message}, status, headers)
+
+
+# -- the rules every request passes ------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def allowed_hosts(host: str, port: int) -> frozenset[str] | None:
+    """The `Host` headers this server answers (lower case), or None for any (bound to
+    every address: a token guards it)."""
+    if _is_wildcard(host):
+        return None
+    names = {host, "localhost"} if is_loopback(host) else {host}
+    out = set()
+    for name in names:
+        literal = f"[{name}]" if ":" in name else name
+        out.add(f"{literal}:{port}".lower())
+        if port == 80:
+            out.add(literal.lower())
+    return frozenset(out)
+
+
+class Guard:
+    """The rules above, before any route (a pure ASGI middleware, so streams pass
+    through untouched)."""
+
+    def __init__(self, app: ASGIApp, hosts: frozenset[str] | None, token: str | None) -> None:
+        self.app = app
+        self.hosts = hosts
+        self.token = token.encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = self._check(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _check(self, scope: Scope) -> Response | None:
+        headers = Headers(scope=scope)
+        host = headers.get("host", "").lower()
+        if self.hosts is not None and host not in self.hosts:
+            return _problem(400, f"this server does not answer for Host {host!r}")
+        if self.token is not None and scope["path"].startswith("/api/"):
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            valid = scheme.lower() == "bearer" and hmac.compare_digest(
+                given.strip().encode(), self.token
+            )
+            if not valid:
+                return _problem(401, "a bearer token is required (Authorization: Bearer ...)")
+        if scope["method"] == "POST":
+            origin = headers.get("origin")
+            if origin is not None and origin.lower() != f"http://{host}":
+                return _problem(403, f"cross-origin request refused (Origin {origin})")
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return _problem(415, "the body of a POST must be application/json")
+        return None
+
+
+def allowed_root(root: str, allowed: list[str]) -> str | None:
+    """ROOT resolved (symlinks, `..`) if it is one of the allowed folders or inside one,
+    else None. `allowed` holds resolved paths; a sibling such as `DIR-evil` is not
+    inside `DIR`."""
+    real = os.path.realpath(root)
+    for folder in allowed:
+        if os.path.commonpath([real, folder]) == folder:
+            return real
+    return None
+
+
+# -- the API -----------------------------------------------------------------------
+
+
+def _run_options(body: Any) -> tuple[str, dict[str, Any]]:
+    """ROOT and the options of a POST /api/runs body; a Problem (422) for anything else
+    than the known fields of the right types."""
+    if not isinstance(body, dict):
+        raise Problem(422, "the body must be a JSON object")
+    unknown = sorted(set(body) - {"root", *OPTIONS})
+    if unknown:
+        raise Problem(
+            422,
+            f"unknown field {unknown[0]!r}; the fields are root, " + ", ".join(OPTIONS),
+        )
+    root = body.get("root")
+    if not isinstance(root, str) or not root:
+        raise Problem(422, "root is required: the folder to analyse, as a string")
+    if not os.path.isabs(root):
+        raise Problem(422, f"root must be an absolute path, not {root!r}")
+    options: dict[str, Any] = {}
+    for name, kind in OPTIONS.items():
+        if name not in body or body[name] is None:
+            continue
+        value: Any = body[name]
+        # bool is an int in Python, not in JSON: true is no worker count
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise Problem(422, f"{name} must be {_KIND_NAMES[kind]}, not {json.dumps(value)}")
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise Problem(422, f"{name} must be at least 1, not {value}")
+        options[name] = value
+    return root, options
+
+
+_KIND_NAMES = {str: "a string", int: "a whole number", bool: "true or false"}
+
+
+async def _body(request: Request) -> Any:
+    size = 0
+    chunks = []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise Problem(413, f"the body is over {MAX_BODY:,} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks) or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Problem(422, f"the body is not valid JSON: {exc}") from None
+
+
+class Api:
+    """The routes, over the server's runs."""
+
+    def __init__(self, runs: Runs, allowed: list[str]) -> None:
+        self.runs = runs
+        self.allowed = allowed
+
+    def _run(self, request: Request) -> ServedRun:
+        run = self.runs.get(request.path_params["run_id"])
+        if run is None:
+            raise Problem(404, f"no run {request.path_params['run_id']} on this server")
+        return run
+
+    async def list_runs(self, request: Request) -> Response:
+        runs = await run_in_threadpool(lambda: [r.status() for r in self.runs.all()])
+        return _json({"runs": runs})
+
+    async def start(self, request: Request) -> Response:
+        root, options = _run_options(await _body(request))
+        real = allowed_root(root, self.allowed)
+        if real is None:
+            raise Problem(403, f"{root} is not under a folder this server allows (--allow-root)")
+        if not os.path.isdir(real):
+            raise Problem(422, f"{root} is not a folder")
+        try:
+            run = await run_in_threadpool(self.runs.start, real, options)
+        except (StartError, ImgbatchError) as exc:
+            error = exc.error if isinstance(exc, StartError) else exc
+            status = 500
+            if isinstance(error, LockHeldError):
+                status = 409
+            elif isinstance(error, UsageError):  # a bad setting, an unknown provider
+                status = 422
+            raise Problem(status, str(error)) from None
+        body = await run_in_threadpool(run.status)
+        return _json(body, 202, {"Location": f"/api/runs/{run.id}"})
+
+    async def get(self, request: Request) -> Response:
+        run = self._run(request)
+        return _json(await run_in_threadpool(run.status))
+
+    async def cancel(self, request: Request) -> Response:
+        run = self._run(request)
+        if not await run_in_threadpool(run.cancel):
+            raise Problem(409, f"run {run.id} has already ended")
+        return _json(await run_in_threadpool(run.status), 202)
+
+    async def items(self, request: Request) -> Response:
+        run = self._run(request)
+        q = request.query_params
+        status = q.get("status") or None
+        if status not in (None, "ok", "error"):
+            raise Problem(422, "status must be ok or error")
+        limit = _int_param(q.get("limit"), "limit", PAGE_LIMIT, 1, MAX_PAGE)
+        offset = _int_param(q.get("cursor"), "cursor", 0, 0, None)
+        items, following = await run_in_threadpool(run.items, status, limit, offset)
+        return _json({"items": items, "next_cursor": None if following is None else str(following)})
+
+    async def events(self, request: Request) -> Response:
+        run = self._run(request)
+        raw = request.headers.get("last-event-id", "").strip()
+        last = int(raw) if raw.isdigit() else 0
+        done = run.done_id
+        if done is not None and last >= done:
+            return Response(status_code=204)  # all seen: a browser stops reconnecting
+
+        async def stream() -> AsyncIterator[ServerSentEvent]:
+            cursor = last
+            while True:
+                for event in run.events_after(cursor):
+                    cursor = event.id
+                    data = json.dumps(event.data, ensure_ascii=False, separators=(",", ":"))
+                    yield ServerSentEvent(data=data, event=event.name, id=str(event.id))
+                    if event.name == "done":
+                        return
+                await anyio.sleep(POLL)
+
+        return EventSourceResponse(stream(), ping=PING, headers={"Cache-Control": "no-store"})
+
+    async def report(self, request: Request) -> Response:
+        run = self._run(request)
+        cap = _int_param(
+            request.query_params.get("max_thumbnails"), "max_thumbnails", MAX_THUMBNAILS, 0, None
+        )
+        report = Report(run.state_folder, run.results, cap)
+        if not (run.state_folder / "checkpoint").is_dir():
+            raise Problem(409, f"run {run.id} has recorded nothing yet")
+        return StreamingResponse(
+            report.chunks(),
+            media_type="text/html; charset=utf-8",
+            headers={"Content-Disposition": 'inline; filename="report.html"', **PAGE_HEADERS},
+        )
+
+    async def page(self, request: Request) -> Response:
+        return Response(static("dashboard.html"), 200, PAGE_HEADERS, "text/html; charset=utf-8")
+
+    async def asset(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in _ASSETS:
+            raise Problem(404, "not found")
+        return Response(static(name), 200, PAGE_HEADERS, _ASSETS[name] + "; charset=utf-8")
+
+
+def _int_param(raw: str | None, name: str, default: int, low: int, high: int | None) -> int:
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or int(raw) < low or (high is not None and int(raw) > high):
+        bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise Problem(422, f"{name} must be a whole number {bounds}, not {raw!r}")
+    return int(raw)
+
+
+def _route(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Problem as exc:
+            return _problem(exc.status, exc.message)
+
+    return endpoint
+
+
+def create_app(
+    runs: Runs, allowed: list[str], hosts: frozenset[str] | None, token: str | None
+) -> ASGIApp:
+    """The ASGI application: routes behind the Guard; stopping it stops the live runs."""
+    api = Api(runs, allowed)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(runs.close)  # items taken are committed, the lock released
+
+    routes = [
+        Route("/", _route(api.page), methods=["GET"]),
+        Route("/static/{name}", _route(api.asset), methods=["GET"]),
+        Route("/api/runs", _route(api.list_runs), methods=["GET"]),
+        Route("/api/runs", _route(api.start), methods=["POST"]),
+        Route("/api/runs/{run_id:int}", _route(api.get), methods=["GET"]),
+        Route("/api/runs/{run_id:int}/cancel", _route(api.cancel), methods=["POST"]),
+        Route("/api/runs/{run_id:int}/items", _route(api.items), methods=["GET"]),
+        Route("/api/runs/{run_id:int}/events", _route(api.events), methods=["GET"]),
+        Route("/api/runs/{run_id:int}/report", _route(api.report), methods=["GET"]),
+    ]
+    return Guard(Starlette(routes=routes, lifespan=lifespan), hosts, token)
+
+
+# -- serving ---------------------------------------------------------------------
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one); a UsageError when it cannot
+    be had, before anything else starts."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot listen on {host}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    host: str,
+    port: int,
+    allow_roots: list[str],
+    token: str | None = None,
+    config: str | None = None,
+    access_log: bool = False,
+) -> None:
+    """Serve the API and the dashboard until SIGINT/SIGTERM; then stop the live runs.
+
+    Args:
+        host: the address to bind; anything but loopback needs `token`.
+        port: the port (0: any free one; the address is logged).
+        allow_roots: the folders whose trees may be analysed (none: every run refused).
+        token: the bearer token every /api/ request must carry.
+        config: the config file the runs read.
+        access_log: log every request on stderr.
+    """
+    import uvicorn
+
+    if not is_loopback(host) and not token:
+        raise UsageError(
+            f"serving on {host} (not loopback) needs a token: --token or IMGBATCH_SERVE_TOKEN"
+        )
+    allowed = []
+    for folder in allow_roots:
+        real = os.path.realpath(folder)
+        if not os.path.isdir(real):
+            raise UsageError(f"--allow-root {folder}: not a folder")
+        allowed.append(real)
+    sock = listen(host, port)
+    port = sock.getsockname()[1]
+    runs = Runs(config)
+    app = create_app(runs, allowed, allowed_hosts(host, port), token)
+    shown = f"[{host}]" if ":" in host else host
+    log.info(
+        "serving on http://%s:%d/ (the dashboard; the API under /api/)%s",
+        shown,
+        port,
+        f"; open it as http://{shown}:{port}/#token=YOUR_TOKEN" if token else "",
+    )
+    if not allowed:
+        log.warning("no --allow-root given: every run will be refused")
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=access_log,
+            proxy_headers=False,
+            server_header=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+    )
+    server.run(sockets=[sock])
