@@ -372,7 +372,7 @@ def analyze(
             "--executor",
             envvar="IMGBATCH_EXECUTOR",
             help="local (threads here) | dask (a Dask cluster; pip install "
-            "'imgbatch[dask]') (default: local).",
+            "'imgbatch\\[dask]') (default: local).",
         ),
     ] = None,
     dask_scheduler: Annotated[
@@ -699,8 +699,8 @@ def export(
         str,
         typer.Option(
             "--format",
-            help="jsonl | csv | parquet (needs --output; pip install 'imgbatch[parquet]') | "
-            "xmp (a sidecar beside each image; pip install 'imgbatch[xmp]').",
+            help="jsonl | csv | parquet (needs --output; pip install 'imgbatch\\[parquet]') | "
+            "xmp (a sidecar beside each image; pip install 'imgbatch\\[xmp]').",
         ),
     ] = "jsonl",
     output: Annotated[

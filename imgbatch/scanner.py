@@ -79,9 +79,12 @@ WORKER_JOB_FOLDERS = 64  # folders per job sent to a worker, at most
 QUEUED_PER_WORKER = 2  # jobs sent to a worker and not yet answered, at most
 #: worker processes are started once this many files, and this many seconds, went by
 #: inline: a tree scanned in less never pays for them (each costs ~50 ms of CPU to
-#: start, and a re-scan from the hash cache does ~200k files a second inline)
+#: start, and a re-scan from the hash cache does ~150k files a second inline); and only
+#: while a core is idle (the load average leaves SPARE_CORE of one): on a busy machine
+#: they only add their overhead, as the kernel runs them instead of the scan
 PROCS_AFTER = 5000
 PROCS_AFTER_SECONDS = 0.25
+SPARE_CORE = 0.75
 
 _SKIP_LINK, _SKIP_OTHER, _SKIP_VISITED = "symlink", "not a regular file", "folder already visited"
 
@@ -217,6 +220,14 @@ def cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def spare_cores() -> float:
+    """Cores left idle by the machine's load (its 1-minute average)."""
+    try:
+        return cores() - os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average here: assume the cores are ours
+        return float(cores())
 
 
 class Scanner:
@@ -423,7 +434,7 @@ class Scanner:
         workers: _Workers | None = None
         inline_files = 0
         ramp = 1  # files in the next job run inline, doubling up to JOB_FILES
-        started = time.perf_counter()
+        next_look = time.perf_counter() + PROCS_AFTER_SECONDS  # whether to start workers
         pending: list[Segment] = []  # segments of the next job for the workers
         pending_opens: list[_Open] = []
         pending_lasts: list[bool] = []
@@ -582,9 +593,11 @@ class Scanner:
                     workers is None
                     and self._procs
                     and inline_files >= PROCS_AFTER
-                    and time.perf_counter() - started >= PROCS_AFTER_SECONDS
+                    and time.perf_counter() >= next_look
                 ):
-                    workers = _Workers(self._procs)
+                    next_look = time.perf_counter() + 1.0  # the load changes slowly
+                    if spare_cores() >= SPARE_CORE:
+                        workers = _Workers(self._procs)
                 busy = workers is not None and workers.ready()
                 k = 0
                 while True:
@@ -608,6 +621,7 @@ class Scanner:
                         if pending_files >= WORKER_JOB_FILES or len(pending) >= WORKER_JOB_FOLDERS:
                             flush_pending()
                     else:
+                        flush_pending()  # a worker was lost: what waited for one goes first
                         inline_files += len(seg[1])
                         dispatch(([seg], follow, lines), [opened], [last])
                     yield from pop()

@@ -63,7 +63,9 @@ class Planner:
     def decide(self, rec: FileRecord) -> Decision:
         """What one scanned file needs."""
         opts = self.options
-        rel_dir, _, name = rec.path[self._root_len :].rpartition("/")
+        path, start = rec.path, self._root_len
+        cut = path.rfind("/")  # ROOT "/" rel_dir "/" name, or ROOT "/" name
+        rel_dir, name = path[start:cut] if cut >= start else "", path[cut + 1 :]
         state = self.checkpoint.state(self.fp, rel_dir, name)
         if (  # the common case of a re-run, first and cheapest: unchanged and done
             state is not None

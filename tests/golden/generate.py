@@ -222,7 +222,7 @@ CASES = [
         build_mixed,
         SCAN,
         rerun=(),
-        variants=(("--hash-threads", "1"), ("--no-hash-cache",)),
+        variants=(("--hash-threads", "1"), ("--no-hash-cache",), ("--hash-procs", "1")),
     ),
     Case("scan-mixed-all", build_mixed, (*SCAN, "--all-files", "--include-hidden"), rerun=()),
     Case("scan-mixed-follow", build_mixed, (*SCAN, "--follow-symlinks", "--all-files"), rerun=()),
@@ -237,7 +237,7 @@ CASES = [
         build_many,
         (*SCAN, "--all-files"),
         rerun=(),
-        variants=(("--hash-threads", "1"),),
+        variants=(("--hash-threads", "1"), ("--hash-procs", "2")),
     ),
     # analyze writes lines as items finish (even one worker's: two done at once come in
     # any order), so its lines are kept sorted
