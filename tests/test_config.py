@@ -69,14 +69,14 @@ def test_wrong_types_and_values_are_config_errors(tmp_path: Path) -> None:
 
 
 def test_api_keys_never_show_in_the_settings_repr(tmp_path: Path) -> None:
-    cfg = write(tmp_path / "c.toml", '[gemini]\napi_keys = ["AIzaFROMFILE"]\n')
-    env = {"IMGBATCH_GEMINI_API_KEYS": "AIzaFROMENV1, AIzaFROMENV2"}
+    cfg = write(tmp_path / "c.toml", '[gemini]\napi_keys = ["test-key-FROMFILE"]\n')
+    env = {"IMGBATCH_GEMINI_API_KEYS": "test-key-FROMENV1, test-key-FROMENV2"}
     from_env = load_settings(None, {}, env)
     from_file = load_settings(cfg, {}, {})
-    assert from_env.gemini_api_keys == ("AIzaFROMENV1", "AIzaFROMENV2")  # still usable
+    assert from_env.gemini_api_keys == ("test-key-FROMENV1", "test-key-FROMENV2")  # still usable
     for settings in (from_env, from_file, from_env.replace(workers=2)):
         for text in (repr(settings), str(settings), f"{settings}", repr({"s": [settings]})):
-            assert "AIza" not in text
+            assert "test-key-" not in text
     assert "gemini_api_keys=('***', '***'), gemini_model=" in repr(from_env)
     assert "gemini_api_keys=()" in repr(Settings())  # no key: nothing to hide
     assert "workers=4" in repr(from_env)  # the rest is shown as it was

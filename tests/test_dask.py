@@ -204,7 +204,7 @@ def test_no_api_key_travels_to_the_cluster(cluster: Cluster, tmp_path: Path) -> 
     cluster.add_worker()
     cluster.wait_for_workers(1)
     root = photos(tmp_path / "photos", 3)
-    secret = "AIzaSy-not-a-real-key-but-a-secret-7d1e"
+    secret = "test-key-SECRET-dask-7d1e0123456789"
     res = run_cli(
         ["analyze", str(root), "--provider", "local", "--executor", "dask"]
         + ["--dask-scheduler", cluster.address],

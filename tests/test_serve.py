@@ -23,7 +23,7 @@ from PIL import Image
 from tests.browser import Page
 from tests.conftest import REPO, make_image, run_cli
 
-SECRET = "AIza-this-key-must-never-be-seen"
+SECRET = "test-key-SECRET-serve-must-never-be-seen"
 
 
 def tree(root: Path, n: int) -> Path:
