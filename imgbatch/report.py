@@ -151,16 +151,21 @@ RUNS_HEADER = (
 # -- export and prune ----------------------------------------------------------------
 
 
-def _items(cp: Checkpoint, status_filter: str | None) -> Iterator[dict[str, Any]]:
-    """Every stored item of the latest run's settings, as an output record."""
+def items(
+    cp: Checkpoint, status_filter: str | None = None, run: dict[str, Any] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Stored items as output records, folder by folder: every item of the latest run's
+    settings, or (given `run`, a run record) only the items that run wrote."""
     root = cp.root()
-    last = next((r for r in cp.runs() if r.get("fingerprint")), None)
+    last = run or next((r for r in cp.runs() if r.get("fingerprint")), None)
     if root is None or last is None:
         return
     fp = last["fingerprint"]
     for rel_dir, states in cp.iter_folders(fp):
         for name in sorted(states):
-            content, code, _run, size, mtime_ns, message = states[name]
+            content, code, item_run, size, mtime_ns, message = states[name]
+            if run is not None and item_run != run["id"]:
+                continue
             status_ = "ok" if code is None else "error"
             if status_filter and status_ != status_filter:
                 continue
@@ -207,13 +212,13 @@ def export(
         cp.results = store
 
         def write(fh: IO[bytes]) -> int:
-            records = _items(cp, status_filter)
+            records = items(cp, status_filter)
             if fmt == "jsonl":
                 return exports.write_jsonl(records, fh)
             if fmt == "parquet":
                 return exports.write_parquet(records, fh)
             # CSV columns: file fields first, then the keys of the first stored result
-            first = next((r for r in _items(cp, "ok") if r.get("result")), None)
+            first = next((r for r in items(cp, "ok") if r.get("result")), None)
             return exports.write_csv(records, fh, list(first["result"]) if first else [])
 
         if output is None:
@@ -243,7 +248,7 @@ def export_sidecars(
     writer = exports.SidecarWriter(emit, naming, dry_run)  # first: a missing extra, a bad naming
     with open_checkpoint(state) as cp, ResultStore(_results(results)) as store:
         cp.results = store
-        return writer.write_all(_items(cp, "ok"))
+        return writer.write_all(items(cp, "ok"))
 
 
 def prune(state: Path, wait: bool = False) -> int:

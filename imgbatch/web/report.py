@@ -28,7 +28,7 @@ from typing import IO, Any
 
 from imgbatch.checkpoint import Checkpoint
 from imgbatch.errors import ContentChanged, ItemError, OutputError, UsageError
-from imgbatch.report import _items, open_checkpoint, run_status
+from imgbatch.report import items, open_checkpoint, run_status
 from imgbatch.results import ResultStore
 from imgbatch.web import static
 
@@ -197,7 +197,7 @@ class Report:
         window: deque[tuple[dict[str, Any], Future[Any] | None]] = deque()
         opened = ""
         with ThreadPoolExecutor(THUMB_THREADS, thread_name_prefix="imgbatch-thumb") as pool:
-            for rec in _items(cp, None):
+            for rec in items(cp):
                 card = self.items < self.max_thumbnails
                 self.items += 1
                 tally.add(rec)

@@ -20,7 +20,6 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +27,8 @@ from imgbatch.checkpoint import Checkpoint
 from imgbatch.config import Settings, load_settings, results_dir, state_dir
 from imgbatch.errors import ExitCode, ImgbatchError
 from imgbatch.lockfile import holder
-from imgbatch.records import FileRecord, utf8_clean
-from imgbatch.report import run_status
+from imgbatch.records import utf8_clean
+from imgbatch.report import items, run_status
 from imgbatch.results import ResultStore
 
 log = logging.getLogger("imgbatch")
@@ -376,40 +375,13 @@ class ServedRun:
             if run is None or root is None:
                 return [], None
             seen = 0
-            for rec in _run_items(cp, root, run, status):
+            for rec in items(cp, status, run):
                 if seen >= offset:
                     if len(out) == limit:
                         return out, seen
                     out.append(rec)
                 seen += 1
         return out, None
-
-
-def _run_items(
-    cp: Checkpoint, root: str, run: dict[str, Any], status: str | None
-) -> Iterator[dict[str, Any]]:
-    """The records a run wrote (as `export` gives records: file, status, result or error,
-    provider, model, tokens), folder by folder."""
-    fp, run_id = run["fingerprint"], run["id"]
-    for rel_dir, states in cp.iter_folders(fp):
-        for name in sorted(states):
-            content, code, item_run, size, mtime_ns, message = states[name]
-            if item_run != run_id or (status and ("ok" if code is None else "error") != status):
-                continue
-            path = os.path.join(root, rel_dir, name)
-            rec = FileRecord(path, size, mtime_ns, content).fields()
-            rec["exists"] = os.path.lexists(path)
-            stored = cp.result(fp, content) if content else None
-            rec["status"] = "ok" if code is None else "error"
-            rec["provider"] = (stored or run).get("provider")
-            rec["model"] = (stored or run).get("model")
-            rec["input_tokens"] = stored.get("input_tokens") if stored else None
-            rec["output_tokens"] = stored.get("output_tokens") if stored else None
-            if code is None:
-                rec["result"] = stored.get("result") if stored else None
-            else:
-                rec["error"] = {"code": code, "message": message or ""}
-            yield rec
 
 
 class Runs:
