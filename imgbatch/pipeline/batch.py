@@ -55,11 +55,11 @@ from imgbatch.hashcache import HashCache
 from imgbatch.output import JsonlSink, Progress, human_duration
 from imgbatch.pipeline.execute import Limiter
 from imgbatch.pipeline.items import CONTENT_ERRORS, Outcome, RunOptions, WorkItem
-from imgbatch.pipeline.plan import Action, Planner
-from imgbatch.pipeline.record import Recorder, RunSummary
-from imgbatch.providers.base import Provider, fingerprint_id
+from imgbatch.pipeline.plan import Action
+from imgbatch.pipeline.record import RunSummary
+from imgbatch.pipeline.stages import RunStages
+from imgbatch.providers.base import Provider
 from imgbatch.records import FileRecord
-from imgbatch.scanner import Scanner
 
 if TYPE_CHECKING:
     from imgbatch.providers.gemini_batch import GeminiBatch, JobStatus
@@ -81,7 +81,7 @@ class _OpenFile:
     size: int = 0
 
 
-class BatchRun:
+class BatchRun(RunStages):
     """One `analyze --batch` run over ROOT. Library API: build it, call `run()`.
 
     Args:
@@ -115,24 +115,23 @@ class BatchRun:
             log.info(
                 "--batch prepares its requests here: --executor %s is not used", settings.executor
             )
-        self.root = os.path.abspath(root)
-        self.settings = settings
-        self.options = options
-        self.provider = provider
-        self.client: GeminiBatch = GeminiBatch(provider)
-        self.checkpoint = checkpoint
-        self.sink = sink
-        self.stop = stop or threading.Event()
-        self.max_file_bytes = max_file_bytes or MAX_FILE_BYTES
-        self.scanner = Scanner(self.root, settings, hash_cache, on_wait=sink.flush)
-        self.fp = fingerprint_id({"provider": provider.name, **provider.fingerprint()})
-        run_id = checkpoint.next_run_id()
-        self.summary = RunSummary(run_id, provider.name, provider.model, self.fp, self.root)
-        self.summary.total = options.limit
-        self.summary.batch = Counter(submitted=0, jobs=0, pending=0, collected=0, deferred=0)
-        self.planner = Planner(checkpoint, self.fp, options, self.root, self.summary.counts, run_id)
         # collected results cost nothing to collect again: committed in groups
-        self.recorder = Recorder(checkpoint, sink, self.summary, options, progress, remote=False)
+        super().__init__(
+            root,
+            settings,
+            options,
+            provider,
+            checkpoint,
+            sink,
+            hash_cache,
+            progress,
+            stop,
+            record_run=True,
+            remote=False,
+        )
+        self.client: GeminiBatch = GeminiBatch(provider)
+        self.max_file_bytes = max_file_bytes or MAX_FILE_BYTES
+        self.summary.batch = Counter(submitted=0, jobs=0, pending=0, collected=0, deferred=0)
         self.folder = checkpoint.directory / BATCH_DIR
         self._pool = ThreadPoolExecutor(settings.workers, "imgbatch-prepare")
         self._preparing: dict[Future[bytes | Outcome], WorkItem] = {}

@@ -22,17 +22,18 @@ from imgbatch.output import JsonlSink, Progress
 from imgbatch.pipeline.batch import BatchRun
 from imgbatch.pipeline.execute import Abandoned, Analyzer, Engine, Limiter, make_engine
 from imgbatch.pipeline.items import Outcome, RunOptions, WorkItem
-from imgbatch.pipeline.plan import Action, Planner
-from imgbatch.pipeline.record import Recorder, RunSummary, summary_lines
-from imgbatch.providers.base import Provider, fingerprint_id
+from imgbatch.pipeline.plan import Action
+from imgbatch.pipeline.record import RunSummary, summary_lines
+from imgbatch.pipeline.stages import RunStages
+from imgbatch.providers.base import Provider
 from imgbatch.records import FileRecord
 from imgbatch.results import ResultStore
-from imgbatch.scanner import Scanner, check_root
+from imgbatch.scanner import check_root
 
 log = logging.getLogger("imgbatch")
 
 
-class Pipeline:
+class Pipeline(RunStages):
     """One `analyze` run over ROOT. Library API: build it, call `run()`.
 
     Args:
@@ -63,25 +64,20 @@ class Pipeline:
         stop: threading.Event | None = None,
         engine: Engine | None = None,
     ) -> None:
-        if not settings.hash:
-            raise UsageError("analyze needs content hashes: --no-hash applies to scan only")
-        self.root = os.path.abspath(root)
-        self.settings = settings
-        self.options = options
-        self.provider = provider
-        self.checkpoint = checkpoint
-        self.sink = sink
-        self.stop = stop or threading.Event()
-        self.scanner = Scanner(self.root, settings, hash_cache, on_wait=sink.flush)
-        self.fp = fingerprint_id({"provider": provider.name, **provider.fingerprint()})
-        run_id = 0 if options.dry_run else checkpoint.next_run_id()  # a dry run writes nothing
-        self.summary = RunSummary(run_id, provider.name, provider.model, self.fp, self.root)
-        self.summary.total = options.limit
-        self.summary.executor = settings.executor
-        self.planner = Planner(checkpoint, self.fp, options, self.root, self.summary.counts, run_id)
-        self.recorder = Recorder(
-            checkpoint, sink, self.summary, options, progress, remote=provider.remote
+        super().__init__(
+            root,
+            settings,
+            options,
+            provider,
+            checkpoint,
+            sink,
+            hash_cache,
+            progress,
+            stop,
+            record_run=not options.dry_run,  # a dry run writes nothing
+            remote=provider.remote,
         )
+        self.summary.executor = settings.executor
         self.analyzer = Analyzer(settings, provider, limiter, self.stop)
         self._engine = engine
         self._pending: dict[Future[Outcome], WorkItem] = {}
