@@ -42,6 +42,8 @@ def analyze(server: FakeOpenAI, root: Path, name: str, provider: str, *opts: str
         "IMGBATCH_OPENAI_API_KEY": "bench-key",
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
+        # a results store of its own, fresh with the state: every run must ask the server
+        "IMGBATCH_RESULTS": str(state / "results"),
     }
     server.clear_requests()
     r = run(argv, env=env, stdout=out, check=False)
