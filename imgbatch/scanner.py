@@ -82,8 +82,8 @@ QUEUED_PER_WORKER = 2  # jobs sent to a worker and not yet answered, at most
 #: start, and a re-scan from the hash cache does ~150k files a second inline); and only
 #: while a core is idle (the load average leaves SPARE_CORE of one): on a busy machine
 #: they only add their overhead, as the kernel runs them instead of the scan
-PROCS_AFTER = 5000
-PROCS_AFTER_SECONDS = 0.25
+PROCS_AFTER = 500
+PROCS_AFTER_SECONDS = 0.0
 SPARE_CORE = 0.75
 
 _SKIP_LINK, _SKIP_OTHER, _SKIP_VISITED = "symlink", "not a regular file", "folder already visited"
