@@ -589,7 +589,9 @@ def analyze(
             batch=batch,
             batch_wait=batch_wait,
         )
-        sink = JsonlSink(flush_every=1)
+        # lines go out in groups: at least before every commit (one by one for a remote
+        # provider, every 100 ms for the offline analyzer's thousands a second)
+        sink = JsonlSink(flush_every=100, max_delay=0.1)
         signals.graceful = True  # from now on a signal stops intake; in-flight items finish
         with Progress("images", settings.log_every, limit, enabled=not quiet) as progress:
             try:

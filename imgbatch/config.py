@@ -59,6 +59,9 @@ class Settings:
         "", "analyze", "address of a Dask scheduler to join; '' = a LocalCluster here"
     )
     in_flight: int = _s(0, "analyze", "items held in flight at most; 0 = 2 x workers")
+    analyze_procs: int = _s(
+        0, "analyze", "processes running the offline analyzer of a big run; 0 = one per core"
+    )
     max_side: int = _s(768, "analyze", "long side of the decoded image, in pixels")
     max_attempts: int = _s(4, "analyze", "attempts per item for transient errors")
     retry_delay: float = _s(1.0, "analyze", "first backoff delay in seconds, doubled each retry")
@@ -273,6 +276,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("batch_size must be at least 1")
     if s.hash_threads < 1:
         raise ConfigError("hash_threads must be at least 1")
+    if s.analyze_procs < 0:
+        raise ConfigError("analyze_procs must be at least 0 (0 = one per core)")
     if s.hash_procs < 0:
         raise ConfigError("hash_procs must be at least 0 (0 = one per core)")
     if s.executor not in ("local", "dask"):

@@ -51,6 +51,17 @@ class HashCache:
         self._pending: dict[bytes, FolderHashes] = {}
         self._warned = False
 
+    @property
+    def db_path(self) -> str:
+        """The SQLite file, which scan jobs read directly (hashjob.read_entry)."""
+        return os.path.join(self._cache.directory, "cache.db")
+
+    def unreadable(self, reason: str) -> None:
+        """An entry could not be read (it is a miss): warned once per cache."""
+        if not self._warned:
+            self._warned = True
+            log.warning("hash cache: unreadable entry (%s); re-hashing those files", reason)
+
     @staticmethod
     def _key(rel_dir: str) -> bytes:
         # bytes keys: a folder name that is not valid UTF-8 cannot be SQLite TEXT
@@ -63,9 +74,7 @@ class HashCache:
         try:
             value = self._cache.get(key)
         except Exception as exc:  # a damaged entry (unpickling, SQLite): a cache miss
-            if not self._warned:
-                self._warned = True
-                log.warning("hash cache: unreadable entry (%s); re-hashing those files", exc)
+            self.unreadable(str(exc))
             return None
         return value if isinstance(value, dict) else None
 

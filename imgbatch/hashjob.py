@@ -16,19 +16,29 @@ the next few files of its folder ahead and asks the kernel to read them
 from __future__ import annotations
 
 import errno
+import marshal
 import mmap
 import os
-import pickle
-import signal
 import stat
 import sys
-from collections.abc import Callable
-from json.encoder import encode_basestring as _quote
+import time
 
 import xxhash
 
-from imgbatch.errors import ErrorCode
-from imgbatch.records import FileRecord, error_record, iso_seconds
+try:
+    from _json import encode_basestring as _quote
+except ImportError:  # pragma: no cover (CPython has it)
+    from json.encoder import encode_basestring as _quote
+
+# A worker process starts in a few tens of milliseconds only if this module imports
+# little: records (dataclasses), errors (enum), typing, re, pickle and sqlite3 are
+# imported where needed, and jobs and answers travel as marshal data
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import sqlite3
+    from collections.abc import Callable, Iterable
+
+    from imgbatch.records import FileRecord
 
 CHUNK = 1 << 20  # 1 MiB reads: large enough to amortise syscalls, small enough to stay in cache
 LARGE_FILE = 4 << 20  # files from this size may go to the scanner's hashing threads
@@ -40,6 +50,17 @@ _NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)  # Linux >= 4.14
 _WILLNEED: int | None = getattr(os, "POSIX_FADV_WILLNEED", None)
 
 Stamp = tuple[int, int, int, int, str]  # inode, size, mtime_ns, ctime_ns, hash (hashcache)
+FolderHashes = dict[str, Stamp]
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp", ".heic", ".heif", ".avif"}
+)
+
+#: a hash-cache entry whose mtime or ctime is this close to the moment the file was read
+#: is "racy" (git's rule): on a filesystem with coarse timestamps (FAT/exFAT: 2 s, HFS+:
+#: 1 s, some NFS/SMB) the file may change again without its stamp changing. Such entries
+#: are not stored; the next scan hashes the file again.
+RACY_NS = 2_000_000_000
 
 
 class Large:
@@ -66,6 +87,54 @@ Done = tuple[list[tuple[list["bytes | FileRecord | Large"], list[tuple[str, Stam
 COUNTERS = ("files", "errors", "bytes", "bytes_read", "cache_hits", "not_regular")
 FILES, ERRORS, BYTES, BYTES_READ, HITS, NOT_REGULAR = range(6)
 
+#: how folders are listed: follow symlinks, hidden files, every file (not only images),
+#: the --exclude globs
+Listing = tuple[bool, bool, bool, tuple[str, ...]]
+#: a folder job: the folder's path and its path relative to ROOT, how to list it, JSON
+#: lines (True) or FileRecords, the hash cache's database (None: no cache), whether the
+#: cache entry must keep every listed name, files done in the job itself (the rest come
+#: back as segments of `split` files, for the scanner to send out)
+FolderJob = tuple[str, str, Listing, bool, "str | None", int, int]
+#: a subfolder found by a folder job: path, path relative to ROOT, (device, inode) when
+#: following symlinks (the scanner skips folders it visited through another link)
+Subfolder = tuple[str, str, "tuple[int, int] | None"]
+#: what becomes of the folder's hash-cache entry: decided by the job (the new entry, or
+#: None when it stands as it is), or left to the scanner (a folder done in several
+#: parts, or with large files): ("open", old entry, names listed, clock before listing)
+Store = "FolderHashes | None | tuple[str, FolderHashes | None, frozenset[str], int]"
+
+
+class FolderDone:
+    """The answer to a folder job (see `encode` for the way it travels)."""
+
+    __slots__ = (
+        "damaged",
+        "errors",
+        "listed_ok",
+        "parts",
+        "rest",
+        "rows",
+        "skipped_links",
+        "skipped_other",
+        "store",
+        "subfolders",
+        "counts",
+    )
+
+    def __init__(self) -> None:
+        self.errors: list[bytes | FileRecord] = []  # records of entries that failed
+        self.listed_ok = False  # False: the folder could not be listed (one error)
+        self.subfolders: list[Subfolder] = []
+        self.skipped_links = 0
+        self.skipped_other = 0
+        self.parts: list[bytes | FileRecord | Large] = []  # the first files' output
+        self.rows: list[tuple[str, Stamp]] = []  # their cache rows
+        self.rest: list[Segment] = []  # the folder's other files, cut into segments
+        self.store: object = None  # see Store
+        self.counts = [0] * len(COUNTERS)
+        self.damaged = ""  # why the cache entry could not be read, if it could not
+
+
 _buffer: memoryview | None = None
 
 
@@ -77,6 +146,28 @@ def buffer() -> memoryview:
     if _buffer is None:
         _buffer = memoryview(mmap.mmap(-1, CHUNK))
     return _buffer
+
+
+def io_error(path: str, message: str, st: os.stat_result | None = None) -> FileRecord:
+    """An IO_ERROR record."""
+    from imgbatch.errors import ErrorCode
+    from imgbatch.records import error_record
+
+    return error_record(path, ErrorCode.IO_ERROR, message, st)
+
+
+_iso: dict[int, str] = {}
+
+
+def iso_seconds(sec: int) -> str:
+    """``2024-05-01T12:00:00`` (UTC) for a Unix time in seconds; remembered, as files of
+    one folder often share their second (strftime once per second seen)."""
+    text = _iso.get(sec)
+    if text is None:
+        if len(_iso) >= 4096:
+            _iso.clear()
+        text = _iso[sec] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return text
 
 
 def errmsg(exc: OSError, what: str) -> str:
@@ -252,7 +343,7 @@ def _segment(
                 try:
                     st = stat_(where + name, dir_fd=dir_fd, follow_symlinks=follow)
                 except OSError as exc:
-                    failed(error_record(prefix + name, ErrorCode.IO_ERROR, stat_error(exc)))
+                    failed(io_error(prefix + name, stat_error(exc)))
                     continue
                 if (
                     st.st_mtime_ns == stamp[2]
@@ -269,14 +360,14 @@ def _segment(
                 try:
                     fd = opener.open(i)
                 except OSError as exc:
-                    failed(error_record(prefix + name, ErrorCode.IO_ERROR, open_error(exc)))
+                    failed(io_error(prefix + name, open_error(exc)))
                     continue
                 try:
                     try:
                         st = os.fstat(fd)
                     except OSError as exc:
                         msg = errmsg(exc, "cannot stat")
-                        failed(error_record(prefix + name, ErrorCode.IO_ERROR, msg))
+                        failed(io_error(prefix + name, msg))
                         continue
                     if not stat.S_ISREG(st.st_mode):
                         counts[NOT_REGULAR] += 1
@@ -291,7 +382,7 @@ def _segment(
                         hexdigest, n, after, blocked = digest(fd, st, view, not opener.cold)
                     except OSError as exc:
                         msg = errmsg(exc, "cannot read")
-                        failed(error_record(prefix + name, ErrorCode.IO_ERROR, msg, st))
+                        failed(io_error(prefix + name, msg, st))
                         continue
                 finally:
                     os.close(fd)
@@ -301,7 +392,7 @@ def _segment(
                 size = st.st_size
                 if n != size or after.st_size != size or after.st_mtime_ns != st.st_mtime_ns:
                     msg = "file changed while it was being read"
-                    failed(error_record(prefix + name, ErrorCode.IO_ERROR, msg, after))
+                    failed(io_error(prefix + name, msg, after))
                     continue
                 rows.append((name, (st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns, hexdigest)))
             # an ok record: from the cache, or just read
@@ -318,6 +409,8 @@ def _segment(
                     template % (quote(name)[1:], hexdigest, size, qext, iso(sec), ns // 1000)
                 )
             else:
+                from imgbatch.records import FileRecord
+
                 rec = FileRecord(
                     prefix + name, size, st.st_mtime_ns, hexdigest, st.st_ino, st.st_ctime_ns
                 )
@@ -344,6 +437,269 @@ def _clean(text: str) -> bool:
 
 def _encode(text: list[str]) -> bytes:
     return "".join(text).encode("utf-8")
+
+
+# -- folder jobs: list a folder, then hash its files ------------------------------------
+
+_SKIP_LINK, _SKIP_OTHER = "symlink", "not a regular file"
+
+
+def ext_of(name: str) -> str:
+    """records.extension_of for a bare name (no '/'): the listing's hot path."""
+    i = name.rfind(".")
+    if i <= 0 or (name[0] == "." and not name[:i].strip(".")):
+        return ""
+    return name[i:].lower()
+
+
+class Excluder:
+    """`--exclude` globs: with a '/', matched against the path relative to ROOT;
+    without, against any basename (as in .gitignore). A trailing '/' means folders only."""
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        import fnmatch
+        import re
+
+        groups: dict[tuple[bool, bool], list[str]] = {}
+        for pat in patterns:
+            dir_only = pat.endswith("/")
+            pat = pat.rstrip("/")
+            if not pat:
+                continue
+            anchored = "/" in pat
+            groups.setdefault((anchored, dir_only), []).append(fnmatch.translate(pat.lstrip("/")))
+        self._res = {k: re.compile("|".join(v)) for k, v in groups.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self._res)
+
+    def excluded(self, name: str, rel: str, is_dir: bool) -> bool:
+        for (anchored, dir_only), rx in self._res.items():
+            if dir_only and not is_dir:
+                continue
+            if rx.match(rel if anchored else name):
+                return True
+        return False
+
+
+_excluders: dict[tuple[str, ...], Excluder] = {}
+
+
+def _excluder(patterns: tuple[str, ...]) -> Excluder:
+    ex = _excluders.get(patterns)
+    if ex is None:
+        ex = _excluders[patterns] = Excluder(patterns)
+    return ex
+
+
+class Listed:
+    """One folder's listing (see list_folder)."""
+
+    __slots__ = (
+        "errors",
+        "exts",
+        "listed",
+        "listed_ns",
+        "names",
+        "skipped_links",
+        "skipped_other",
+        "subfolders",
+    )
+
+    def __init__(self, listed_ns: int) -> None:
+        self.errors: list[FileRecord] = []
+        self.names: list[str] = []
+        self.exts: list[str] = []
+        self.subfolders: list[Subfolder] = []
+        self.listed: frozenset[str] = frozenset()
+        self.listed_ns = listed_ns
+        self.skipped_links = 0
+        self.skipped_other = 0
+
+
+def list_folder(path: str, rel: str, listing: Listing, keep_names: bool) -> Listed:
+    """List one folder, sorted by name: its selected files (names, extensions), its
+    subfolders, error records of entries that could not be told apart, and (`keep_names`)
+    every name listed. Raises the OSError of listing the folder itself."""
+    follow, hidden, every, patterns = listing
+    exclude = _excluder(patterns) if patterns else None
+    out = Listed(time.time_ns())
+    with os.scandir(path) as it:
+        entries = sorted(it, key=_by_name)
+    names, exts, subfolders, errors = out.names, out.exts, out.subfolders, out.errors
+    images = IMAGE_EXTENSIONS
+    for e in entries:
+        name = e.name
+        if name[0] == "." and not hidden:
+            continue
+        try:
+            if not follow and exclude is None and e.is_file(follow_symlinks=False):
+                # the common case first: a regular file (not a symlink), nothing excluded
+                ext = ext_of(name)
+                if every or ext in images:
+                    names.append(name)
+                    exts.append(ext)
+                continue
+            if e.is_symlink():
+                if not follow:
+                    if every or ext_of(name) in images or e.is_dir():
+                        out.skipped_links += 1
+                    continue
+                is_dir = e.is_dir(follow_symlinks=True)
+            else:
+                is_dir = e.is_dir(follow_symlinks=False)
+            if exclude is not None and exclude.excluded(
+                name, f"{rel}/{name}" if rel else name, is_dir
+            ):
+                continue
+            if is_dir:
+                key = None
+                if follow:
+                    st = e.stat()
+                    key = (st.st_dev, st.st_ino)
+                subfolders.append((e.path, f"{rel}/{name}" if rel else name, key))
+                continue
+            ext = ext_of(name)
+            if not every and ext not in images:
+                continue
+            if e.is_file(follow_symlinks=follow):
+                names.append(name)
+                exts.append(ext)
+            elif follow and e.is_symlink():
+                # following symlinks, and the target is neither file nor folder
+                try:
+                    os.stat(e.path)
+                except OSError as exc:
+                    errors.append(io_error(e.path, stat_error(exc)))
+                else:
+                    out.skipped_other += 1
+            else:
+                out.skipped_other += 1
+        except OSError as exc:  # a stat was needed and failed
+            errors.append(io_error(e.path, stat_error(exc)))
+    if keep_names:
+        out.listed = frozenset([e.name for e in entries])
+    return out
+
+
+def _by_name(e: os.DirEntry[str]) -> str:
+    return e.name
+
+
+_readers: dict[str, sqlite3.Connection] = {}
+
+
+def read_entry(db: str, rel: str) -> tuple[FolderHashes | None, str]:
+    """A folder's hash-cache entry, read straight from the cache's SQLite file (a
+    diskcache Cache: pickled values under raw bytes keys, see hashcache), and why it
+    could not be read ("" when it could, or there was none)."""
+    conn = _readers.get(db)
+    try:
+        if conn is None:
+            import sqlite3
+
+            conn = _readers[db] = sqlite3.connect(db, timeout=60, check_same_thread=False)
+            conn.execute("PRAGMA query_only = 1")
+        row = conn.execute(
+            "SELECT mode, value FROM Cache WHERE key = ? AND raw = 1", (entry_key(rel),)
+        ).fetchone()
+        if row is None:
+            return None, ""
+        mode, value = row
+        if mode != 4 or value is None:  # diskcache's MODE_PICKLE, kept inside SQLite
+            return None, f"entry of mode {mode}"
+        import pickle
+
+        hashes = pickle.loads(value)
+    except Exception as exc:  # a damaged entry or database: a miss
+        return None, str(exc) or exc.__class__.__name__
+    return (hashes, "") if isinstance(hashes, dict) else (None, "not a folder's entry")
+
+
+def close_readers() -> None:
+    while _readers:
+        _readers.popitem()[1].close()
+
+
+def entry_key(rel: str) -> bytes:
+    # bytes keys: a folder name that is not valid UTF-8 cannot be SQLite TEXT
+    return b"d:" + os.fsencode(rel)
+
+
+def merge_entry(
+    old: FolderHashes | None, listed: frozenset[str], hashes: FolderHashes, listed_ns: int
+) -> FolderHashes | None:
+    """A folder's new hash-cache entry, or None when the old one stands as it is.
+
+    Entries of names still listed but not read this time (an images-only run after
+    --all-files, excluded or hidden files, a stop mid-folder) stay: each is checked
+    against the file's stat before it is used. Racy stamps are left out."""
+    old = old or {}
+    if not hashes and old.keys() <= listed:
+        return None  # nothing read, nothing gone
+    merged = {n: v for n, v in old.items() if n in listed}
+    fresh = listed_ns - RACY_NS
+    for name, stamp in hashes.items():
+        if stamp[2] < fresh and stamp[3] < fresh:
+            merged[name] = stamp
+        else:
+            merged.pop(name, None)  # racy: hashed again next time
+    return None if merged == old else merged
+
+
+#: a job as sent to a worker: ("F", FolderJob) or ("S", Job)
+AnyJob = tuple[str, "FolderJob | Job"]
+
+
+def run(job: AnyJob) -> FolderDone | Done:
+    """Run a folder job or a segment job."""
+    kind, body = job
+    if kind == "F":
+        return run_folder(body)  # type: ignore[arg-type]
+    return run_job(body)  # type: ignore[arg-type]
+
+
+def run_folder(job: FolderJob) -> FolderDone:
+    """List a folder, look its files up in the hash cache, and hash the first `first`
+    of them (the rest are returned as segments of `split` files)."""
+    path, rel, listing, lines, db, first, split = job
+    done = FolderDone()
+    try:
+        found = list_folder(path, rel, listing, db is not None)
+    except OSError as exc:
+        rec = io_error(path, errmsg(exc, "cannot list folder"))
+        done.errors.append(rec.to_json() if lines else rec)
+        done.counts[ERRORS] += 1
+        return done
+    done.listed_ok = True
+    done.errors = [r.to_json() for r in found.errors] if lines else list(found.errors)
+    done.counts[ERRORS] += len(found.errors)
+    done.subfolders = found.subfolders
+    done.skipped_links, done.skipped_other = found.skipped_links, found.skipped_other
+    names, exts = found.names, found.exts
+    old: FolderHashes | None = None
+    if db is not None:
+        old, done.damaged = read_entry(db, rel)
+    stamps = [old.get(n) for n in names] if old else None
+    follow = listing[0]
+    seg: Segment = (path, names[:first], exts[:first], stamps[:first] if stamps else None)
+    done.parts, done.rows = _segment(seg, follow, lines, done.counts, buffer())
+    for k in range(first, len(names), split):
+        done.rest.append(
+            (
+                path,
+                names[k : k + split],
+                exts[k : k + split],
+                stamps[k : k + split] if stamps else None,
+            )
+        )
+    if db is None:
+        done.store = None
+    elif done.rest or any(isinstance(p, Large) for p in done.parts):
+        done.store = ("open", old, found.listed, found.listed_ns)
+    else:
+        done.store = merge_entry(old, found.listed, dict(done.rows), found.listed_ns)
+    return done
 
 
 # -- the worker process ----------------------------------------------------------------
@@ -375,15 +731,49 @@ def write_frame(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def encode(done: FolderDone | Done) -> bytes:
+    """A job's answer as marshal data (a worker's answers are JSON lines: bytes, and
+    Large markers, which travel as (name, extension) tuples)."""
+
+    def plain(parts: list[bytes | FileRecord | Large]) -> list[object]:
+        return [(p.name, p.ext) if isinstance(p, Large) else p for p in parts]
+
+    if isinstance(done, FolderDone):
+        state = [getattr(done, k) for k in FolderDone.__slots__]
+        state[FolderDone.__slots__.index("parts")] = plain(done.parts)
+        return marshal.dumps(("F", state))
+    segments, counts = done
+    return marshal.dumps(("S", ([(plain(parts), rows) for parts, rows in segments], counts)))
+
+
+def decode(data: bytes) -> FolderDone | Done:
+    """The answer `encode` sent."""
+
+    def parts_of(plain: list[object]) -> list[bytes | FileRecord | Large]:
+        return [Large(*p) if isinstance(p, tuple) else p for p in plain]  # type: ignore[misc]
+
+    kind, body = marshal.loads(data)
+    if kind == "F":
+        done = FolderDone()
+        for k, v in zip(FolderDone.__slots__, body, strict=True):
+            setattr(done, k, v)
+        done.parts = parts_of(done.parts)  # type: ignore[arg-type]
+        return done
+    segments, counts = body
+    return [(parts_of(parts), rows) for parts, rows in segments], counts
+
+
 def serve() -> None:
     """A worker's loop: jobs from stdin, results to stdout, until stdin ends."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the scanner stops us (stdin ends)
+    import _signal  # type: ignore[import-not-found]  # not signal: it imports enum
+
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)  # the scanner stops us (stdin ends)
     out = os.dup(1)
     os.dup2(2, 1)  # a stray print must not corrupt the results
     sys.stdout = sys.stderr
     try:
+        write_frame(out, b"")  # started: jobs may come
         while (frame := read_frame(0)) is not None:
-            job: Job = pickle.loads(frame)
-            write_frame(out, pickle.dumps(run_job(job), protocol=pickle.HIGHEST_PROTOCOL))
+            write_frame(out, encode(run(marshal.loads(frame))))
     except BrokenPipeError:  # the scanner went away
         pass

@@ -9,15 +9,14 @@ raw bytes, base64-encoded, in `path_bytes_b64`.
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from imgbatch.errors import ErrorCode
+from imgbatch.hashjob import iso_seconds
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _quote: Callable[[str], str] = json.encoder.encode_basestring
@@ -41,13 +40,6 @@ def is_clean(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-@functools.lru_cache(maxsize=1024)
-def iso_seconds(sec: int) -> str:
-    """``2024-05-01T12:00:00`` (UTC) for a Unix time in seconds; cached, as files of one
-    folder often share their second (strftime once per second seen)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
 
 
 def iso_utc(ns: int) -> str:

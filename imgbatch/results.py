@@ -4,6 +4,11 @@ Results describe content, not places: a tree that was moved, renamed or remounte
 a second tree holding copies, finds its results here and costs no provider request.
 Item states (what happened to which file of which ROOT) stay in each ROOT's checkpoint.
 
+Keys are bytes (`key()`), stored as they are: diskcache pickles any other key and runs
+pickletools.optimize over it, ~100 us per lookup, more than the offline analyzer spends
+on a small image. Stores written before kept (fingerprint, hash) tuples; those are
+still read, after the bytes key missed, for as long as the store holds any.
+
 Several processes (runs on different roots) share the store: it is one SQLite database
 in WAL mode through diskcache, whose writers wait for each other (SQLite's busy
 timeout), and every value is a whole result, so there is nothing to merge. Nothing
@@ -24,6 +29,11 @@ log = logging.getLogger("imgbatch")
 ResultKey = tuple[str, str]  # fingerprint, content hash
 
 
+def key(fp: str, content_hash: str) -> bytes:
+    """The store's key of a result (fingerprints and hashes are hexadecimal)."""
+    return f"r\0{fp}\0{content_hash}".encode()
+
+
 class ResultStore:
     """Stored outcomes (ok, or a permanent error caused by the content) by content."""
 
@@ -41,6 +51,10 @@ class ResultStore:
                 f"cannot open the results store in {directory}: {exc}; move it aside "
                 "(results are then requested again) or set [state] results elsewhere"
             ) from None
+        try:  # keys pickled by diskcache (raw = 0): tuples of a store from before
+            self._tuples = self._db._sql("SELECT 1 FROM Cache WHERE raw = 0 LIMIT 1").fetchone()
+        except Exception:  # noqa: BLE001 (unreadable: look both ways, errors are misses)
+            self._tuples = True
 
     def get(self, fp: str, content_hash: str) -> dict[str, Any] | None:
         """The stored outcome for this content under fingerprint `fp`, or None.
@@ -48,7 +62,9 @@ class ResultStore:
         A damaged entry is a miss (warned about): the item is analysed again.
         """
         try:
-            value = self._db.get((fp, content_hash))
+            value = self._db.get(key(fp, content_hash))
+            if value is None and self._tuples:
+                value = self._db.get((fp, content_hash))
         except Exception as exc:  # an unreadable value: unpickling, SQLite
             log.warning(
                 "results store %s: unreadable entry (%s); re-analysing", self.directory, exc
@@ -60,8 +76,8 @@ class ResultStore:
         """Store outcomes in one transaction; returns how many."""
         n = 0
         with self._db.transact():
-            for key, value in items:
-                self._db.set(key, value)
+            for (fp, content_hash), value in items:
+                self._db.set(key(fp, content_hash), value)
                 n += 1
         return n
 

@@ -1,18 +1,19 @@
 """The lazy walk: folders listed one at a time, files hashed in order, cut into batches.
 
-The main thread lists folders (sorted, files before subfolders) and cuts their files
-into jobs (`hashjob`): runs of names with their hash-cache stamps. A job stats each
-file, answers it from the cache when its stamp still matches, or reads and hashes it,
-and returns finished output: JSON lines (`lines()`, for `scan`) or FileRecords
-(iteration, for `analyze`), plus the cache rows of what it read. Jobs run inline; a
-`scan` of a big tree (`procs`, `--hash-procs`) also starts a few worker processes once
-PROCS_AFTER files have gone by, and then sends jobs to them, so that small files are
-hashed on every core while this process only lists, orders and writes. Files from
-LARGE_FILE go to a few threads (xxhash and the kernel copy release the GIL), each
-reading with its own page-aligned buffer. Results are put back in order.
+The walk is made of jobs (`hashjob`). A folder job lists one folder (sorted, files
+before subfolders), reads its hash-cache entry, and stats and hashes its first files: a
+file whose stamp still matches is answered from the cache, others are read. Its answer
+is finished output: JSON lines (`lines()`, for `scan`) or FileRecords (iteration, for
+`analyze`), the cache entry to store, the subfolders, and the folder's other files cut
+into segment jobs. Jobs run inline; a `scan` of a big tree (`procs`, `--hash-procs`)
+also starts a few worker processes once PROCS_AFTER files have gone by, and then sends
+them the next jobs in order, so that listing, stat'ing and hashing run on every core
+while this process only orders and writes. Files from LARGE_FILE go to a few threads
+(xxhash and the kernel copy release the GIL), each reading with its own page-aligned
+buffer. Results are put back in order.
 
-Memory is bounded by the largest single folder (its entries are sorted) plus a small
-window of jobs (and of large files being hashed); it never grows with the tree.
+Memory is bounded by the largest single folder (its entries are sorted) plus a few
+jobs ahead (and large files being hashed); it never grows with the tree.
 
 Outcomes for a hostile tree (documented in the README):
 - unreadable folder / unreadable file / file vanished before it was read / file that
@@ -24,14 +25,11 @@ Outcomes for a hostile tree (documented in the README):
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
 import logging
+import marshal
 import mmap
 import os
-import pickle
-import re
-import select
 import stat
 import subprocess
 import sys
@@ -41,7 +39,6 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from operator import attrgetter
 from pathlib import Path
 from typing import TypeVar
 
@@ -49,15 +46,20 @@ from imgbatch import hashjob
 from imgbatch.config import Settings
 from imgbatch.errors import ErrorCode, UsageError
 from imgbatch.hashcache import FolderHashes, HashCache
-from imgbatch.hashjob import CHUNK, LARGE_FILE, Done, Job, Large, Segment, Stamp
+from imgbatch.hashjob import (
+    CHUNK,
+    IMAGE_EXTENSIONS,
+    LARGE_FILE,
+    Done,
+    Large,
+    Segment,
+    Stamp,
+)
 from imgbatch.output import JsonlSink, Progress
 from imgbatch.records import FileRecord, error_record
 
 log = logging.getLogger("imgbatch")
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp", ".heic", ".heif", ".avif"}
-)
 
 __all__ = [
     "CHUNK",
@@ -72,18 +74,17 @@ __all__ = [
     "run_scan",
 ]
 
-JOB_FILES = 128  # files per job run inline: the window below holds 4 jobs
+JOB_FILES = 128  # files of a folder per job run inline (the first jobs have fewer)
 WINDOW_JOBS = 4  # jobs held back at most while an earlier large file is being hashed
-WORKER_JOB_FILES = 512  # files per job sent to a worker (one or more folders)
-WORKER_JOB_FOLDERS = 64  # folders per job sent to a worker, at most
-QUEUED_PER_WORKER = 2  # jobs sent to a worker and not yet answered, at most
-#: worker processes are started once this many files, and this many seconds, went by
-#: inline: a tree scanned in less never pays for them (each costs ~50 ms of CPU to
-#: start, and a re-scan from the hash cache does ~150k files a second inline); and only
-#: while a core is idle (the load average leaves SPARE_CORE of one): on a busy machine
-#: they only add their overhead, as the kernel runs them instead of the scan
-PROCS_AFTER = 500
-PROCS_AFTER_SECONDS = 0.0
+WORKER_JOB_FILES = 512  # files of a folder per job sent to a worker
+QUEUED_PER_WORKER = 3  # jobs sent to a worker and not yet taken, at most
+#: worker processes are started once this many files went by inline: a tree scanned in
+#: less never pays for them (each costs ~20 ms of CPU to start; jobs run inline until
+#: they said they started); and only while a core is idle (the load average leaves
+#: SPARE_CORE of one): on a busy machine they only add their overhead, as the kernel
+#: runs them instead of the scan
+PROCS_AFTER = 1000
+PROCS_AFTER_SECONDS = 0.0  # and once this many seconds went by
 SPARE_CORE = 0.75
 
 _SKIP_LINK, _SKIP_OTHER, _SKIP_VISITED = "symlink", "not a regular file", "folder already visited"
@@ -123,41 +124,7 @@ def batched(iterable: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 _errmsg, _stat_error = hashjob.errmsg, hashjob.stat_error
-
-
-def _ext(name: str) -> str:
-    """records.extension_of for a bare name (no '/'): the walk's hot path."""
-    i = name.rfind(".")
-    if i <= 0 or (name[0] == "." and not name[:i].strip(".")):
-        return ""
-    return name[i:].lower()
-
-
-class _Excluder:
-    """`--exclude` globs: with a '/', matched against the path relative to ROOT;
-    without, against any basename (as in .gitignore). A trailing '/' means folders only."""
-
-    def __init__(self, patterns: Iterable[str]) -> None:
-        groups: dict[tuple[bool, bool], list[str]] = {}
-        for pat in patterns:
-            dir_only = pat.endswith("/")
-            pat = pat.rstrip("/")
-            if not pat:
-                continue
-            anchored = "/" in pat
-            groups.setdefault((anchored, dir_only), []).append(fnmatch.translate(pat.lstrip("/")))
-        self._res = {k: re.compile("|".join(v)) for k, v in groups.items()}
-
-    def __bool__(self) -> bool:
-        return bool(self._res)
-
-    def excluded(self, name: str, rel: str, is_dir: bool) -> bool:
-        for (anchored, dir_only), rx in self._res.items():
-            if dir_only and not is_dir:
-                continue
-            if rx.match(rel if anchored else name):
-                return True
-        return False
+RACY_NS = hashjob.RACY_NS
 
 
 @dataclass
@@ -166,43 +133,48 @@ class _Folder:
     rel: str
     names: list[str]  # the selected files, in output order
     exts: list[str]  # their extensions
-    listed: frozenset[str] = frozenset()  # every name listed (to keep others' cache entries)
-    listed_ns: int = 0  # wall clock before listing: entries changed after it are racy
 
 
-@dataclass
 class _Open:
-    """A folder whose files are being hashed: its cache entry, and the rows read so far."""
+    """A folder done in several parts (or with large files): its hash-cache entry as it
+    was, what was listed, and the rows hashed so far, until its last part is written."""
 
-    folder: _Folder
-    old: FolderHashes | None
-    hashes: FolderHashes = field(default_factory=dict)
+    __slots__ = ("hashes", "listed", "listed_ns", "old", "parts", "rel")
+
+    def __init__(
+        self, rel: str, old: FolderHashes | None, listed: frozenset[str], listed_ns: int, parts: int
+    ) -> None:
+        self.rel = rel
+        self.old = old
+        self.listed = listed
+        self.listed_ns = listed_ns
+        self.parts = parts  # parts not yet written
+        self.hashes: FolderHashes = {}
 
 
-class _Slot:
-    """A job in the ordered window: sent to a worker (`ticket`) or done (`done`); its
-    output parts are yielded in order, a segment at a time (large files in between)."""
+class _Node:
+    """A job of the walk: a folder to list (`seg` None), or a part of one listed before
+    (`seg`); sent to a worker (`ticket`), run (`done`), and once taken off the stack, its
+    output parts (`parts`, written from `part` on) and cache rows."""
 
-    __slots__ = ("done", "job", "lasts", "opens", "part", "seg", "ticket")
+    __slots__ = ("done", "opened", "part", "parts", "path", "rel", "rows", "seg", "ticket")
 
-    def __init__(self, job: Job, opens: list[_Open], lasts: list[bool]) -> None:
-        self.job = job
-        self.opens = opens  # per segment: its folder
-        self.lasts = lasts  # per segment: whether it ends its folder
+    def __init__(
+        self, path: str, rel: str, seg: Segment | None = None, opened: _Open | None = None
+    ) -> None:
+        self.path = path
+        self.rel = rel
+        self.seg = seg
+        self.opened = opened
         self.ticket: _Ticket | None = None
-        self.done: Done | None = None
-        self.seg = 0
+        self.done: hashjob.FolderDone | Done | None = None
+        self.parts: list[bytes | FileRecord | Large | _Pending] = []
+        self.rows: list[tuple[str, Stamp]] = []
         self.part = 0
 
 
 #: a large file hashed by a thread: its record (None: not a regular file), bytes read
 _LargeResult = tuple["FileRecord | None", int]
-
-#: a hash-cache entry whose mtime or ctime is this close to the moment the file was read
-#: is "racy" (git's rule): on a filesystem with coarse timestamps (FAT/exFAT: 2 s, HFS+:
-#: 1 s, some NFS/SMB) the file may change again without its stamp changing. Such entries
-#: are not stored; the next scan hashes the file again.
-RACY_NS = 2_000_000_000
 
 
 def check_root(root: str) -> str:
@@ -260,7 +232,6 @@ class Scanner:
         self._procs = procs if procs > 1 else 0
         self._yielded = 0  # parts yielded so far
         self._yielded_at_wait = 0  # _yielded when on_wait was last called
-        self._exclude = _Excluder(settings.exclude)
         self._local = threading.local()
 
     # -- the walk ----------------------------------------------------------------
@@ -272,84 +243,43 @@ class Scanner:
             self._on_wait()
 
     def _folders(self) -> Iterator[_Folder | FileRecord]:
-        """Folders depth-first in sorted order, each with its selected files."""
+        """Folders depth-first in sorted order, each with its selected files (no file
+        is opened: `--no-hash`, and the count of files for progress)."""
         s = self.settings
-        follow, hidden, every = s.follow_symlinks, s.include_hidden, s.all_files
-        exclude = self._exclude
-        excluding = bool(exclude)
-        keep_names = self._cache is not None
+        follow = s.follow_symlinks
+        listing: hashjob.Listing = (follow, s.include_hidden, s.all_files, tuple(s.exclude))
         skipped = self.stats.skipped
         visited: set[tuple[int, int]] = set()
         if follow:
             st = os.stat(self.root)
             visited.add((st.st_dev, st.st_ino))
-        by_name = attrgetter("name")
         stack: list[tuple[str, str]] = [(self.root, "")]
         while stack:
             path, rel = stack.pop()
             self._waiting()
-            listed_ns = time.time_ns()
             try:
-                with os.scandir(path) as it:
-                    entries = sorted(it, key=by_name)
+                found = hashjob.list_folder(path, rel, listing, keep_names=False)
             except OSError as exc:
                 self.stats.errors += 1
                 yield error_record(path, ErrorCode.IO_ERROR, _errmsg(exc, "cannot list folder"))
                 continue
             self.stats.folders += 1
-            names: list[str] = []
-            exts: list[str] = []
+            if found.skipped_links:
+                skipped[_SKIP_LINK] += found.skipped_links
+            if found.skipped_other:
+                skipped[_SKIP_OTHER] += found.skipped_other
+            for rec in found.errors:
+                self.stats.errors += 1
+                yield rec
             subdirs: list[tuple[str, str]] = []
-            for e in entries:
-                name = e.name
-                if name[0] == "." and not hidden:
-                    continue
-                try:
-                    if e.is_symlink():
-                        if not follow:
-                            if every or _ext(name) in IMAGE_EXTENSIONS or e.is_dir():
-                                skipped[_SKIP_LINK] += 1
-                            continue
-                        is_dir = e.is_dir(follow_symlinks=True)
-                    else:
-                        is_dir = e.is_dir(follow_symlinks=False)
-                    if excluding and exclude.excluded(
-                        name, f"{rel}/{name}" if rel else name, is_dir
-                    ):
+            for sub, sub_rel, key in found.subfolders:
+                if key is not None:
+                    if key in visited:
+                        skipped[_SKIP_VISITED] += 1
                         continue
-                    if is_dir:
-                        if follow:
-                            st = e.stat()
-                            key = (st.st_dev, st.st_ino)
-                            if key in visited:
-                                skipped[_SKIP_VISITED] += 1
-                                continue
-                            visited.add(key)
-                        subdirs.append((e.path, f"{rel}/{name}" if rel else name))
-                        continue
-                    ext = _ext(name)
-                    if not every and ext not in IMAGE_EXTENSIONS:
-                        continue
-                    if e.is_file(follow_symlinks=follow):
-                        names.append(name)
-                        exts.append(ext)
-                    elif follow and e.is_symlink():
-                        # following symlinks, and the target is neither file nor folder
-                        try:
-                            os.stat(e.path)
-                        except OSError as exc:
-                            self.stats.errors += 1
-                            yield error_record(e.path, ErrorCode.IO_ERROR, _stat_error(exc))
-                        else:
-                            skipped[_SKIP_OTHER] += 1
-                    else:
-                        skipped[_SKIP_OTHER] += 1
-                except OSError as exc:  # a stat was needed and failed
-                    self.stats.errors += 1
-                    yield error_record(e.path, ErrorCode.IO_ERROR, _stat_error(exc))
-            listed = frozenset(map(by_name, entries)) if keep_names else frozenset()
-            del entries
-            yield _Folder(path, rel, names, exts, listed, listed_ns)
+                    visited.add(key)
+                subdirs.append((sub, sub_rel))
+            yield _Folder(path, rel, found.names, found.exts)
             stack.extend(reversed(subdirs))
 
     # -- hashing -----------------------------------------------------------------
@@ -423,142 +353,180 @@ class Scanner:
         return FileRecord(path, size, st.st_mtime_ns, hexdigest, st.st_ino, st.st_ctime_ns), n
 
     def _hashed(self, lines: bool) -> Iterator[bytes | FileRecord]:
-        """Every record, in order: JSON lines (`lines`) or FileRecords."""
+        """Every record, in order: JSON lines (`lines`) or FileRecords.
+
+        The walk is a stack of jobs in output order (`todo`, the next on top): a folder
+        to list (hashing its first files), or a further part of a folder listed before.
+        A job's result tells what comes next (its folder's other parts, then the
+        subfolders), so the top of the stack is always the next job in order; with
+        worker processes, the next few jobs on the stack are sent out ahead. Results
+        then go through a short window while their large files are hashed."""
         s = self.settings
         threads = s.hash_threads
         pool = ThreadPoolExecutor(threads, "imgbatch-hash") if threads > 1 else None
         stats, cache = self.stats, self._cache
         follow = s.follow_symlinks
-        window: deque[_Slot | FileRecord] = deque()
-        unstored: dict[int, _Open] = {}  # folders whose hashes are not stored yet
+        listing: hashjob.Listing = (follow, s.include_hidden, s.all_files, tuple(s.exclude))
+        db = None
+        if cache is not None:
+            cache.flush()  # jobs read the database itself: what an earlier scan left too
+            db = cache.db_path
+        visited: set[tuple[int, int]] = set()
+        if follow:
+            st = os.stat(self.root)
+            visited.add((st.st_dev, st.st_ino))
+        todo: list[_Node] = [_Node(self.root, "")]
+        window: deque[_Node] = deque()  # taken off the stack, being written
+        unstored: dict[int, _Open] = {}  # folders in several parts, not all written
         workers: _Workers | None = None
+        sent = 0  # jobs sent to workers and still on the stack
         inline_files = 0
-        ramp = 1  # files in the next job run inline, doubling up to JOB_FILES
+        ramp = 1  # files of a folder hashed in its own job inline, doubling to JOB_FILES
         next_look = time.perf_counter() + PROCS_AFTER_SECONDS  # whether to start workers
-        pending: list[Segment] = []  # segments of the next job for the workers
-        pending_opens: list[_Open] = []
-        pending_lasts: list[bool] = []
-        pending_files = 0
+
+        def job_of(node: _Node, first: int, split: int) -> hashjob.AnyJob:
+            if node.seg is not None:
+                return "S", ([node.seg], follow, lines)
+            return "F", (node.path, node.rel, listing, lines, db, first, split)
+
+        def send_ahead() -> None:
+            """Send the next jobs in order (the top of the stack) to the workers."""
+            nonlocal sent
+            if workers is None or not workers.ready():
+                return
+            limit = workers.capacity()
+            for node in itertools.islice(reversed(todo), limit):
+                if sent >= limit:
+                    return
+                if node.ticket is None and node.done is None:
+                    node.ticket = workers.submit(job_of(node, WORKER_JOB_FILES, WORKER_JOB_FILES))
+                    sent += 1
+
+        def get(node: _Node) -> hashjob.FolderDone | Done:
+            """The node's result: from its worker (waiting for it), or run here."""
+            nonlocal workers, ramp, sent
+            if node.ticket is not None:
+                sent -= 1
+                if node.done is None and workers is not None:
+                    self._waiting()
+                    try:
+                        node.done = workers.result(node.ticket)
+                    except _WorkerLost as exc:
+                        log.warning("a hashing process %s; hashing in this process", exc)
+                        workers.close()
+                        workers = None
+            if node.done is None:
+                self._waiting()  # listing a folder may take long (a network share)
+                first = min(ramp, JOB_FILES)
+                if node.seg is None:
+                    ramp *= 2
+                node.done = hashjob.run(job_of(node, first, JOB_FILES))
+            return node.done
+
+        def take(node: _Node) -> None:
+            """Take the next node off the stack: what comes after it goes on the stack,
+            its output into the window (its large files to the hashing threads)."""
+            nonlocal inline_files
+            done = get(node)
+            if isinstance(done, hashjob.FolderDone):
+                node.parts = [*done.errors, *done.parts]
+                node.rows = done.rows
+                if isinstance(done.store, tuple):  # a folder in parts, or with large files
+                    _, old, listed, listed_ns = done.store
+                    node.opened = _Open(node.rel, old, listed, listed_ns, 1 + len(done.rest))
+                    unstored[id(node.opened)] = node.opened
+                if node.ticket is None:
+                    inline_files += done.counts[hashjob.FILES]
+                subfolders = []
+                for path, rel, key in done.subfolders:
+                    if key is not None:
+                        if key in visited:
+                            stats.skipped[_SKIP_VISITED] += 1
+                            continue
+                        visited.add(key)
+                    subfolders.append(_Node(path, rel))
+                todo.extend(reversed(subfolders))
+                todo.extend(_Node(g[0], "", g, node.opened) for g in reversed(done.rest))
+            else:
+                [(parts, node.rows)], _ = done
+                node.parts = list(parts)
+                if node.ticket is None:
+                    inline_files += len(node.parts)
+            if pool is not None:
+                for i, part in enumerate(node.parts):
+                    if isinstance(part, Large):
+                        fut = pool.submit(self._hash_large, _join(node.path, part.name))
+                        node.parts[i] = _Pending(fut, part.name, part.ext)
+            window.append(node)
+
+        def finish(node: _Node) -> None:
+            """The node's output is written: count it, and store what it hashed."""
+            done = node.done
+            assert done is not None
+            counts = done.counts if isinstance(done, hashjob.FolderDone) else done[1]
+            stats.files += counts[hashjob.FILES]
+            stats.errors += counts[hashjob.ERRORS]
+            stats.bytes += counts[hashjob.BYTES]
+            stats.bytes_read += counts[hashjob.BYTES_READ]
+            stats.cache_hits += counts[hashjob.HITS]
+            if counts[hashjob.NOT_REGULAR]:
+                stats.skipped[_SKIP_OTHER] += counts[hashjob.NOT_REGULAR]
+            if isinstance(done, hashjob.FolderDone):
+                stats.folders += done.listed_ok
+                if done.skipped_links:
+                    stats.skipped[_SKIP_LINK] += done.skipped_links
+                if done.skipped_other:
+                    stats.skipped[_SKIP_OTHER] += done.skipped_other
+                if cache is not None:
+                    if done.damaged:
+                        cache.unreadable(done.damaged)
+                    if isinstance(done.store, dict):
+                        cache.put(node.rel, done.store)
+            node.done = None
+            node.parts = []
+            if node.opened is not None:
+                node.opened.hashes.update(node.rows)
+                node.opened.parts -= 1
+                if node.opened.parts == 0:
+                    store(node.opened)
 
         def store(opened: _Open) -> None:
             assert cache is not None
             unstored.pop(id(opened), None)
-            folder, hashes, old = opened.folder, opened.hashes, opened.old or {}
-            if not hashes and old.keys() <= folder.listed:
-                return  # nothing read, nothing gone: the entry stands as it is
-            # entries of names still listed but not selected this time (an images-only
-            # run after --all-files, excluded or hidden files, a stop mid-folder) stay:
-            # each is checked against the file's stat before it is used
-            merged = {n: v for n, v in old.items() if n in folder.listed}
-            fresh = folder.listed_ns - RACY_NS
-            for name, stamp in hashes.items():
-                if stamp[2] < fresh and stamp[3] < fresh:
-                    merged[name] = stamp
-                else:
-                    merged.pop(name, None)  # racy: hashed again next time
-            if merged != old:
-                cache.put(folder.rel, merged)
+            entry = hashjob.merge_entry(opened.old, opened.listed, opened.hashes, opened.listed_ns)
+            if entry is not None:
+                cache.put(opened.rel, entry)
 
-        def complete(slot: _Slot) -> None:
-            """Get a job's result (waiting for its worker), and start its large files."""
-            nonlocal workers
-            if slot.done is None and slot.ticket is not None and workers is not None:
-                try:
-                    slot.done = workers.result(slot.ticket)
-                except _WorkerLost as exc:
-                    log.warning("a hashing process %s; hashing in this process", exc)
-                    workers.close()
-                    workers = None
-            if slot.done is None:  # run here (its worker was lost)
-                slot.done = hashjob.run_job(slot.job)
-            if pool is None:  # large files are hashed here, when their turn comes
-                return
-            for (parts, _), opened in zip(slot.done[0], slot.opens, strict=True):
-                for i, part in enumerate(parts):
-                    if isinstance(part, Large):
-                        fut = pool.submit(self._hash_large, _join(opened.folder.path, part.name))
-                        parts[i] = _Pending(fut, part.name, part.ext)  # type: ignore[call-overload]
-
-        def dispatch(job: Job, opens: list[_Open], lasts: list[bool]) -> None:
-            slot = _Slot(job, opens, lasts)
-            if workers is not None and workers.ready():
-                slot.ticket = workers.submit(job)
-            else:
-                slot.done = hashjob.run_job(job)
-                complete(slot)
-            window.append(slot)
-
-        def flush_pending() -> None:
-            nonlocal pending, pending_opens, pending_lasts, pending_files
-            if pending:
-                dispatch((pending, follow, lines), pending_opens, pending_lasts)
-                pending, pending_opens, pending_lasts, pending_files = [], [], [], 0
-
-        def pop(wait: bool = False, drain: bool = False) -> Iterator[bytes | FileRecord]:
-            """Yield what is ready at the head of the window: `wait` for the head job to
-            end first, or `drain` the whole window, waiting as needed."""
-            block = wait or drain
+        def write(block: bool) -> Iterator[bytes | FileRecord]:
+            """Yield the window's output in order, as far as it is ready (`block`: all
+            of it, waiting for large files as needed)."""
             while window:
-                head = window[0]
-                if isinstance(head, FileRecord):  # a folder that could not be listed
-                    window.popleft()
+                node = window[0]
+                parts = node.parts
+                while node.part < len(parts):
+                    part: bytes | FileRecord | Large | _Pending = parts[node.part]
+                    if isinstance(part, Large):  # no hashing threads: hashed now
+                        self._waiting()  # a long read: what came before goes out first
+                        hashed = self._hash_large(_join(node.path, part.name))
+                        part = _Pending(_done_future(hashed), part.name, part.ext)
+                    if isinstance(part, _Pending):
+                        if not part.future.done():
+                            if not block:
+                                return
+                            self._waiting()
+                        rec = large_done(part, node.opened)
+                        node.part += 1
+                        if rec is not None:
+                            self._yielded += 1
+                            yield rec.to_json() if lines else rec
+                        continue
+                    node.part += 1
                     self._yielded += 1
-                    yield head.to_json() if lines else head
-                    block = drain
-                    continue
-                if head.done is None:
-                    if not block and not answered(head):
-                        return
-                    self._waiting()
-                    complete(head)
-                assert head.done is not None
-                segments, counts = head.done
-                while head.seg < len(segments):
-                    parts, rows = segments[head.seg]
-                    opened = head.opens[head.seg]
-                    while head.part < len(parts):
-                        part: bytes | FileRecord | Large | _Pending = parts[head.part]
-                        if isinstance(part, Large):  # no hashing threads: hashed now
-                            self._waiting()  # a long read: what came before goes out first
-                            hashed = self._hash_large(_join(opened.folder.path, part.name))
-                            part = _Pending(_done_future(hashed), part.name, part.ext)
-                        if isinstance(part, _Pending):
-                            if not part.future.done():
-                                if not block:
-                                    return
-                                self._waiting()
-                            rec = large_done(part, opened)
-                            head.part += 1
-                            if rec is not None:
-                                self._yielded += 1
-                                yield rec.to_json() if lines else rec
-                            continue
-                        head.part += 1
-                        self._yielded += 1
-                        yield part
-                    if cache is not None:
-                        opened.hashes.update(rows)
-                        if head.lasts[head.seg]:
-                            store(opened)
-                    head.seg += 1
-                    head.part = 0
+                    yield part
                 window.popleft()
-                block = drain
-                stats.files += counts[hashjob.FILES]
-                stats.errors += counts[hashjob.ERRORS]
-                stats.bytes += counts[hashjob.BYTES]
-                stats.bytes_read += counts[hashjob.BYTES_READ]
-                stats.cache_hits += counts[hashjob.HITS]
-                if counts[hashjob.NOT_REGULAR]:
-                    stats.skipped[_SKIP_OTHER] += counts[hashjob.NOT_REGULAR]
+                finish(node)
 
-        def answered(slot: _Slot) -> bool:
-            """Whether the slot's job can be completed without waiting."""
-            if slot.ticket is None or workers is None:
-                return True  # it runs here
-            return workers.answered(slot.ticket)
-
-        def large_done(part: _Pending, opened: _Open) -> FileRecord | None:
+        def large_done(part: _Pending, opened: _Open | None) -> FileRecord | None:
             rec, n = part.future.result()
             stats.bytes_read += n
             if rec is None:
@@ -568,27 +536,15 @@ class Scanner:
             if rec.ok:
                 stats.files += 1
                 stats.bytes += rec.size or 0
-                if cache is not None and rec.hash is not None:
+                if opened is not None and rec.hash is not None:
                     size, mtime = rec.size or 0, rec.mtime_ns or 0
-                    stamp: Stamp = (rec.ino, size, mtime, rec.ctime_ns, rec.hash)
-                    opened.hashes[part.name] = stamp
+                    opened.hashes[part.name] = (rec.ino, size, mtime, rec.ctime_ns, rec.hash)
             else:
                 stats.errors += 1
             return rec
 
         try:
-            for item in self._folders():
-                if isinstance(item, FileRecord):
-                    flush_pending()  # in order: after the files listed before it
-                    window.append(item)
-                    yield from pop()
-                    continue
-                opened = _Open(item, cache.get(item.rel) if cache is not None else None)
-                if cache is not None:
-                    unstored[id(opened)] = opened
-                old = opened.old
-                names, exts = item.names, item.exts
-                stamps = [old.get(n) for n in names] if old else None
+            while todo:
                 if (
                     workers is None
                     and self._procs
@@ -598,58 +554,47 @@ class Scanner:
                     next_look = time.perf_counter() + 1.0  # the load changes slowly
                     if spare_cores() >= SPARE_CORE:
                         workers = _Workers(self._procs)
-                busy = workers is not None and workers.ready()
-                k = 0
-                while True:
-                    if busy:
-                        step = WORKER_JOB_FILES
-                    else:  # the first jobs are small: the first records come at once
-                        step, ramp = min(ramp, JOB_FILES), ramp * 2
-                    seg: Segment = (
-                        item.path,
-                        names[k : k + step],
-                        exts[k : k + step],
-                        stamps[k : k + step] if stamps is not None else None,
-                    )
-                    k += step
-                    last = k >= len(names)
-                    if busy:
-                        pending.append(seg)
-                        pending_opens.append(opened)
-                        pending_lasts.append(last)
-                        pending_files += len(seg[1])
-                        if pending_files >= WORKER_JOB_FILES or len(pending) >= WORKER_JOB_FOLDERS:
-                            flush_pending()
-                    else:
-                        flush_pending()  # a worker was lost: what waited for one goes first
-                        inline_files += len(seg[1])
-                        dispatch(([seg], follow, lines), [opened], [last])
-                    yield from pop()
-                    limit = workers.capacity() if busy and workers is not None else WINDOW_JOBS
-                    while len(window) > limit:
-                        yield from pop(wait=True)
-                    if last:
-                        break
-            flush_pending()
-            yield from pop(drain=True)
+                send_ahead()
+                take(todo.pop())
+                yield from write(block=False)
+                while len(window) > WINDOW_JOBS:
+                    yield from write(block=True)
+            yield from write(block=True)
         finally:
             if workers is not None:
                 workers.close()
             if pool is not None:
-                for slot in window:
-                    if isinstance(slot, _Slot) and slot.done is not None:
-                        for parts, _ in slot.done[0]:
-                            for part in parts:
-                                if isinstance(part, _Pending):
-                                    part.future.cancel()
+                for node in window:
+                    for part in node.parts:
+                        if isinstance(part, _Pending):
+                            part.future.cancel()
                 pool.shutdown(wait=True)
-            if cache is not None:  # stopped mid-folder: keep the part hashed
-                for slot in window:
-                    if isinstance(slot, _Slot) and slot.done is not None:
-                        for (_, rows), opened in zip(slot.done[0], slot.opens, strict=True):
-                            opened.hashes.update(rows)
+            if cache is not None:  # stopped: keep what was hashed, written or not
+                for node in itertools.chain(window, todo):
+                    done = node.done
+                    if done is None:  # not run, or written and counted
+                        continue
+                    taken = bool(node.parts) or node in window
+                    rows = node.rows if taken else _rows(done)
+                    if isinstance(done, hashjob.FolderDone):
+                        if isinstance(done.store, dict):
+                            cache.put(node.rel, done.store)
+                        elif isinstance(done.store, tuple) and node.opened is None:
+                            _, old, listed, listed_ns = done.store
+                            entry = hashjob.merge_entry(old, listed, dict(rows), listed_ns)
+                            if entry is not None:
+                                cache.put(node.rel, entry)
+                    if node.opened is not None:
+                        node.opened.hashes.update(rows)
                 for opened in list(unstored.values()):
                     store(opened)
+
+
+def _rows(done: hashjob.FolderDone | Done) -> list[tuple[str, Stamp]]:
+    """The cache rows of a job's result."""
+    if isinstance(done, hashjob.FolderDone):
+        return done.rows
+    return [row for _, rows in done[0] for row in rows]
 
 
 def _join(folder: str, name: str) -> str:
@@ -682,14 +627,17 @@ class _WorkerLost(Exception):
 
 
 class _Ticket:
-    __slots__ = ("worker",)
+    __slots__ = ("answer", "worker")
 
     def __init__(self, worker: int) -> None:
         self.worker = worker
+        self.answer: hashjob.FolderDone | Done | None = None  # read before its turn
 
 
-#: the worker's command: imports this very imgbatch, whatever the working directory
-_WORKER = "import sys; sys.path.insert(0, {path!r}); from imgbatch.hashjob import serve; serve()"
+#: the worker's command: imports this very imgbatch and xxhash, whatever the working
+#: directory, without `site` (-S: its start-up and a virtualenv's .pth files cost more
+#: than the worker's own imports)
+_WORKER = "import sys; sys.path[:0] = {paths!r}; from imgbatch.hashjob import serve; serve()"
 
 
 class _Workers:
@@ -708,10 +656,15 @@ class _Workers:
         threading.Thread(target=self._start, name="imgbatch-procs", daemon=True).start()
 
     def _start(self) -> None:
+        import xxhash
+
         import imgbatch
 
-        path = os.path.dirname(os.path.dirname(os.path.abspath(imgbatch.__file__)))
-        cmd = [sys.executable, "-c", _WORKER.format(path=path)]
+        paths = [
+            os.path.dirname(os.path.dirname(os.path.abspath(module.__file__ or "")))
+            for module in (imgbatch, xxhash)
+        ]
+        cmd = [sys.executable, "-S", "-c", _WORKER.format(paths=paths)]
         procs: list[subprocess.Popen[bytes]] = []
         try:
             for _ in range(self._n):
@@ -721,6 +674,10 @@ class _Workers:
                 # room for whole jobs and answers: neither side waits for the other to read
                 _pipe_size(proc.stdin.fileno())
                 _pipe_size(proc.stdout.fileno())
+            for proc in procs:  # each says it started (an empty frame) before it gets jobs
+                assert proc.stdout is not None
+                if hashjob.read_frame(proc.stdout.fileno()) != b"":
+                    raise OSError(f"a hashing process ended as it started ({proc.poll()})")
         except OSError as exc:
             log.debug("cannot start hashing processes: %s", exc)
             for proc in procs:
@@ -743,13 +700,13 @@ class _Workers:
         """Jobs that may wait in the window while workers run."""
         return len(self._procs) * QUEUED_PER_WORKER
 
-    def submit(self, job: Job) -> _Ticket:
+    def submit(self, job: hashjob.AnyJob) -> _Ticket:
         w = min(range(len(self._procs)), key=lambda i: len(self._queued[i]))
         ticket = _Ticket(w)
         stdin = self._procs[w].stdin
         assert stdin is not None
         try:
-            hashjob.write_frame(stdin.fileno(), pickle.dumps(job, pickle.HIGHEST_PROTOCOL))
+            hashjob.write_frame(stdin.fileno(), marshal.dumps(job))
         except OSError:
             self._lost = True
             ticket.worker = -1  # answered by nobody: run inline when its turn comes
@@ -757,37 +714,33 @@ class _Workers:
         self._queued[w].append(ticket)
         return ticket
 
-    def answered(self, ticket: _Ticket) -> bool:
-        """Whether the answer to `ticket` can be read without waiting (or never will)."""
-        if ticket.worker < 0 or self._lost:
-            return True
-        stdout = self._procs[ticket.worker].stdout
-        assert stdout is not None
-        readable, _, _ = select.select([stdout.fileno()], [], [], 0)
-        return bool(readable)
-
-    def result(self, ticket: _Ticket) -> Done:
-        """The answer to `ticket`, the oldest unanswered one of its worker."""
+    def result(self, ticket: _Ticket) -> hashjob.FolderDone | Done:
+        """The answer to `ticket`. A worker answers its jobs in the order they were
+        sent: the answers to its earlier jobs are read first, and kept in their tickets."""
+        if ticket.answer is not None:
+            return ticket.answer
         if ticket.worker < 0 or self._lost:
             raise _WorkerLost("could not be reached")
         queued = self._queued[ticket.worker]
-        if not queued or queued[0] is not ticket:
-            raise AssertionError("answers are taken in the order jobs were sent")
         proc = self._procs[ticket.worker]
         assert proc.stdout is not None
-        try:
-            frame = hashjob.read_frame(proc.stdout.fileno())
-            if frame is None:
-                raise _WorkerLost(f"ended (exit status {proc.poll()})")
-            done: Done = pickle.loads(frame)
-        except (OSError, pickle.UnpicklingError, EOFError) as exc:
-            self._lost = True
-            raise _WorkerLost(f"failed ({exc})") from None
-        except _WorkerLost:
-            self._lost = True
-            raise
-        queued.popleft()
-        return done
+        while queued:
+            try:
+                frame = hashjob.read_frame(proc.stdout.fileno())
+                if frame is None:
+                    raise _WorkerLost(f"ended (exit status {proc.poll()})")
+                answer = hashjob.decode(frame)
+            except (OSError, ValueError, TypeError, EOFError) as exc:  # ValueError: marshal
+                self._lost = True
+                raise _WorkerLost(f"failed ({exc})") from None
+            except _WorkerLost:
+                self._lost = True
+                raise
+            first = queued.popleft()
+            first.answer = answer
+            if first is ticket:
+                return answer
+        raise AssertionError("a ticket of this worker was answered twice")
 
     def close(self) -> None:
         with self._lock:

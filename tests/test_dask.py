@@ -185,6 +185,7 @@ def test_a_worker_killed_mid_run_loses_nothing(cluster: Cluster, tmp_path: Path)
         [sys.executable, "-m", "imgbatch", "analyze", str(root)]
         + ["--executor", "dask", "--dask-scheduler", cluster.address, "--workers", "2"],
         stdout=subprocess.PIPE,
+        bufsize=0,  # readline() then communicate(): no buffer to lose
         stderr=subprocess.PIPE,
         env=env,
         cwd=REPO,
@@ -252,6 +253,7 @@ def test_a_lost_scheduler_is_exit_5_with_what_finished_recorded(
         [sys.executable, "-m", "imgbatch", "analyze", str(root), "--checkpoint", str(state)]
         + ["--executor", "dask", "--dask-scheduler", cluster.address],
         stdout=subprocess.PIPE,
+        bufsize=0,  # readline() then communicate(): no buffer to lose
         stderr=subprocess.PIPE,
         env=env,
         cwd=REPO,
@@ -285,6 +287,7 @@ def test_ctrl_c_stops_a_local_cluster_run_like_a_threads_run(tmp_path: Path) -> 
         [sys.executable, "-m", "imgbatch", "analyze", str(root), "--checkpoint", str(state)]
         + ["--executor", "dask", "--workers", "2", "--grace", "60"],
         stdout=subprocess.PIPE,
+        bufsize=0,  # readline() then communicate(): no buffer to lose
         stderr=subprocess.PIPE,
         env={**os.environ, "IMGBATCH_RESULTS": str(tmp_path / "results")},
         cwd=REPO,

@@ -40,6 +40,7 @@ def start_fake(
     return subprocess.Popen(
         [sys.executable, "-m", "tests.fake_cli", "analyze", "--provider", "fake", *map(str, args)],
         stdout=subprocess.PIPE,
+        bufsize=0,  # readline() then communicate(): no buffer to lose
         stderr=subprocess.PIPE,
         env=full_env,
         cwd=REPO,
@@ -105,6 +106,7 @@ class TestSignals:
         proc = subprocess.Popen(
             [sys.executable, "-m", "imgbatch", "scan", "--batch-size", "1", str(tmp_path)],
             stdout=subprocess.PIPE,
+            bufsize=0,  # readline() then communicate(): no buffer to lose
             stderr=subprocess.PIPE,
             cwd=REPO,
         )

@@ -166,6 +166,28 @@ class TestSharedResults:
         assert all(r["cached"] for r in res.records)
         assert len(calls(log)) == 12
 
+    def test_a_store_keyed_by_tuples_as_before_is_still_read(self, tmp_path: Path) -> None:
+        """Stores written before bytes keys held (fingerprint, hash) tuples."""
+        import diskcache
+
+        from imgbatch.hashcache import DISKCACHE_SETTINGS
+
+        log = tmp_path / "calls.log"
+        make_image(tmp_path / "a" / "x.png", (34, 10))
+        env = {**fake(log), "IMGBATCH_RESULTS": str(tmp_path / "shared")}
+        assert analyze(tmp_path / "a", "--provider", "fake", env=env).rc == 0
+        with diskcache.Cache(str(tmp_path / "shared"), **DISKCACHE_SETTINGS) as db:
+            keys = list(db)
+            assert keys and all(isinstance(k, bytes) for k in keys)
+            for key in keys:  # rewritten as the old main wrote them
+                _, fp, content_hash = key.decode().split("\0")
+                db.set((fp, content_hash), db.pop(key))
+            assert all(isinstance(k, tuple) for k in db)
+        shutil.copytree(tmp_path / "a", tmp_path / "b")
+        res = analyze(tmp_path / "b", "--provider", "fake", env=env)
+        assert res.rc == 0 and res.records[0]["cached"] is True
+        assert calls(log) == [34]  # nothing requested again
+
     def test_prune_never_deletes_shared_results(self, tmp_path: Path) -> None:
         log = tmp_path / "calls.log"
         make_image(tmp_path / "a" / "x.png", (33, 10))
@@ -230,24 +252,18 @@ def test_a_format_1_checkpoint_is_migrated_and_nothing_is_requested_again(
 # -- 4. nothing recorded before its line is written --------------------------------------
 
 
-class Observer:
-    """A provider that checks, at every call, that each item the checkpoint holds as done
-    has its line in the output file already."""
+class Writer:
+    """A provider answering at once (the offline analyzer's shape, without its work)."""
 
-    name = "observer"
+    name = "writer"
     remote = False
-
-    def __init__(self, state: Path, out: Path) -> None:
-        self.state, self.out = state, out
-        self.violations: list[str] = []
-        self.checked = 0
 
     @property
     def model(self) -> str:
-        return "observer-1"
+        return "writer-1"
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"model": "observer-1"}
+        return {"model": "writer-1"}
 
     def estimate_tokens(self, image: PreparedImage) -> int:
         return 0
@@ -256,18 +272,33 @@ class Observer:
         return image
 
     def analyze(self, image: PreparedImage) -> Analysis:
-        written = self.out.read_text()
-        with Checkpoint(self.state, create=False) as cp:
-            for fp in cp.fingerprints():
-                for rel_dir, states in cp.iter_folders(fp):
-                    for name in states:
-                        self.checked += 1
-                        if f"{rel_dir}/{name}" not in written:
-                            self.violations.append(f"{rel_dir}/{name}")
         return Analysis({"w": image.width})
 
     def close(self) -> None:
         pass
+
+
+class WatchedCheckpoint(Checkpoint):
+    """A checkpoint that checks, as each group of items is written to its database, that
+    every one of them already has its line in the output file."""
+
+    def __init__(self, state: Path, out: Path) -> None:
+        super().__init__(state)
+        self.out = out
+        self.group: list[str] = []
+        self.checked = 0
+        self.violations: list[str] = []
+
+    def commit(self, fp: str, rel_dir: str, name: str, *args: Any, **kwargs: Any) -> None:
+        self.group.append(f"{rel_dir}/{name}")
+        super().commit(fp, rel_dir, name, *args, **kwargs)
+
+    def flush(self) -> None:
+        written = self.out.read_text()
+        self.checked += len(self.group)
+        self.violations += [item for item in self.group if item not in written]
+        self.group.clear()
+        super().flush()
 
 
 def test_the_library_commits_an_item_only_after_its_line_is_out(tmp_path: Path) -> None:
@@ -275,13 +306,11 @@ def test_the_library_commits_an_item_only_after_its_line_is_out(tmp_path: Path) 
         make_image(tmp_path / "root" / "d" / f"{i:03d}.png", (16, 16), (i, 0, 0))
     state, out = tmp_path / "state", tmp_path / "out.jsonl"
     settings = Settings(workers=1)
-    provider = Observer(state, out)
-    with out.open("wb") as fh, Checkpoint(state) as cp:
+    with out.open("wb") as fh, WatchedCheckpoint(state, out) as cp:
         sink = JsonlSink(fh.fileno())  # the library default: 100 lines per write
-        Pipeline(str(tmp_path / "root"), settings, RunOptions(), provider, cp, sink).run()
+        Pipeline(str(tmp_path / "root"), settings, RunOptions(), Writer(), cp, sink).run()
         sink.close()
-    assert provider.checked > 0  # the observer saw committed items
-    assert provider.violations == []
+        assert cp.checked == 150 and cp.violations == []
     assert len(out.read_text().splitlines()) == 150
 
 

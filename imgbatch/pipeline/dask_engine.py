@@ -31,7 +31,7 @@ from imgbatch.config import Settings
 from imgbatch.errors import FatalError, ItemError, UsageError
 from imgbatch.pipeline.execute import Analyzer
 from imgbatch.pipeline.items import Outcome, WorkItem
-from imgbatch.records import FileRecord
+from imgbatch.pipeline.procs import analyse_file as analyse_on_worker
 
 log = logging.getLogger("imgbatch")
 
@@ -39,27 +39,6 @@ PIP = "pip install 'imgbatch[dask]'"
 CONNECT_TIMEOUT = 20  # seconds to reach a scheduler, and to reconnect before giving up
 
 # -- on the workers --------------------------------------------------------------------
-
-_analyzers: dict[tuple[str, Settings], Analyzer] = {}
-_analyzers_lock = threading.Lock()
-
-
-def _analyzer(provider: str, settings: Settings) -> Analyzer:
-    """One analyzer per worker process and settings (the provider built once)."""
-    key = (provider, settings)
-    with _analyzers_lock:
-        found = _analyzers.get(key)
-        if found is None:
-            from imgbatch.providers import base
-
-            found = _analyzers[key] = Analyzer(settings, base.create(provider, settings))
-        return found
-
-
-def analyse_on_worker(path: str, content_hash: str, provider: str, settings: Settings) -> Outcome:
-    """The whole analysis of one file by a local (offline) provider, on a worker."""
-    item = WorkItem(FileRecord(path, hash=content_hash), "", "")
-    return _analyzer(provider, settings).work(item)
 
 
 def prepare_on_worker(path: str, content_hash: str, max_side: int, encoder: Any) -> Any:
@@ -182,6 +161,12 @@ class DaskEngine:
         if self._requests is None:
             self._requests = ThreadPoolExecutor(self.settings.workers, "imgbatch-request")
         return self._requests
+
+    def flush(self) -> None:
+        pass  # every item is sent as it comes
+
+    def capacity(self) -> int:
+        return 0
 
     def check(self, failed: bool = False) -> None:
         """A lost scheduler stops the run. After a failed future (`failed`), a client

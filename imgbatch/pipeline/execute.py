@@ -25,6 +25,8 @@ from imgbatch.ratelimit import Interrupted
 if TYPE_CHECKING:
     import tenacity
 
+    from imgbatch.pipeline.procs import OfflineProcesses
+
 log = logging.getLogger("imgbatch")
 
 
@@ -42,6 +44,14 @@ class Engine(Protocol):
     """Runs items: the executor of a run (local threads, or a Dask cluster)."""
 
     def submit(self, item: WorkItem) -> Future[Outcome]: ...
+
+    def flush(self) -> None:
+        """Send what the engine holds back to group it (the caller is about to wait)."""
+        ...
+
+    def capacity(self) -> int:
+        """Items the engine wants in flight to keep busy (0: no wish)."""
+        ...
 
     def check(self, failed: bool = False) -> None:
         """Raise an ImgbatchError if the engine can no longer run anything (`failed`:
@@ -248,20 +258,57 @@ class Analyzer:
         )
 
 
-class LocalEngine:
-    """Items analysed by a pool of threads in this process (`--executor local`)."""
+#: a local run of the offline analyzer moves to worker processes once this many items
+#: went to its threads (a small run never pays for starting them)
+PROCS_AFTER = 500
 
-    def __init__(self, analyzer: Analyzer, workers: int) -> None:
+
+class LocalEngine:
+    """Items analysed by a pool of threads in this process (`--executor local`), and for
+    the offline analyzer of a big run, by `procs` worker processes (pipeline.procs)."""
+
+    def __init__(self, analyzer: Analyzer, workers: int, procs: int = 0) -> None:
         self.analyzer = analyzer
         self._pool = ThreadPoolExecutor(workers, "imgbatch-ai")
+        self._procs_wanted = procs if procs > 1 and not analyzer.provider.remote else 0
+        self._procs: OfflineProcesses | None = None
+        self._submitted = 0
 
     def submit(self, item: WorkItem) -> Future[Outcome]:
+        procs = self._procs
+        if procs is None and self._procs_wanted:
+            self._submitted += 1
+            if self._submitted >= PROCS_AFTER:
+                procs = self._start_procs()
+        if procs is not None and procs.usable():
+            return procs.submit(item)
         return self._pool.submit(self.analyzer.work, item)
+
+    def _start_procs(self) -> OfflineProcesses | None:
+        from imgbatch.pipeline.procs import OfflineProcesses
+        from imgbatch.scanner import SPARE_CORE, spare_cores
+
+        n, self._procs_wanted = self._procs_wanted, 0  # decided once
+        if spare_cores() < SPARE_CORE:  # a busy machine: processes only add overhead
+            return None
+        self._procs = OfflineProcesses(self.analyzer, n, self._pool)
+        return self._procs
+
+    def flush(self) -> None:
+        if self._procs is not None:
+            self._procs.flush()
+
+    def capacity(self) -> int:
+        from imgbatch.pipeline.procs import CHUNK
+
+        return 3 * CHUNK * self._procs_wanted if self._procs_wanted else 0
 
     def check(self, failed: bool = False) -> None:
         pass
 
     def shutdown(self, wait: bool) -> None:
+        if self._procs is not None:
+            self._procs.shutdown(wait)
         # when stopping, threads blocked in a request are not waited for: the caller
         # exits without joining them, having flushed the output and the checkpoint
         self._pool.shutdown(wait=wait, cancel_futures=True)
@@ -275,4 +322,6 @@ def make_engine(
         from imgbatch.pipeline.dask_engine import DaskEngine
 
         return DaskEngine(analyzer, settings, root, address or settings.dask_scheduler or None)
-    return LocalEngine(analyzer, settings.workers)
+    from imgbatch.scanner import cores
+
+    return LocalEngine(analyzer, settings.workers, settings.analyze_procs or cores())

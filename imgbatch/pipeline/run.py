@@ -97,6 +97,8 @@ class Pipeline(RunStages):
         try:
             if not self.options.dry_run:
                 engine = self._engine or make_engine(self.settings, self.analyzer, self.root)
+                if not self.settings.in_flight:  # as many as the engine needs to keep busy
+                    max_in_flight = max(max_in_flight, engine.capacity())
             self._engine = engine
             for scanned in self.scanner:
                 if self.stop.is_set() or self._fatal is not None:
@@ -174,7 +176,11 @@ class Pipeline(RunStages):
     def _drain(self, block: bool, timeout: float | None = None) -> None:
         assert self._engine is not None
         self._engine.check()
-        done, _ = wait(self._pending, timeout=timeout if block else 0, return_when=FIRST_COMPLETED)
+        if block:
+            self._engine.flush()
+            done, _ = wait(self._pending, timeout=timeout, return_when=FIRST_COMPLETED)
+        else:  # wait() with no timeout still visits every future twice: this once
+            done = {fut for fut in self._pending if fut.done()}
         for fut in done:
             item = self._pending.pop(fut)
             try:
