@@ -123,6 +123,17 @@ def rerun(table: Table, quick: bool) -> None:
     rate = t.files / first.seconds
     note = f"today 286/s (issue 14, 20,000 files); target >= 1,500/s: {check(rate >= 1500)}"
     table.add("issue 14 target: first run, images/s", f"{rate:,.0f}/s", note)
+    # the same first run with the offline analyzer kept in threads ([analyze] procs = 1)
+    state1 = scratch("analyze-threads")
+    threads = run(["env", "IMGBATCH_ANALYZE_PROCS=1", *analyze(t.path, state1)], stdout=out)
+    if analyze_summary(threads).ok != t.files:
+        raise RuntimeError(f"first run in threads: {threads.stderr[-2000:]}")
+    note = f"{per_sec(t.files, threads.seconds)}; worker processes / threads: "
+    table.add(
+        "first run, threads only (procs = 1)",
+        secs(threads.seconds),
+        note + ratio(first.seconds, threads.seconds),
+    )
     # both are short (~0.5 s) and the load of a shared machine drifts: alternate them
     rescan_argv = [IMGBATCH, "scan", str(t.path), "--checkpoint", str(state)]
     again, rescan = interleaved(argv, rescan_argv, RERUNS, out)

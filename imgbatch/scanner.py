@@ -80,9 +80,9 @@ WORKER_JOB_FILES = 512  # files of a folder per job sent to a worker
 QUEUED_PER_WORKER = 3  # jobs sent to a worker and not yet taken, at most
 #: worker processes are started once this many files went by inline: a tree scanned in
 #: less never pays for them (each costs ~20 ms of CPU to start; jobs run inline until
-#: they said they started); and only while a core is idle (the load average leaves
-#: SPARE_CORE of one): on a busy machine they only add their overhead, as the kernel
-#: runs them instead of the scan
+#: they said they started); and only while a core is idle (SPARE_CORE of one, measured
+#: while the scan ran inline): on a busy machine they only add their overhead, as the
+#: kernel runs them instead of the scan
 PROCS_AFTER = 1000
 PROCS_AFTER_SECONDS = 0.0  # and once this many seconds went by
 SPARE_CORE = 0.75
@@ -194,8 +194,38 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def spare_cores() -> float:
-    """Cores left idle by the machine's load (its 1-minute average)."""
+#: a sample of cpu_times(): the machine's idle and total CPU seconds, and this process's
+CpuSample = tuple[float, float, float]
+
+
+def cpu_times() -> CpuSample | None:
+    """The machine's idle and total CPU seconds so far (/proc/stat: every core, every
+    process), and this process's own (all its threads), if they can be read."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+        tick = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 5 or tick <= 0:
+        return None
+    own = os.times()
+    # idle + iowait; user .. steal (guest time is counted in user already)
+    return (fields[3] + fields[4]) / tick, sum(fields) / tick, own.user + own.system
+
+
+def spare_cores(since: CpuSample | None = None) -> float:
+    """Cores free for more of our processes: those that neither other processes used
+    since `since` (a cpu_times() sample), nor this process's main thread needs (one).
+    Our own threads do not count: the processes would take their work. Without a
+    sample, from the load (the 1-minute average, which lags: it still counts for a
+    minute a run that just ended, and includes our own work)."""
+    now = cpu_times()
+    if since is not None and now is not None and now[1] > since[1]:
+        wall = (now[1] - since[1]) / cores()
+        busy = (now[1] - since[1]) - (now[0] - since[0])
+        others = max(0.0, busy - (now[2] - since[2]))
+        return cores() - 1 - others / wall
     try:
         return cores() - os.getloadavg()[0]
     except (AttributeError, OSError):  # no load average here: assume the cores are ours
@@ -383,6 +413,7 @@ class Scanner:
         inline_files = 0
         ramp = 1  # files of a folder hashed in its own job inline, doubling to JOB_FILES
         next_look = time.perf_counter() + PROCS_AFTER_SECONDS  # whether to start workers
+        started = cpu_times() if self._procs else None  # the machine's idle time from now
 
         def job_of(node: _Node, first: int, split: int) -> hashjob.AnyJob:
             if node.seg is not None:
@@ -552,7 +583,7 @@ class Scanner:
                     and time.perf_counter() >= next_look
                 ):
                     next_look = time.perf_counter() + 1.0  # the load changes slowly
-                    if spare_cores() >= SPARE_CORE:
+                    if spare_cores(since=started) >= SPARE_CORE:
                         workers = _Workers(self._procs)
                 send_ahead()
                 take(todo.pop())

@@ -102,7 +102,7 @@ def test_worker_processes_and_small_jobs_print_the_golden_lines(
     the files and then from the hash cache."""
     monkeypatch.setattr(scanner, "PROCS_AFTER", 0)
     monkeypatch.setattr(scanner, "PROCS_AFTER_SECONDS", 0)
-    monkeypatch.setattr(scanner, "spare_cores", lambda: 2.0)  # however busy the machine
+    monkeypatch.setattr(scanner, "spare_cores", lambda **_: 2.0)  # however busy the machine
     monkeypatch.setattr(scanner, "JOB_FILES", 3)
     monkeypatch.setattr(scanner, "WORKER_JOB_FILES", 7)
     answers = count_worker_answers(monkeypatch)

@@ -12,6 +12,9 @@ import operator
 import os
 import random
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +193,7 @@ def test_a_lost_worker_process_leaves_its_jobs_to_the_scan_itself(
     expected = scan_lines(tmp_path / "root")
     monkeypatch.setattr(scanner, "PROCS_AFTER", 0)
     monkeypatch.setattr(scanner, "PROCS_AFTER_SECONDS", 0)
-    monkeypatch.setattr(scanner, "spare_cores", lambda: 2.0)  # however busy the machine
+    monkeypatch.setattr(scanner, "spare_cores", lambda **_: 2.0)  # however busy the machine
     monkeypatch.setattr(scanner, "WORKER_JOB_FILES", 30)
     real_ready, real_submit = scanner._Workers.ready, scanner._Workers.submit
     sent: list[int] = []
@@ -224,7 +227,7 @@ def test_worker_processes_end_with_the_scan(
     make_tree(tmp_path / "root")
     monkeypatch.setattr(scanner, "PROCS_AFTER", 0)
     monkeypatch.setattr(scanner, "PROCS_AFTER_SECONDS", 0)
-    monkeypatch.setattr(scanner, "spare_cores", lambda: 2.0)  # however busy the machine
+    monkeypatch.setattr(scanner, "spare_cores", lambda **_: 2.0)  # however busy the machine
     started: list[scanner._Workers] = []
     real_init = scanner._Workers.__init__
 
@@ -286,3 +289,29 @@ def test_finished_items_are_committed_at_least_every_100_ms(
         rec.commit_written()
     # a group waits at most 100 ms from its first item, and is written after a sync
     assert cp.flushed == [5, 3] and sink.synced == 2
+
+
+def test_spare_cores_count_what_other_processes_use_not_what_we_use() -> None:
+    """While another process keeps a core busy, one core less is spare than while we
+    keep one busy ourselves or nobody does (the load average, a minute's mean of
+    everything, ours included, barely moves in between)."""
+    if scanner.cpu_times() is None:
+        pytest.skip("no /proc/stat here")
+
+    def spare_while(who: str) -> float:
+        since = scanner.cpu_times()
+        other = None
+        if who == "another process":
+            spin = "import time\nend = time.monotonic() + 0.6\nwhile time.monotonic() < end: pass"
+            other = subprocess.Popen([sys.executable, "-c", spin])
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            if who != "we":
+                time.sleep(0.05)
+        spare = scanner.spare_cores(since=since)
+        if other is not None:
+            other.wait()
+        return spare
+
+    quiet, ours, theirs = (spare_while(w) for w in ("nobody", "we", "another process"))
+    assert quiet - theirs >= 0.5 and ours - theirs >= 0.5, (quiet, ours, theirs)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import tenacity
 
     from imgbatch.pipeline.procs import OfflineProcesses
+    from imgbatch.scanner import CpuSample
 
 log = logging.getLogger("imgbatch")
 
@@ -273,6 +274,11 @@ class LocalEngine:
         self._procs_wanted = procs if procs > 1 and not analyzer.provider.remote else 0
         self._procs: OfflineProcesses | None = None
         self._submitted = 0
+        self._started: CpuSample | None = None  # the machine's CPU times then
+        if self._procs_wanted:
+            from imgbatch.scanner import cpu_times
+
+            self._started = cpu_times()
 
     def submit(self, item: WorkItem) -> Future[Outcome]:
         procs = self._procs
@@ -289,7 +295,7 @@ class LocalEngine:
         from imgbatch.scanner import SPARE_CORE, spare_cores
 
         n, self._procs_wanted = self._procs_wanted, 0  # decided once
-        if spare_cores() < SPARE_CORE:  # a busy machine: processes only add overhead
+        if spare_cores(since=self._started) < SPARE_CORE:  # busy: processes only add overhead
             return None
         self._procs = OfflineProcesses(self.analyzer, n, self._pool)
         return self._procs
