@@ -732,35 +732,61 @@ def write_frame(fd: int, data: bytes) -> None:
 
 
 def encode(done: FolderDone | Done) -> bytes:
-    """A job's answer as marshal data (a worker's answers are JSON lines: bytes, and
-    Large markers, which travel as (name, extension) tuples)."""
-
-    def plain(parts: list[bytes | FileRecord | Large]) -> list[object]:
-        return [(p.name, p.ext) if isinstance(p, Large) else p for p in parts]
-
+    """A job's answer as marshal data: JSON lines travel as bytes, FileRecords and Large
+    markers as tagged tuples."""
     if isinstance(done, FolderDone):
         state = [getattr(done, k) for k in FolderDone.__slots__]
-        state[FolderDone.__slots__.index("parts")] = plain(done.parts)
+        for k in ("errors", "parts"):
+            state[FolderDone.__slots__.index(k)] = _plain(getattr(done, k))
         return marshal.dumps(("F", state))
     segments, counts = done
-    return marshal.dumps(("S", ([(plain(parts), rows) for parts, rows in segments], counts)))
+    return marshal.dumps(("S", ([(_plain(parts), rows) for parts, rows in segments], counts)))
 
 
 def decode(data: bytes) -> FolderDone | Done:
     """The answer `encode` sent."""
-
-    def parts_of(plain: list[object]) -> list[bytes | FileRecord | Large]:
-        return [Large(*p) if isinstance(p, tuple) else p for p in plain]  # type: ignore[misc]
-
     kind, body = marshal.loads(data)
     if kind == "F":
         done = FolderDone()
         for k, v in zip(FolderDone.__slots__, body, strict=True):
-            setattr(done, k, v)
-        done.parts = parts_of(done.parts)  # type: ignore[arg-type]
+            setattr(done, k, _parts(v) if k in ("errors", "parts") else v)
         return done
     segments, counts = body
-    return [(parts_of(parts), rows) for parts, rows in segments], counts
+    return [(_parts(parts), rows) for parts, rows in segments], counts
+
+
+def _plain(parts: list[bytes | FileRecord | Large]) -> list[object]:
+    out: list[object] = []
+    for p in parts:
+        if isinstance(p, bytes):
+            out.append(p)
+        elif isinstance(p, Large):
+            out.append(("L", p.name, p.ext))
+        else:
+            code = p.error_code.value if p.error_code is not None else None
+            out.append(
+                ("R", p.path, p.size, p.mtime_ns, p.hash, p.ino, p.ctime_ns)
+                + (code, p.error_message, p.ext)
+            )
+    return out
+
+
+def _parts(plain: Iterable[object]) -> list[bytes | FileRecord | Large]:
+    out: list[bytes | FileRecord | Large] = []
+    for p in plain:
+        if isinstance(p, bytes):
+            out.append(p)
+        elif isinstance(p, tuple) and p[0] == "L":
+            out.append(Large(p[1], p[2]))
+        else:
+            from imgbatch.errors import ErrorCode
+            from imgbatch.records import FileRecord
+
+            assert isinstance(p, tuple)
+            _, path, size, mtime, digest, ino, ctime, code, message, ext = p
+            error = ErrorCode(code) if code is not None else None
+            out.append(FileRecord(path, size, mtime, digest, ino, ctime, error, message, ext))
+    return out
 
 
 def serve() -> None:

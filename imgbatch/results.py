@@ -29,6 +29,9 @@ log = logging.getLogger("imgbatch")
 ResultKey = tuple[str, str]  # fingerprint, content hash
 
 
+FORMAT = b"format"  # the store's mark: 2 = bytes keys only (see key())
+
+
 def key(fp: str, content_hash: str) -> bytes:
     """The store's key of a result (fingerprints and hashes are hexadecimal)."""
     return f"r\0{fp}\0{content_hash}".encode()
@@ -51,8 +54,14 @@ class ResultStore:
                 f"cannot open the results store in {directory}: {exc}; move it aside "
                 "(results are then requested again) or set [state] results elsewhere"
             ) from None
-        try:  # keys pickled by diskcache (raw = 0): tuples of a store from before
-            self._tuples = self._db._sql("SELECT 1 FROM Cache WHERE raw = 0 LIMIT 1").fetchone()
+        # A store made with bytes keys says so (FORMAT); one without that mark that holds
+        # anything was written with (fingerprint, hash) tuples: misses look there too
+        try:
+            if self._db.get(FORMAT) != 2:
+                with self._db.transact():
+                    if len(self._db) == 0:
+                        self._db.set(FORMAT, 2)
+            self._tuples = self._db.get(FORMAT) != 2
         except Exception:  # noqa: BLE001 (unreadable: look both ways, errors are misses)
             self._tuples = True
 
@@ -82,7 +91,8 @@ class ResultStore:
         return n
 
     def __len__(self) -> int:
-        return int(len(self._db))
+        """Results stored (the format mark aside)."""
+        return int(len(self._db)) - (not self._tuples)
 
     def close(self) -> None:
         self._db.close()

@@ -84,7 +84,9 @@ QUEUED_PER_WORKER = 3  # jobs sent to a worker and not yet taken, at most
 #: while the scan ran inline): on a busy machine they only add their overhead, as the
 #: kernel runs them instead of the scan
 PROCS_AFTER = 1000
-PROCS_AFTER_SECONDS = 0.0  # and once this many seconds went by
+#: and once this many seconds went by: the machine's idle time is counted in 10 ms ticks
+#: (/proc/stat), too coarse to judge a shorter interval
+PROCS_AFTER_SECONDS = 0.05
 SPARE_CORE = 0.75
 
 _SKIP_LINK, _SKIP_OTHER, _SKIP_VISITED = "symlink", "not a regular file", "folder already visited"
@@ -209,9 +211,8 @@ def cpu_times() -> CpuSample | None:
         return None
     if len(fields) < 5 or tick <= 0:
         return None
-    own = os.times()
     # idle + iowait; user .. steal (guest time is counted in user already)
-    return (fields[3] + fields[4]) / tick, sum(fields) / tick, own.user + own.system
+    return (fields[3] + fields[4]) / tick, sum(fields) / tick, time.process_time()
 
 
 def spare_cores(since: CpuSample | None = None) -> float:

@@ -135,3 +135,32 @@ def count_worker_answers(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     monkeypatch.setattr(scanner._Workers, "ready", ready_now)
     monkeypatch.setattr(scanner._Workers, "result", counted)
     return answers
+
+
+@pytest.mark.parametrize("case", SCAN_PARAMS)
+def test_worker_processes_give_analyze_the_records_the_scan_itself_gives(
+    case: Case, roots: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`analyze` iterates FileRecords (not lines): from the workers they travel as
+    tuples and must come back equal, field for field (errors, inode and ctime too)."""
+    import dataclasses
+
+    from imgbatch.hashcache import HashCache
+
+    root = str(roots[case.tree.__name__])
+    settings = scan_settings(case.args, tmp_path / "state")
+
+    def records(procs: int) -> list[tuple[object, ...]]:
+        with HashCache(tmp_path / f"cache-{procs}") as cache:
+            return [
+                dataclasses.astuple(r) for r in scanner.Scanner(root, settings, cache, procs=procs)
+            ]
+
+    inline = records(0)
+    monkeypatch.setattr(scanner, "PROCS_AFTER", 0)
+    monkeypatch.setattr(scanner, "PROCS_AFTER_SECONDS", 0)
+    monkeypatch.setattr(scanner, "spare_cores", lambda **_: 2.0)  # however busy the machine
+    monkeypatch.setattr(scanner, "JOB_FILES", 3)
+    monkeypatch.setattr(scanner, "WORKER_JOB_FILES", 7)
+    answers = count_worker_answers(monkeypatch)
+    assert records(2) == inline and answers[0] > 2

@@ -171,12 +171,14 @@ class TestSharedResults:
         import diskcache
 
         from imgbatch.hashcache import DISKCACHE_SETTINGS
+        from imgbatch.results import FORMAT
 
         log = tmp_path / "calls.log"
         make_image(tmp_path / "a" / "x.png", (34, 10))
         env = {**fake(log), "IMGBATCH_RESULTS": str(tmp_path / "shared")}
         assert analyze(tmp_path / "a", "--provider", "fake", env=env).rc == 0
         with diskcache.Cache(str(tmp_path / "shared"), **DISKCACHE_SETTINGS) as db:
+            assert db.pop(FORMAT) == 2  # the old main left no mark
             keys = list(db)
             assert keys and all(isinstance(k, bytes) for k in keys)
             for key in keys:  # rewritten as the old main wrote them

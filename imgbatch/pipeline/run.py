@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 
@@ -81,6 +82,7 @@ class Pipeline(RunStages):
         self.analyzer = Analyzer(settings, provider, limiter, self.stop)
         self._engine = engine
         self._pending: dict[Future[Outcome], WorkItem] = {}
+        self._finished: deque[Future[Outcome]] = deque()  # pending ones that ended
         self._fatal: ImgbatchError | None = None
 
     # -- the run -----------------------------------------------------------------
@@ -170,17 +172,20 @@ class Pipeline(RunStages):
 
     def _submit(self, item: WorkItem) -> None:
         assert self._engine is not None
-        self._pending[self._engine.submit(item)] = item
+        fut = self._engine.submit(item)
+        self._pending[fut] = item
+        fut.add_done_callback(self._finished.append)  # from any thread; deque is safe
         self.recorder.in_flight = len(self._pending)
 
     def _drain(self, block: bool, timeout: float | None = None) -> None:
         assert self._engine is not None
         self._engine.check()
-        if block:
+        if block and not self._finished:
             self._engine.flush()
-            done, _ = wait(self._pending, timeout=timeout, return_when=FIRST_COMPLETED)
-        else:  # wait() with no timeout still visits every future twice: this once
-            done = {fut for fut in self._pending if fut.done()}
+            wait(self._pending, timeout=timeout, return_when=FIRST_COMPLETED)
+        # the ended ones, in the order they ended (not a visit of every pending future
+        # per item: with the offline processes ~100 are in flight)
+        done = [self._finished.popleft() for _ in range(len(self._finished))]
         for fut in done:
             item = self._pending.pop(fut)
             try:
