@@ -18,6 +18,7 @@ deletes from it (`prune` forgets item states only); delete the folder to start a
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,16 @@ ResultKey = tuple[str, str]  # fingerprint, content hash
 
 
 FORMAT = b"format"  # the store's mark: 2 = bytes keys only (see key())
+
+
+#: a result's row as diskcache's `set` leaves it (mode 4: pickled, the value in SQLite)
+_UPSERT = (
+    "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count, tag,"
+    " size, mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, NULL, 0, 4, NULL, ?)"
+    " ON CONFLICT(key, raw) DO UPDATE SET store_time = excluded.store_time,"
+    " access_time = excluded.access_time, size = 0, mode = 4, filename = NULL,"
+    " value = excluded.value"
+)
 
 
 def key(fp: str, content_hash: str) -> bytes:
@@ -82,13 +93,23 @@ class ResultStore:
         return value if isinstance(value, dict) else None
 
     def put_many(self, items: Iterable[tuple[ResultKey, dict[str, Any]]]) -> int:
-        """Store outcomes in one transaction; returns how many."""
-        n = 0
-        with self._db.transact():
-            for (fp, content_hash), value in items:
-                self._db.set(key(fp, content_hash), value)
-                n += 1
-        return n
+        """Store outcomes in one transaction; returns how many.
+
+        The rows are written as diskcache writes them (a pickled value inside SQLite,
+        under a raw bytes key; its triggers keep the count), in one statement for the
+        lot: diskcache's `set` runs three or four statements a row, ~100 us, and the
+        offline analyzer writes thousands a second."""
+        import pickle
+
+        now = time.time()
+        rows = [
+            (key(fp, content_hash), now, now, pickle.dumps(value, protocol=5))
+            for (fp, content_hash), value in items
+        ]
+        if rows:
+            with self._db.transact():
+                self._db._con.executemany(_UPSERT, rows)
+        return len(rows)
 
     def __len__(self) -> int:
         """Results stored (the format mark aside)."""

@@ -100,12 +100,7 @@ def test_worker_processes_and_small_jobs_print_the_golden_lines(
     """Jobs of a few files, cut anywhere in a folder (several folders per job for the
     workers), worker processes from the first file: the lines do not change, first from
     the files and then from the hash cache."""
-    monkeypatch.setattr(scanner, "PROCS_AFTER", 0)
-    monkeypatch.setattr(scanner, "PROCS_AFTER_SECONDS", 0)
-    monkeypatch.setattr(scanner, "spare_cores", lambda **_: 2.0)  # however busy the machine
-    monkeypatch.setattr(scanner, "JOB_FILES", 3)
-    monkeypatch.setattr(scanner, "WORKER_JOB_FILES", 7)
-    answers = count_worker_answers(monkeypatch)
+    answers = small_jobs_and_workers_at_once(monkeypatch)
     root = roots[case.tree.__name__]
     settings = scan_settings(case.args, tmp_path / "state").replace(hash_procs=procs)
     for _ in ("from the files", "from the hash cache"):
@@ -116,6 +111,17 @@ def test_worker_processes_and_small_jobs_print_the_golden_lines(
             sink.close()
         assert lines(normalise(out.read_bytes(), root)) == lines(golden(f"{case.name}.jsonl"))
     assert (answers[0] > 2) == (procs > 1)
+
+
+def small_jobs_and_workers_at_once(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Jobs of a few files, cut anywhere in a folder, worker processes from the first
+    file however busy the machine: [jobs the workers answered], counted."""
+    monkeypatch.setattr(scanner, "PROCS_AFTER", 0)
+    monkeypatch.setattr(scanner, "PROCS_AFTER_SECONDS", 0)
+    monkeypatch.setattr(scanner, "spare_cores", lambda **_: 2.0)
+    monkeypatch.setattr(scanner, "JOB_FILES", 3)
+    monkeypatch.setattr(scanner, "WORKER_JOB_FILES", 7)
+    return count_worker_answers(monkeypatch)
 
 
 def count_worker_answers(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -157,10 +163,5 @@ def test_worker_processes_give_analyze_the_records_the_scan_itself_gives(
             ]
 
     inline = records(0)
-    monkeypatch.setattr(scanner, "PROCS_AFTER", 0)
-    monkeypatch.setattr(scanner, "PROCS_AFTER_SECONDS", 0)
-    monkeypatch.setattr(scanner, "spare_cores", lambda **_: 2.0)  # however busy the machine
-    monkeypatch.setattr(scanner, "JOB_FILES", 3)
-    monkeypatch.setattr(scanner, "WORKER_JOB_FILES", 7)
-    answers = count_worker_answers(monkeypatch)
+    answers = small_jobs_and_workers_at_once(monkeypatch)
     assert records(2) == inline and answers[0] > 2

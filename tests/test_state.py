@@ -190,6 +190,22 @@ class TestSharedResults:
         assert res.rc == 0 and res.records[0]["cached"] is True
         assert calls(log) == [34]  # nothing requested again
 
+    def test_results_are_rows_diskcache_itself_reads_and_counts(self, tmp_path: Path) -> None:
+        import diskcache
+
+        from imgbatch.hashcache import DISKCACHE_SETTINGS
+        from imgbatch.results import ResultStore, key
+
+        first = {"status": "ok", "result": {"tags": ["a"]}}
+        with ResultStore(tmp_path / "r") as store:
+            assert store.put_many([(("fp1", "h1"), first), (("fp1", "h2"), {"x": 1})]) == 2
+            assert store.put_many([(("fp1", "h1"), {"status": "ok", "again": True})]) == 1
+            assert len(store) == 2 and store.get("fp1", "h2") == {"x": 1}
+        with diskcache.Cache(str(tmp_path / "r"), **DISKCACHE_SETTINGS) as db:
+            assert db.get(key("fp1", "h1")) == {"status": "ok", "again": True}
+            assert len(db) == 3  # the two results and the format mark
+            assert db.volume() > 0 and db.check() == []  # consistent as diskcache sees it
+
     def test_prune_never_deletes_shared_results(self, tmp_path: Path) -> None:
         log = tmp_path / "calls.log"
         make_image(tmp_path / "a" / "x.png", (33, 10))
