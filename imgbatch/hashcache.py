@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from imgbatch.errors import CheckpointError
+from imgbatch.hashjob import FolderHashes, Stamp, entry_key
 
 log = logging.getLogger("imgbatch")
 
-Stamp = tuple[int, int, int, int, str]  # inode, size, mtime_ns, ctime_ns, hash
-FolderHashes = dict[str, Stamp]
+__all__ = ["DISKCACHE_SETTINGS", "FolderHashes", "HashCache", "Stamp"]
 
 #: diskcache settings that keep memory flat: no SQLite mmap, a small page cache, and
 #: no eviction (a cache that silently drops entries would re-hash, or worse, forget).
@@ -62,13 +62,8 @@ class HashCache:
             self._warned = True
             log.warning("hash cache: unreadable entry (%s); re-hashing those files", reason)
 
-    @staticmethod
-    def _key(rel_dir: str) -> bytes:
-        # bytes keys: a folder name that is not valid UTF-8 cannot be SQLite TEXT
-        return b"d:" + os.fsencode(rel_dir)
-
     def get(self, rel_dir: str) -> FolderHashes | None:
-        key = self._key(rel_dir)
+        key = entry_key(rel_dir)
         if key in self._pending:
             return self._pending[key]
         try:
@@ -81,7 +76,7 @@ class HashCache:
     def put(self, rel_dir: str, hashes: FolderHashes) -> None:
         """Store a folder's hashes; written with others in one transaction (~235 us each
         on their own), at the latest when the cache is closed."""
-        self._pending[self._key(rel_dir)] = hashes
+        self._pending[entry_key(rel_dir)] = hashes
         if len(self._pending) >= FLUSH_EVERY:
             self.flush()
 

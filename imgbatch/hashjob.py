@@ -1,11 +1,12 @@
-"""A scan job: stat, hash and describe a run of files of one or more folders.
+"""The scan's jobs: list a folder, then stat, hash and describe its files.
 
-The scanner runs jobs inline, or in worker processes (`--hash-procs`): a worker is
-`python -c "...serve()"` fed pickled jobs on stdin and answering pickled results on
-stdout. This module imports nothing heavier than xxhash and records, so a worker starts
-in a few tens of milliseconds and ~13 MB. A job's result is finished output: the JSON
-lines of the scan (or FileRecords, for `analyze`), the hash-cache rows of the files it
-read, and counters; the main process only lists folders, orders results and writes.
+A folder job lists one folder, reads its hash-cache entry and does its first files; a
+segment job does more files of a folder listed before. The scanner runs jobs inline,
+or in worker processes (`--hash-procs`): a worker is `python -S -c "...serve()"` fed
+marshal frames of jobs on stdin and answering on stdout. This module imports only
+xxhash at load time, so a worker starts in ~20 ms. A job's result is finished output:
+the JSON lines of the scan (or FileRecords, for `analyze`), the folder's new cache
+entry or rows, and counters; the main process only orders results and writes.
 
 Cold caches: a file's first read is tried with RWF_NOWAIT; when it would block (the
 content is not in the page cache: a NAS, a spinning disk, a first run), the job opens
@@ -22,6 +23,7 @@ import os
 import stat
 import sys
 import time
+from _thread import get_ident
 
 import xxhash
 
@@ -72,9 +74,6 @@ class Large:
         self.name = name
         self.ext = ext
 
-    def __reduce__(self) -> tuple[type[Large], tuple[str, str]]:
-        return Large, (self.name, self.ext)
-
 
 #: one folder's part of a job: its path, the names of selected files (in output
 #: order), their extensions, and their hash-cache stamps (None: no cache entry)
@@ -98,10 +97,6 @@ FolderJob = tuple[str, str, Listing, bool, "str | None", int, int]
 #: a subfolder found by a folder job: path, path relative to ROOT, (device, inode) when
 #: following symlinks (the scanner skips folders it visited through another link)
 Subfolder = tuple[str, str, "tuple[int, int] | None"]
-#: what becomes of the folder's hash-cache entry: decided by the job (the new entry, or
-#: None when it stands as it is), or left to the scanner (a folder done in several
-#: parts, or with large files): ("open", old entry, names listed, clock before listing)
-Store = "FolderHashes | None | tuple[str, FolderHashes | None, frozenset[str], int]"
 
 
 class FolderDone:
@@ -130,7 +125,11 @@ class FolderDone:
         self.parts: list[bytes | FileRecord | Large] = []  # the first files' output
         self.rows: list[tuple[str, Stamp]] = []  # their cache rows
         self.rest: list[Segment] = []  # the folder's other files, cut into segments
-        self.store: object = None  # see Store
+        #: what becomes of the folder's hash-cache entry: decided by the job (the new
+        #: entry, or None when it stands as it is), or left to the scanner (a folder done
+        #: in several parts, or with large files): ("open", old entry, names listed,
+        #: clock before listing)
+        self.store: object = None
         self.counts = [0] * len(COUNTERS)
         self.damaged = ""  # why the cache entry could not be read, if it could not
 
@@ -309,14 +308,14 @@ def _segment(
     # The line of FileRecord.to_json's fast path, with the folder's part of the path
     # quoted once (JSON escaping is per character); None: every line the slow way
     template = None
-    if lines and (qprefix.isascii() or _clean(qprefix)):
+    if lines and is_clean(qprefix):
         template = (
             '{"path":' + qprefix.replace("%", "%%") + '%s,"hash":"%s","size":%d,'
             '"extension":%s,"mtime":"%s.%06dZ","status":"ok"}\n'
         )
     text: list[str] = []  # ok lines not yet encoded
     quoted_ext: dict[str, str] = {}
-    quote, iso, clean = _quote, iso_seconds, _clean
+    quote, iso, clean = _quote, iso_seconds, is_clean
     files = hits = nbytes = nread = 0
     opener = _Opener(folder, prefix, names, follow)
     stat_, dir_fd = os.stat, opener.dir_fd
@@ -400,7 +399,7 @@ def _segment(
             files += 1
             nbytes += size
             ext = exts[i]
-            if template is not None and (name.isascii() or clean(name)):
+            if template is not None and clean(name):
                 qext = quoted_ext.get(ext)
                 if qext is None:
                     qext = quoted_ext[ext] = quote(ext)
@@ -427,7 +426,10 @@ def _segment(
     return parts, rows
 
 
-def _clean(text: str) -> bool:
+def is_clean(text: str) -> bool:
+    """Whether `text` encodes to UTF-8 as it is (no surrogates)."""
+    if text.isascii():
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -440,8 +442,6 @@ def _encode(text: list[str]) -> bytes:
 
 
 # -- folder jobs: list a folder, then hash its files ------------------------------------
-
-_SKIP_LINK, _SKIP_OTHER = "symlink", "not a regular file"
 
 
 def ext_of(name: str) -> str:
@@ -586,19 +586,22 @@ def _by_name(e: os.DirEntry[str]) -> str:
     return e.name
 
 
-_readers: dict[str, sqlite3.Connection] = {}
+#: open hash-cache databases, per thread (a served process scans in several at once)
+#: and file; the scanner closes its thread's when its scan ends
+_readers: dict[tuple[int, str], sqlite3.Connection] = {}
 
 
 def read_entry(db: str, rel: str) -> tuple[FolderHashes | None, str]:
     """A folder's hash-cache entry, read straight from the cache's SQLite file (a
     diskcache Cache: pickled values under raw bytes keys, see hashcache), and why it
     could not be read ("" when it could, or there was none)."""
-    conn = _readers.get(db)
+    slot = (get_ident(), db)
+    conn = _readers.get(slot)
     try:
         if conn is None:
             import sqlite3
 
-            conn = _readers[db] = sqlite3.connect(db, timeout=60, check_same_thread=False)
+            conn = _readers[slot] = sqlite3.connect(db, timeout=60)
             conn.execute("PRAGMA query_only = 1")
         row = conn.execute(
             "SELECT mode, value FROM Cache WHERE key = ? AND raw = 1", (entry_key(rel),)
@@ -617,8 +620,10 @@ def read_entry(db: str, rel: str) -> tuple[FolderHashes | None, str]:
 
 
 def close_readers() -> None:
-    while _readers:
-        _readers.popitem()[1].close()
+    """Close the databases read_entry opened in this thread."""
+    me = get_ident()
+    for slot in [slot for slot in _readers if slot[0] == me]:
+        _readers.pop(slot).close()
 
 
 def entry_key(rel: str) -> bytes:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imgbatch.errors import ErrorCode
+from imgbatch.hashjob import is_clean as is_clean  # the JSON form of records uses it too
 from imgbatch.hashjob import iso_seconds
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -29,17 +30,6 @@ def utf8_clean(text: str) -> str:
     except UnicodeEncodeError:
         raw = text.encode("utf-8", "surrogatepass")
     return raw.decode("utf-8", "replace")
-
-
-def is_clean(text: str) -> bool:
-    """Whether `text` encodes to UTF-8 as it is (no surrogates)."""
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def iso_utc(ns: int) -> str:

@@ -34,7 +34,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,6 +43,7 @@ from typing import TypeVar
 
 from imgbatch import hashjob
 from imgbatch.config import Settings
+from imgbatch.cpus import SpareCores, cores
 from imgbatch.errors import ErrorCode, UsageError
 from imgbatch.hashcache import FolderHashes, HashCache
 from imgbatch.hashjob import (
@@ -78,16 +78,12 @@ JOB_FILES = 128  # files of a folder per job run inline (the first jobs have few
 WINDOW_JOBS = 4  # jobs held back at most while an earlier large file is being hashed
 WORKER_JOB_FILES = 512  # files of a folder per job sent to a worker
 QUEUED_PER_WORKER = 3  # jobs sent to a worker and not yet taken, at most
-#: worker processes are started once this many files went by inline: a tree scanned in
-#: less never pays for them (each costs ~20 ms of CPU to start; jobs run inline until
-#: they said they started); and only while a core is idle (SPARE_CORE of one, measured
-#: while the scan ran inline): on a busy machine they only add their overhead, as the
-#: kernel runs them instead of the scan
+#: worker processes are started once this many files went by inline, and this many
+#: seconds (see cpus.SpareCores): a tree scanned in less never pays for them (each costs
+#: ~20 ms of CPU to start; jobs run inline until they said they started); and only while
+#: a core is spare: on a busy machine they only add their overhead
 PROCS_AFTER = 1000
-#: and once this many seconds went by: the machine's idle time is counted in 10 ms ticks
-#: (/proc/stat), too coarse to judge a shorter interval
 PROCS_AFTER_SECONDS = 0.05
-SPARE_CORE = 0.75
 
 _SKIP_LINK, _SKIP_OTHER, _SKIP_VISITED = "symlink", "not a regular file", "folder already visited"
 
@@ -188,51 +184,6 @@ def check_root(root: str) -> str:
     return root
 
 
-def cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-#: a sample of cpu_times(): the machine's idle and total CPU seconds, and this process's
-CpuSample = tuple[float, float, float]
-
-
-def cpu_times() -> CpuSample | None:
-    """The machine's idle and total CPU seconds so far (/proc/stat: every core, every
-    process), and this process's own (all its threads), if they can be read."""
-    try:
-        with open("/proc/stat", "rb") as f:
-            fields = [int(v) for v in f.readline().split()[1:9]]
-        tick = os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        return None
-    if len(fields) < 5 or tick <= 0:
-        return None
-    # idle + iowait; user .. steal (guest time is counted in user already)
-    return (fields[3] + fields[4]) / tick, sum(fields) / tick, time.process_time()
-
-
-def spare_cores(since: CpuSample | None = None) -> float:
-    """Cores free for more of our processes: those that neither other processes used
-    since `since` (a cpu_times() sample), nor this process's main thread needs (one).
-    Our own threads do not count: the processes would take their work. Without a
-    sample, from the load (the 1-minute average, which lags: it still counts for a
-    minute a run that just ended, and includes our own work)."""
-    now = cpu_times()
-    if since is not None and now is not None and now[1] > since[1]:
-        wall = (now[1] - since[1]) / cores()
-        busy = (now[1] - since[1]) - (now[0] - since[0])
-        others = max(0.0, busy - (now[2] - since[2]))
-        return cores() - 1 - others / wall
-    try:
-        return cores() - os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average here: assume the cores are ours
-        return float(cores())
-
-
 class Scanner:
     """Walks ROOT and yields a FileRecord for every selected file, in a fixed order.
 
@@ -276,14 +227,8 @@ class Scanner:
     def _folders(self) -> Iterator[_Folder | FileRecord]:
         """Folders depth-first in sorted order, each with its selected files (no file
         is opened: `--no-hash`, and the count of files for progress)."""
-        s = self.settings
-        follow = s.follow_symlinks
-        listing: hashjob.Listing = (follow, s.include_hidden, s.all_files, tuple(s.exclude))
+        listing, visited = self._listing(), self._visited()
         skipped = self.stats.skipped
-        visited: set[tuple[int, int]] = set()
-        if follow:
-            st = os.stat(self.root)
-            visited.add((st.st_dev, st.st_ino))
         stack: list[tuple[str, str]] = [(self.root, "")]
         while stack:
             path, rel = stack.pop()
@@ -302,16 +247,35 @@ class Scanner:
             for rec in found.errors:
                 self.stats.errors += 1
                 yield rec
-            subdirs: list[tuple[str, str]] = []
-            for sub, sub_rel, key in found.subfolders:
-                if key is not None:
-                    if key in visited:
-                        skipped[_SKIP_VISITED] += 1
-                        continue
-                    visited.add(key)
-                subdirs.append((sub, sub_rel))
+            subdirs = [
+                (sub, sub_rel) for sub, sub_rel in self._unvisited(found.subfolders, visited)
+            ]
             yield _Folder(path, rel, found.names, found.exts)
             stack.extend(reversed(subdirs))
+
+    def _listing(self) -> hashjob.Listing:
+        s = self.settings
+        return (s.follow_symlinks, s.include_hidden, s.all_files, tuple(s.exclude))
+
+    def _visited(self) -> set[tuple[int, int]]:
+        """The (device, inode) of folders visited, ROOT's at first (following symlinks:
+        each folder is visited once, so loops end)."""
+        if not self.settings.follow_symlinks:
+            return set()
+        st = os.stat(self.root)
+        return {(st.st_dev, st.st_ino)}
+
+    def _unvisited(
+        self, subfolders: list[hashjob.Subfolder], visited: set[tuple[int, int]]
+    ) -> Iterator[tuple[str, str]]:
+        """The subfolders (path, rel) not visited yet, now marked; the others counted."""
+        for path, rel, key in subfolders:
+            if key is not None:
+                if key in visited:
+                    self.stats.skipped[_SKIP_VISITED] += 1
+                    continue
+                visited.add(key)
+            yield path, rel
 
     # -- hashing -----------------------------------------------------------------
 
@@ -397,15 +361,11 @@ class Scanner:
         pool = ThreadPoolExecutor(threads, "imgbatch-hash") if threads > 1 else None
         stats, cache = self.stats, self._cache
         follow = s.follow_symlinks
-        listing: hashjob.Listing = (follow, s.include_hidden, s.all_files, tuple(s.exclude))
+        listing, visited = self._listing(), self._visited()
         db = None
         if cache is not None:
             cache.flush()  # jobs read the database itself: what an earlier scan left too
             db = cache.db_path
-        visited: set[tuple[int, int]] = set()
-        if follow:
-            st = os.stat(self.root)
-            visited.add((st.st_dev, st.st_ino))
         todo: list[_Node] = [_Node(self.root, "")]
         window: deque[_Node] = deque()  # taken off the stack, being written
         unstored: dict[int, _Open] = {}  # folders in several parts, not all written
@@ -413,8 +373,7 @@ class Scanner:
         sent = 0  # jobs sent to workers and still on the stack
         inline_files = 0
         ramp = 1  # files of a folder hashed in its own job inline, doubling to JOB_FILES
-        next_look = time.perf_counter() + PROCS_AFTER_SECONDS  # whether to start workers
-        started = cpu_times() if self._procs else None  # the machine's idle time from now
+        spare = SpareCores(PROCS_AFTER, PROCS_AFTER_SECONDS) if self._procs else None
 
         def job_of(node: _Node, first: int, split: int) -> hashjob.AnyJob:
             if node.seg is not None:
@@ -469,14 +428,7 @@ class Scanner:
                     unstored[id(node.opened)] = node.opened
                 if node.ticket is None:
                     inline_files += done.counts[hashjob.FILES]
-                subfolders = []
-                for path, rel, key in done.subfolders:
-                    if key is not None:
-                        if key in visited:
-                            stats.skipped[_SKIP_VISITED] += 1
-                            continue
-                        visited.add(key)
-                    subfolders.append(_Node(path, rel))
+                subfolders = [_Node(p, r) for p, r in self._unvisited(done.subfolders, visited)]
                 todo.extend(reversed(subfolders))
                 todo.extend(_Node(g[0], "", g, node.opened) for g in reversed(done.rest))
             else:
@@ -577,15 +529,8 @@ class Scanner:
 
         try:
             while todo:
-                if (
-                    workers is None
-                    and self._procs
-                    and inline_files >= PROCS_AFTER
-                    and time.perf_counter() >= next_look
-                ):
-                    next_look = time.perf_counter() + 1.0  # the load changes slowly
-                    if spare_cores(since=started) >= SPARE_CORE:
-                        workers = _Workers(self._procs)
+                if workers is None and spare is not None and spare.now(inline_files):
+                    workers = _Workers(self._procs)
                 send_ahead()
                 take(todo.pop())
                 yield from write(block=False)
@@ -601,13 +546,12 @@ class Scanner:
                         if isinstance(part, _Pending):
                             part.future.cancel()
                 pool.shutdown(wait=True)
+            hashjob.close_readers()
             if cache is not None:  # stopped: keep what was hashed, written or not
-                for node in itertools.chain(window, todo):
+                taken = [(node, node.rows) for node in window if node.done is not None]
+                ahead = [(node, _rows(node.done)) for node in todo if node.done is not None]
+                for node, rows in taken + ahead:
                     done = node.done
-                    if done is None:  # not run, or written and counted
-                        continue
-                    taken = bool(node.parts) or node in window
-                    rows = node.rows if taken else _rows(done)
                     if isinstance(done, hashjob.FolderDone):
                         if isinstance(done.store, dict):
                             cache.put(node.rel, done.store)

@@ -56,7 +56,8 @@ class Counted(Analyzer):
 def engine_with_processes(monkeypatch: pytest.MonkeyPatch) -> tuple[LocalEngine, Counted]:
     """A local engine whose processes are started by its first item and usable."""
     monkeypatch.setattr(execute, "PROCS_AFTER", 1)
-    monkeypatch.setattr("imgbatch.scanner.spare_cores", lambda **_: 2.0)  # however busy
+    monkeypatch.setattr(execute, "PROCS_AFTER_SECONDS", 0)
+    monkeypatch.setattr("imgbatch.cpus.spare_cores", lambda **_: 2.0)  # however busy
     settings = Settings()
     analyzer = Counted(settings, LocalProvider(settings))
     Counted.here = 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from imgbatch import scanner
+from imgbatch import cpus, scanner
 from imgbatch.config import Settings, load_settings
 from imgbatch.output import JsonlSink
 from imgbatch.scanner import run_scan
@@ -118,7 +118,7 @@ def small_jobs_and_workers_at_once(monkeypatch: pytest.MonkeyPatch) -> list[int]
     file however busy the machine: [jobs the workers answered], counted."""
     monkeypatch.setattr(scanner, "PROCS_AFTER", 0)
     monkeypatch.setattr(scanner, "PROCS_AFTER_SECONDS", 0)
-    monkeypatch.setattr(scanner, "spare_cores", lambda **_: 2.0)
+    monkeypatch.setattr(cpus, "spare_cores", lambda **_: 2.0)
     monkeypatch.setattr(scanner, "JOB_FILES", 3)
     monkeypatch.setattr(scanner, "WORKER_JOB_FILES", 7)
     return count_worker_answers(monkeypatch)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageStat
 
-from imgbatch import hashjob, scanner
+from imgbatch import cpus, hashjob, scanner
 from imgbatch.config import Settings
 from imgbatch.output import JsonlSink
 from imgbatch.providers import local_features
@@ -193,7 +193,7 @@ def test_a_lost_worker_process_leaves_its_jobs_to_the_scan_itself(
     expected = scan_lines(tmp_path / "root")
     monkeypatch.setattr(scanner, "PROCS_AFTER", 0)
     monkeypatch.setattr(scanner, "PROCS_AFTER_SECONDS", 0)
-    monkeypatch.setattr(scanner, "spare_cores", lambda **_: 2.0)  # however busy the machine
+    monkeypatch.setattr(cpus, "spare_cores", lambda **_: 2.0)  # however busy the machine
     monkeypatch.setattr(scanner, "WORKER_JOB_FILES", 30)
     real_ready, real_submit = scanner._Workers.ready, scanner._Workers.submit
     sent: list[int] = []
@@ -227,7 +227,7 @@ def test_worker_processes_end_with_the_scan(
     make_tree(tmp_path / "root")
     monkeypatch.setattr(scanner, "PROCS_AFTER", 0)
     monkeypatch.setattr(scanner, "PROCS_AFTER_SECONDS", 0)
-    monkeypatch.setattr(scanner, "spare_cores", lambda **_: 2.0)  # however busy the machine
+    monkeypatch.setattr(cpus, "spare_cores", lambda **_: 2.0)  # however busy the machine
     started: list[scanner._Workers] = []
     real_init = scanner._Workers.__init__
 
@@ -295,11 +295,11 @@ def test_spare_cores_count_what_other_processes_use_not_what_we_use() -> None:
     """While another process keeps a core busy, one core less is spare than while we
     keep one busy ourselves or nobody does (the load average, a minute's mean of
     everything, ours included, barely moves in between)."""
-    if scanner.cpu_times() is None:
+    if cpus.cpu_times() is None:
         pytest.skip("no /proc/stat here")
 
     def spare_while(who: str) -> float:
-        since = scanner.cpu_times()
+        since = cpus.cpu_times()
         other = None
         if who == "another process":
             spin = "import time\nend = time.monotonic() + 0.6\nwhile time.monotonic() < end: pass"
@@ -308,10 +308,32 @@ def test_spare_cores_count_what_other_processes_use_not_what_we_use() -> None:
         while time.monotonic() < end:
             if who != "we":
                 time.sleep(0.05)
-        spare = scanner.spare_cores(since=since)
+        spare = cpus.spare_cores(since=since)
         if other is not None:
             other.wait()
         return spare
 
     quiet, ours, theirs = (spare_while(w) for w in ("nobody", "we", "another process"))
     assert quiet - theirs >= 0.5 and ours - theirs >= 0.5, (quiet, ours, theirs)
+
+
+def test_a_scan_leaves_no_hash_cache_database_open_behind(tmp_path: Path) -> None:
+    """Jobs read folders' cache entries through their own SQLite connection: it ends
+    with the scan (a served process scans many roots, in many threads), so once the
+    cache itself is closed no descriptor of its database is left."""
+    from imgbatch.hashcache import HashCache
+
+    def open_on(db: Path) -> int:
+        fds = Path("/proc/self/fd")
+        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(db))
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("no /proc/self/fd here")
+    make_tree(tmp_path / "root")
+    with HashCache(tmp_path / "cache") as cache:
+        db = Path(cache.db_path).resolve()
+        for _ in range(2):  # the second scan reads entries the first one stored
+            records = list(Scanner(str(tmp_path / "root"), Settings(), cache))
+            cache.flush()
+        assert records and open_on(db) >= 1  # the cache's own connection
+    assert open_on(db) == 0

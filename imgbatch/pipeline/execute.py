@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from imgbatch.config import Settings
+from imgbatch.cpus import SpareCores, cores
 from imgbatch.errors import ContentChanged, ErrorCode, ImgbatchError, ItemError
 from imgbatch.pipeline.items import Outcome, WorkItem
 from imgbatch.providers.base import Analysis, Provider
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     import tenacity
 
     from imgbatch.pipeline.procs import OfflineProcesses
-    from imgbatch.scanner import CpuSample
 
 log = logging.getLogger("imgbatch")
 
@@ -275,6 +275,7 @@ class Analyzer:
 #: a local run of the offline analyzer moves to worker processes once this many items
 #: went to its threads (a small run never pays for starting them)
 PROCS_AFTER = 500
+PROCS_AFTER_SECONDS = 0.05  # and this long after the engine started (see cpus.SpareCores)
 
 
 class LocalEngine:
@@ -287,31 +288,22 @@ class LocalEngine:
         self._procs_wanted = procs if procs > 1 and not analyzer.provider.remote else 0
         self._procs: OfflineProcesses | None = None
         self._submitted = 0
-        self._started: CpuSample | None = None  # the machine's CPU times then
-        if self._procs_wanted:
-            from imgbatch.scanner import cpu_times
-
-            self._started = cpu_times()
+        self._spare = SpareCores(PROCS_AFTER, PROCS_AFTER_SECONDS) if self._procs_wanted else None
 
     def submit(self, item: WorkItem) -> Future[Outcome]:
         procs = self._procs
-        if procs is None and self._procs_wanted:
+        if procs is None and self._spare is not None:
             self._submitted += 1
-            if self._submitted >= PROCS_AFTER:
-                procs = self._start_procs()
+            if self._spare.now(self._submitted):
+                from imgbatch.pipeline.procs import OfflineProcesses
+
+                procs = self._procs = OfflineProcesses(
+                    self.analyzer, self._procs_wanted, self._pool
+                )
+                self._spare = None
         if procs is not None and procs.usable():
             return procs.submit(item)
         return self._pool.submit(self.analyzer.work, item)
-
-    def _start_procs(self) -> OfflineProcesses | None:
-        from imgbatch.pipeline.procs import OfflineProcesses
-        from imgbatch.scanner import SPARE_CORE, spare_cores
-
-        n, self._procs_wanted = self._procs_wanted, 0  # decided once
-        if spare_cores(since=self._started) < SPARE_CORE:  # busy: processes only add overhead
-            return None
-        self._procs = OfflineProcesses(self.analyzer, n, self._pool)
-        return self._procs
 
     def flush(self) -> None:
         if self._procs is not None:
@@ -341,6 +333,4 @@ def make_engine(
         from imgbatch.pipeline.dask_engine import DaskEngine
 
         return DaskEngine(analyzer, settings, root, address or settings.dask_scheduler or None)
-    from imgbatch.scanner import cores
-
     return LocalEngine(analyzer, settings.workers, settings.analyze_procs or cores())
