@@ -42,18 +42,24 @@ def cpu_times() -> CpuSample | None:
     return (fields[3] + fields[4]) / tick, sum(fields) / tick, time.process_time()
 
 
+def spare_between(since: CpuSample, now: CpuSample, ncores: int) -> float:
+    """Cores free for more of our processes between two cpu_times() samples: those that
+    neither other processes used meanwhile, nor this process's main thread needs (one).
+    Our own threads do not count: the processes would take their work."""
+    total = now[1] - since[1]
+    wall = total / ncores
+    busy = total - (now[0] - since[0])
+    others = max(0.0, busy - (now[2] - since[2]))
+    return ncores - 1 - others / wall
+
+
 def spare_cores(since: CpuSample | None = None) -> float:
-    """Cores free for more of our processes: those that neither other processes used
-    since `since` (a cpu_times() sample), nor this process's main thread needs (one).
-    Our own threads do not count: the processes would take their work. Without a
-    sample, from the load (the 1-minute average, which lags: it still counts for a
-    minute a run that just ended, and includes our own work)."""
+    """Cores free for more of our processes since `since` (a cpu_times() sample; see
+    spare_between). Without a sample, from the load (the 1-minute average, which lags:
+    it still counts for a minute a run that just ended, and includes our own work)."""
     now = cpu_times()
     if since is not None and now is not None and now[1] > since[1]:
-        wall = (now[1] - since[1]) / cores()
-        busy = (now[1] - since[1]) - (now[0] - since[0])
-        others = max(0.0, busy - (now[2] - since[2]))
-        return cores() - 1 - others / wall
+        return spare_between(since, now, cores())
     try:
         return cores() - os.getloadavg()[0]
     except (AttributeError, OSError):  # no load average here: assume the cores are ours
