@@ -12,9 +12,6 @@ import operator
 import os
 import random
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
