@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 import secrets
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
+from imgbatch import beside
 from imgbatch.errors import OutputError, UsageError
 from imgbatch.records import extension_of, is_clean, iso_utc, json_line, utf8_clean
 from imgbatch.scanner import IMAGE_EXTENSIONS
@@ -108,6 +110,20 @@ def write_jsonl(records: Iterable[Record], out: IO[bytes]) -> int:
     return n
 
 
+# A spreadsheet runs a cell starting with one of these as a formula (`=HYPERLINK(...)`
+# read off a photo by the model ends up in `text`): such text gets a leading quote.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value: Any) -> Any:
+    """A CSV cell: text that a spreadsheet would take for a formula starts with `'`;
+    numbers stay numbers (a negative one too)."""
+    value = _csv_value(value)
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def _csv_value(value: Any) -> Any:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -124,19 +140,20 @@ def _csv_value(value: Any) -> Any:
 
 def write_csv(records: Iterable[Record], out: IO[bytes], result_cols: list[str]) -> int:
     """CSV with stable columns: the file fields, then `result_cols`, then the result's
-    other fields as JSON text (`result_other`); returns how many rows."""
+    other fields as JSON text (`result_other`); returns how many rows. No text cell can
+    become a formula (see `_csv_cell`)."""
     n = 0
     text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
     writer = csv.writer(text)
-    writer.writerow(FILE_COLUMNS + result_cols + ["result_other"])
+    writer.writerow([_csv_cell(c) for c in FILE_COLUMNS + result_cols + ["result_other"]])
     for rec in records:
         result = rec.get("result") or {}
         error = rec.get("error") or {}
-        row = [_csv_value(rec.get(c)) for c in FILE_COLUMNS[:10]]
-        row += [error.get("code", ""), error.get("message", "")]
-        row += [_csv_value(result.get(c)) for c in result_cols]
+        row = [_csv_cell(rec.get(c)) for c in FILE_COLUMNS[:10]]
+        row += [_csv_cell(error.get("code")), _csv_cell(error.get("message"))]
+        row += [_csv_cell(result.get(c)) for c in result_cols]
         other = {k: v for k, v in result.items() if k not in result_cols}
-        row.append(_csv_value(other) if other else "")
+        row.append(_csv_cell(other) if other else "")
         writer.writerow(row)
         n += 1
     text.detach()
@@ -364,6 +381,20 @@ _EMPTY_PACKET = (
 # Errors that no other sidecar would escape: stop rather than fail every image alike.
 _SYSTEMIC = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 _CONTROL = dict.fromkeys(c for c in range(32) if c not in (9, 10, 13))
+# What may come before a packet: a byte-order mark, white space, an XML declaration
+_PROLOGUE = re.compile(rb"(?:\xef\xbb\xbf)?\s*(?:<\?xml[^>]*\?>\s*)?")
+_PACKET_STARTS = (b"<?xpacket", b"<x:xmpmeta")
+
+
+def is_xmp_packet(data: bytes) -> bool:
+    """Whether `data` is an XMP packet (`<?xpacket` or `<x:xmpmeta` first, after an optional
+    BOM, white space and XML declaration): only such bytes are given to the XMP library."""
+    prologue = _PROLOGUE.match(data)
+    return data[prologue.end() if prologue else 0 :].startswith(_PACKET_STARTS)
+
+
+class _NotXmp(Exception):
+    """An existing sidecar that is not an XMP packet: left as it is."""
 
 
 @dataclass
@@ -377,7 +408,7 @@ class SidecarSummary:
     no_keywords: int = 0  # results without tags or description (the offline analyzer's)
     shared_basename: int = 0  # --xmp-naming basename: another image has the same name
     gone: int = 0  # the image no longer exists, or changed since it was analysed
-    failed: int = 0  # a sidecar that could not be read or written
+    failed: int = 0  # a sidecar that could not be read or written, or was left alone
 
     def line(self) -> str:
         """The summary for people."""
@@ -495,6 +526,7 @@ class SidecarWriter:
         self._emit = emit
         self._stems = _Stems()
         self._root = os.geteuid() == 0  # then sidecars are given to the image's owner
+        self._folders: OrderedDict[str, beside.Folder] = OrderedDict()
 
     def sidecar_of(self, image: str) -> str:
         """The sidecar's path: `IMG_0001.JPG.xmp` (darktable, digiKam), or `IMG_0001.xmp`
@@ -503,10 +535,40 @@ class SidecarWriter:
 
     def write_all(self, records: Iterable[Record]) -> SidecarSummary:
         """One sidecar per ok record with tags or a description."""
-        for rec in records:
-            if rec.get("status") == "ok":
-                self.write(rec)
+        try:
+            for rec in records:
+                if rec.get("status") == "ok":
+                    self.write(rec)
+        finally:
+            self.close()
         return self.summary
+
+    def close(self) -> None:
+        """Close the image folders held open."""
+        while self._folders:
+            self._folders.popitem()[1].close()
+
+    def _folder(self, path: str, keep: int = 8) -> beside.Folder:
+        """The image folder `path`, opened once for the folders seen last (a folder's items
+        mostly come together); the temporary files of an export killed there are removed
+        when it is first opened."""
+        folder = self._folders.get(path)
+        if folder is not None:
+            self._folders.move_to_end(path)
+            return folder
+        folder = beside.Folder(path)
+        self._folders[path] = folder
+        if len(self._folders) > keep:
+            self._folders.popitem(last=False)[1].close()
+        if not self.summary.dry_run:
+            with suppress(OSError):  # an unlistable folder: its sidecars will say why
+                if removed := folder.sweep():
+                    log.info(
+                        "removed %d temporary file(s) of an interrupted export in %s",
+                        removed,
+                        path or ".",
+                    )
+        return folder
 
     def write(self, rec: Record) -> None:
         """The sidecar of one ok record: created, merged, or left as it is."""
@@ -524,11 +586,16 @@ class SidecarWriter:
             s.no_keywords += 1
             return
         image = _image_path(rec)
+        folder_path, name = os.path.split(image)
         try:
-            st = os.stat(image)
+            # everything beside the image happens in its folder as opened here: a folder
+            # path swapped for a symlink later cannot send a write elsewhere
+            folder = self._folder(folder_path)
+            st = folder.stat(name)
+            same = st.st_size == rec.get("size") and iso_utc(st.st_mtime_ns) == rec["mtime"]
         except OSError:
-            st = None
-        if st is None or st.st_size != rec.get("size") or iso_utc(st.st_mtime_ns) != rec["mtime"]:
+            same = False
+        if not same:
             s.gone += 1  # describing the new content with the old analysis would be wrong
             log.debug("skipped %s: gone or changed since it was analysed", image)
             return
@@ -543,13 +610,16 @@ class SidecarWriter:
             )
             return
         try:
-            self._write(rec, image, st, sidecar, keywords, description)
+            self._write(rec, image, st, folder, sidecar, keywords, description)
+        except beside.Refused as exc:
+            s.failed += 1
+            log.warning("skipped %s: %s", sidecar, exc.reason)
         except OSError as exc:
             if exc.errno in _SYSTEMIC:
                 raise OutputError(f"cannot write {sidecar}: {exc.strerror or exc}") from None
             s.failed += 1
             log.warning("cannot write %s: %s", sidecar, exc.strerror or exc)
-        except RuntimeError as exc:  # pyexiv2: what is there is not XMP it can read
+        except (_NotXmp, RuntimeError) as exc:  # RuntimeError: pyexiv2 cannot read it
             s.failed += 1
             log.warning("%s is not readable XMP (%s): left as it is", sidecar, exc)
 
@@ -558,17 +628,18 @@ class SidecarWriter:
         rec: Record,
         image: str,
         image_st: os.stat_result,
+        folder: beside.Folder,
         sidecar: str,
         keywords: list[str],
         description: str,
     ) -> None:
-        target = Path(os.path.realpath(sidecar))  # a symlinked sidecar stays a symlink
-        try:
-            existing: bytes | None = target.read_bytes()
-            st = target.stat()  # an existing sidecar keeps its mode and owner
-        except FileNotFoundError:
-            existing, st = None, image_st
+        # a symlink, a FIFO, a read-only sidecar... raise beside.Refused: left untouched
+        found = folder.read(os.path.basename(sidecar))
+        existing = None if found is None else found.data
+        if existing and existing.strip() and not is_xmp_packet(existing):
+            raise _NotXmp("no <?xpacket or <x:xmpmeta at its start")
         fields = {"provider": rec.get("provider"), "model": rec.get("model"), "hash": rec["hash"]}
+        # an empty file holds nothing to lose: it is filled like a new sidecar
         packet = existing if existing and existing.strip() else _EMPTY_PACKET
         with self._xmp.ImageData(packet) as img:
             # exiv2 mirrors a sidecar's XMP into EXIF and IPTC when reading it and back when
@@ -598,11 +669,14 @@ class SidecarWriter:
             }
             self._emit(json_line(line))
             return
+        # a new sidecar: the image's permission bits plus owner-write and, as root, its
+        # owner; an existing one keeps its own
+        if found is None:
+            mode, st = beside.new_mode(image_st), image_st
+        else:
+            mode, st = beside.kept_mode(found.st), found.st
         owner = (st.st_uid, st.st_gid) if self._root else None
-        # the image's permission bits (or the old sidecar's), not a private temporary
-        # file's; and a sidecar is never executable
-        with replacing(target, mode=st.st_mode & 0o666, owner=owner) as fh:
-            fh.write(data)
+        folder.write(os.path.basename(sidecar), data, mode, owner)
 
     def _change(
         self, xmp: dict[str, Any], keywords: list[str], description: str, fields: dict[str, Any]
