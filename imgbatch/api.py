@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from imgbatch.config import Settings, load_settings, state_dir
-from imgbatch.errors import UsageError
+from imgbatch.errors import UsageError, WaitInterrupted
 from imgbatch.hashcache import HashCache
 from imgbatch.output import JsonlSink, OutputClosed, Progress
 from imgbatch.records import FileRecord
@@ -163,13 +163,19 @@ def analyze(
     prints, resumably, through the same checkpoint and under the same lock.
 
     The run starts at the first `next()`, in a background thread, and holds ROOT's lock
-    until it ends or is closed. A record is committed to the checkpoint once it has
-    been handed to the caller, never before, so the next run does not yield it again
-    (commits are grouped as the command's are: a process killed meanwhile repeats the
-    last group's records next time, never loses one). Stopping early
-    (`break`, `close()`, leaving `with imgbatch.analyze(...) as records:`, an exception)
+    until it ends or is closed. Delivery is at least once: a record is committed to the
+    checkpoint only once the caller has handled it, that is asked for the next record,
+    or ended the iteration normally (the run's end; leaving a `with` block without an
+    exception, `break` inside it included). A record the caller has asked past is never
+    yielded again (commits are grouped as the command's are: a process killed meanwhile
+    repeats the last group's records next time, never loses one); one whose handling
+    raised is yielded again by the next run, from the results store (no request is paid
+    for twice). Without `with`, `break` cannot be told from an exception: the last
+    record taken then comes back next run too, as after `close()`. Stopping early
     abandons the items finished but not yet taken and those in flight: the next run
-    redoes them. A run left unclosed is closed when it is garbage-collected, like a
+    redoes them. `Records.stop(grace)` stops gracefully instead: the records of the
+    items in flight keep coming for up to `grace` seconds, then the iteration ends
+    normally. A run left unclosed is closed when it is garbage-collected, like a
     generator; use `with` or `close()` to release the lock at a known moment.
 
     Args:
@@ -186,8 +192,8 @@ def analyze(
             `exclude`, `checkpoint`, ...); the run options of the command's flags
             (`fresh`, `retry_failed`, `emit_all`, `limit`, `dry_run`, ...: the fields
             of `pipeline.RunOptions`); and `wait`, to wait for another run's lock
-            instead of raising LockHeldError. `grace` has no effect: in-flight items
-            are abandoned at once when the caller stops.
+            instead of raising LockHeldError. `grace` has no effect: give it to
+            `Records.stop(grace)`; `close()` abandons in-flight items at once.
 
     Returns:
         An iterator of dicts, one per file this run processed (with `emit_all`, also
@@ -217,14 +223,15 @@ def analyze(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UsageError(f"limit must be a whole number of at least 1, not {limit!r}")
     wait = run.pop("wait", False)
-    # in-flight items finishing after the caller stopped could not be yielded: no grace
+    # close(): in-flight items finishing after the caller left could not be yielded, so no
+    # grace; stop(grace) gives its own
     settings = load_settings(config, {"provider": provider, **options}).replace(grace=0.0)
     return Records(check_root(os.fspath(root)), settings, RunOptions(**run), on_progress, wait)
 
 
 class Records(Iterator[dict[str, Any]]):
-    """The records of one `analyze` run (see `analyze`): an iterator, `close()`, and a
-    context manager that closes it."""
+    """The records of one `analyze` run (see `analyze`): an iterator, `stop(grace)`,
+    `close()`, and a context manager that closes it."""
 
     def __init__(
         self,
@@ -237,9 +244,10 @@ class Records(Iterator[dict[str, Any]]):
         self._args = (root, settings, run, wait)
         self._on_progress = on_progress
         self._channel = _Channel()
-        self._stop = threading.Event()
+        self._stop = _Stop()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._guard = threading.Lock()  # stop() and close() may come from another thread
 
     def __iter__(self) -> Records:
         return self
@@ -248,7 +256,15 @@ class Records(Iterator[dict[str, Any]]):
         if self._closed:
             raise StopIteration
         if self._thread is None:
-            self._start()
+            with self._guard:
+                stopped = self._stop.is_set()  # stop() before the first record
+                if not stopped and not self._closed:
+                    self._start()
+            if stopped or self._closed:
+                self.close()
+                raise StopIteration
+        # asking for the next record is what says the records taken so far were handled
+        self._channel.handled()
         try:
             record = self._receive()
         except BaseException:  # the run's error, on_progress's, an interrupt: all stop it
@@ -259,19 +275,38 @@ class Records(Iterator[dict[str, Any]]):
             raise StopIteration
         return record
 
-    def close(self) -> None:
-        """Stop the run, if it is going, and wait until it has released ROOT's lock.
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop the run gracefully: it takes no new item, and the iteration ends normally
+        (no exception) once the items in flight are done, or after `grace` seconds.
 
-        Items finished but not yet taken, and those in flight, are not recorded: the next
-        run redoes them. Calling it again does nothing.
+        It returns at once and may be called from any thread, the loop's body included.
+        The records of the items in flight keep coming for up to `grace` seconds; those
+        still out then are abandoned, and the items never sent are left, to the next run.
+        Calling it again can only shorten the grace; `close()` ends the run at once.
+        Before the first record, the iteration ends without starting the run.
+
+        Raises:
+            UsageError: `grace` is not a number of seconds of at least 0.
         """
-        if self._closed:
-            return
-        self._closed = True
-        if self._thread is not None:
-            self._stop.set()
-            self._channel.leave()
-            self._thread.join()
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace >= 0:
+            raise UsageError(f"grace must be a number of seconds of at least 0, not {grace!r}")
+        with self._guard:
+            if self._closed:
+                return
+            before = self._stop.grace
+            self._stop.grace = float(grace) if before is None else min(before, float(grace))
+            self._stop.set()  # after the grace: the run reads it once it sees the stop
+
+    def close(self) -> None:
+        """Stop the run now, if it is going, and wait until it has released ROOT's lock.
+
+        The last record taken counts as not handled (the caller did not ask past it):
+        the next run yields it again, as it redoes the items in flight and those
+        finished but not yet taken. Leaving a `with` block without an exception closes
+        the run too, but with the last record taken counted as handled. Calling it
+        again does nothing.
+        """
+        self._close(handled=False)
 
     def __enter__(self) -> Records:
         return self
@@ -282,12 +317,27 @@ class Records(Iterator[dict[str, Any]]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        # left cleanly (the loop ended, or a `break`): the caller handled what it took
+        self._close(handled=exc_type is None)
 
     def __del__(self) -> None:
         # like a generator's finalizer: `for r in imgbatch.analyze(x): break` leaves no
-        # run holding the lock (the thread holds no reference to this object)
+        # run holding the lock (the thread holds no reference to this object); it cannot
+        # tell a `break` from an exception, so the last record taken is not committed
         self.close()
+
+    def _close(self, handled: bool) -> None:
+        with self._guard:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+            if thread is not None:
+                self._stop.grace = 0.0  # in-flight items are abandoned at once
+                self._stop.set()
+                self._channel.leave(handled)
+        if thread is not None:
+            thread.join()
 
     def _start(self) -> None:
         root, settings, run, wait = self._args
@@ -308,7 +358,6 @@ class Records(Iterator[dict[str, Any]]):
             kind, value = self._channel.get()
             if kind == "line":
                 record: dict[str, Any] = json.loads(value)
-                self._channel.taken()  # now the run may commit it
                 return record
             if kind == "progress":
                 if self._on_progress is not None:
@@ -320,7 +369,7 @@ class Records(Iterator[dict[str, Any]]):
 
 
 #: runs started and not yet closed: closed at exit (their threads are daemons, which the
-#: interpreter would stop wherever they are), so what was taken is committed
+#: interpreter would stop wherever they are), so what was handled is committed
 _open_runs: weakref.WeakSet[Records] = weakref.WeakSet()
 
 
@@ -328,6 +377,15 @@ _open_runs: weakref.WeakSet[Records] = weakref.WeakSet()
 def _close_open_runs() -> None:
     for records in list(_open_runs):
         records.close()
+
+
+class _Stop(threading.Event):
+    """A run's stop, and the seconds its in-flight items get once it is set (None: the
+    `grace` setting); the pipeline reads `grace` again while it waits for them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grace: float | None = None
 
 
 def _analysis(
@@ -346,7 +404,9 @@ def _analysis(
     try:
         analyze_root(root, settings, run, sink, progress=progress, stop=stop, wait=wait)
     except OutputClosed:
-        pass  # the caller stopped: the pipeline committed exactly what it had taken
+        pass  # the caller stopped: the pipeline committed exactly what it had handled
+    except WaitInterrupted:
+        pass  # stopped while waiting for the lock (`wait=True`): nothing was done
     except BaseException as exc:  # raised in the caller's thread, after the records before
         channel.put("error", exc)
     channel.put("end")
@@ -356,9 +416,10 @@ class _Channel:
     """From a run's thread to the caller, in order: each line, progress, the end.
 
     A line is handed over, not queued: `hand_over` returns only once the caller has
-    taken it. So everything the pipeline wrote was taken, and its write-then-commit
-    order makes "yielded" mean "written": a record is committed after it was taken,
-    never before, and none is ever committed that the caller did not get.
+    handled it, that is asked for the next record (or left a `with` block cleanly). So
+    every line the pipeline wrote was handled, and its write-then-commit order makes
+    "committed" mean "handled": a record whose handling raised (the loop's body failed)
+    is never committed, and the next run yields it again.
     """
 
     def __init__(self) -> None:
@@ -366,10 +427,12 @@ class _Channel:
         self._events: deque[tuple[str, Any]] = deque()
         self._handed = 0  # lines handed over so far
         self._taken = 0  # lines the caller took
+        self._handled = 0  # lines the caller is done with
         self._left = False  # the caller stopped
 
     def hand_over(self, line: bytes) -> None:
-        """Give the caller `line`; OutputClosed if it stops before taking it."""
+        """Give the caller `line`, and return once it has handled it; OutputClosed if it
+        stops without handling it."""
         with self._cond:
             if self._left:
                 raise OutputClosed
@@ -377,9 +440,9 @@ class _Channel:
             self._handed += 1
             mine = self._handed
             self._cond.notify_all()
-            while self._taken < mine and not self._left:
+            while self._handled < mine and not self._left:
                 self._cond.wait()
-            if self._taken < mine:
+            if self._handled < mine:
                 raise OutputClosed
 
     def put(self, kind: str, value: Any = None) -> None:
@@ -392,15 +455,24 @@ class _Channel:
         with self._cond:
             while not self._events and not self._left:
                 self._cond.wait()
-            return self._events.popleft() if self._events else ("end", None)
+            if not self._events:
+                return ("end", None)
+            event = self._events.popleft()
+            if event[0] == "line":
+                self._taken += 1
+            return event
 
-    def taken(self) -> None:
+    def handled(self) -> None:
+        """The caller is done with every line it took: the run may commit them."""
         with self._cond:
-            self._taken += 1
+            self._handled = self._taken
             self._cond.notify_all()
 
-    def leave(self) -> None:
+    def leave(self, handled: bool) -> None:
+        """The caller stops; `handled`: it is done with the lines it took."""
         with self._cond:
+            if handled:
+                self._handled = self._taken
             self._left = True
             self._events.clear()
             self._cond.notify_all()
@@ -409,9 +481,11 @@ class _Channel:
 class _Handoff(JsonlSink):
     """The sink of an API run: each line goes to the caller through the channel.
 
-    Nothing is ever held (every line written was taken), so `flush` and `sync` have
-    nothing to do, and `closed` stays False: when the caller stops, the run's end
-    commits what was taken, and the item whose line was refused is not committed.
+    Nothing is ever held (`write` returns once the caller handled the line), so `flush`
+    and `sync` have nothing to do, and a commit group holds handled lines only; `closed`
+    stays False: when the caller stops, the run's end commits what was handled, and the
+    item whose line was refused is not committed (its result is kept in the results
+    store, so the next run does not pay for it again).
     """
 
     def __init__(self, channel: _Channel) -> None:

@@ -8,6 +8,7 @@ a stdout that cannot be written (a full disk, an I/O error) becomes `OutputError
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
@@ -46,9 +47,21 @@ class SinkFile(io.RawIOBase):
 class JsonlSink:
     """Buffered JSON Lines writer: lines are kept and written together every
     `flush_every` records, when asked (`flush`), and when `max_delay` seconds have
-    passed since the last write, so a slow stream still reaches its reader."""
+    passed since the last write, so a slow stream still reaches its reader.
 
-    def __init__(self, fd: int = 1, flush_every: int = 100, max_delay: float = 1.0) -> None:
+    With `whole_lines` (every `write` is whole lines, as `analyze`'s records are) a
+    regular file keeps whole lines only: before the first write, a newline is added
+    when the file does not end with one (a record of ours never joins another line),
+    and a write that fails is cut back to the end of the last whole line written.
+    """
+
+    def __init__(
+        self,
+        fd: int = 1,
+        flush_every: int = 100,
+        max_delay: float = 1.0,
+        whole_lines: bool = False,
+    ) -> None:
         self._fd = fd
         self._flush_every = flush_every
         self._max_delay = max_delay
@@ -58,6 +71,12 @@ class JsonlSink:
         self.written = 0
         self._error: str | None = None  # why stdout failed, once it did
         self._regular: bool | None = None  # whether fd is a regular file (checked once)
+        self._whole_lines = whole_lines
+        #: with whole_lines on a regular file: where the last whole line written ends
+        #: (None until the first write, or when the file is not a regular one)
+        self._line_end: int | None = None
+        self._started = False  # the first write has been prepared (see _start)
+        self._append = False  # the fd was opened O_APPEND (`>>`)
 
     def write(self, line: bytes) -> None:
         """Write one record (a complete line); raises OutputClosed if the pipe closed,
@@ -75,9 +94,10 @@ class JsonlSink:
     def flush(self) -> None:
         """Write what is buffered, in one system call where the pipe takes it whole.
 
-        A failed write loses what was buffered and closes the sink: it raises
-        OutputError, now and on every later write or flush, so a caller that commits
-        after flushing never records a line that did not go out.
+        A failed write loses what was buffered and closes the sink (with whole_lines,
+        a regular file is cut back to the end of the last whole line before it): it
+        raises OutputError, now and on every later write or flush, so a caller that
+        commits after flushing never records a line that did not go out.
         """
         if self._error:
             raise OutputError(self._error)
@@ -86,6 +106,8 @@ class JsonlSink:
         data = memoryview(b"".join(self._lines))
         self._lines.clear()
         try:
+            if not self._started:
+                self._start()
             while data:
                 data = data[os.write(self._fd, data) :]
         except BrokenPipeError:
@@ -93,8 +115,50 @@ class JsonlSink:
         except OSError as exc:  # a full disk, an I/O error
             self.closed = True
             self._error = f"cannot write output: {exc.strerror or exc}"
+            self._cut_back()
             raise OutputError(self._error) from exc
+        if self._line_end is not None:
+            self._line_end = self._end()
         self._last = time.monotonic()
+
+    def _start(self) -> None:
+        """Before the first write with whole_lines to a regular file: note where its
+        whole lines end, after writing a newline if the byte before ours is not one."""
+        self._started = True
+        if not (self._whole_lines and self._is_regular()):
+            return
+        self._append = bool(fcntl.fcntl(self._fd, fcntl.F_GETFL) & os.O_APPEND)
+        self._line_end = end = self._end()
+        if end and _byte_at(self._fd, end - 1) not in (b"\n", b""):
+            os.write(self._fd, b"\n")  # a failure is cut back to `end` like any other
+            self._line_end = self._end()
+
+    def _end(self) -> int:
+        """Where our next write goes: the end of the file when appending (`>>`), else
+        the fd's offset (`>`, or a file shared with commands before us)."""
+        if self._append:
+            return os.fstat(self._fd).st_size
+        return os.lseek(self._fd, 0, os.SEEK_CUR)
+
+    def _cut_back(self) -> None:
+        """After a failed write: drop what it left after the last whole line (half a
+        record would otherwise glue the next `>>` run's first record onto it)."""
+        if self._line_end is None:
+            return
+        try:
+            os.ftruncate(self._fd, self._line_end)  # a write-only fd may be truncated
+            if not self._append:  # no hole if a command after us writes on this fd
+                os.lseek(self._fd, self._line_end, os.SEEK_SET)
+        except OSError as exc:  # the write's error is the one to report
+            log.debug("cannot cut the output back to its last whole line: %s", exc)
+
+    def _is_regular(self) -> bool:
+        if self._regular is None:
+            try:
+                self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
+            except OSError:
+                self._regular = False
+        return self._regular
 
     def _broken(self) -> None:
         self.closed = True
@@ -109,12 +173,7 @@ class JsonlSink:
         """Make what was written durable when the output is a regular file (`> out.jsonl`),
         so a power loss cannot keep a checkpoint commit whose line was lost; a no-op on
         pipes and terminals."""
-        if self._regular is None:
-            try:
-                self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
-            except OSError:
-                self._regular = False
-        if self._regular and not self.closed:
+        if self._is_regular() and not self.closed:
             try:
                 if hasattr(os, "fdatasync"):
                     os.fdatasync(self._fd)
@@ -129,6 +188,31 @@ class JsonlSink:
         if not self.closed:
             self.flush()
             self.closed = True
+
+
+def _byte_at(fd: int, offset: int) -> bytes:
+    """The byte at `offset` of the regular file open as `fd`, read through a fresh
+    read-only open of the same file (stdout opened by `>>` is write-only); b"" when
+    there is none or the file cannot be reopened (neither /proc nor F_GETPATH)."""
+    path = f"/proc/self/fd/{fd}"
+    if not os.path.exists(path):  # macOS: the fd's path from the kernel
+        getpath = getattr(fcntl, "F_GETPATH", None)
+        try:
+            raw = fcntl.fcntl(fd, getpath, bytes(1024)) if getpath is not None else b""
+        except OSError:
+            raw = b""
+        path = os.fsdecode(raw.split(b"\0", 1)[0])
+    if not path:
+        return b""
+    try:
+        reader = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        log.debug("cannot read the output's last byte: %s", exc)
+        return b""
+    try:
+        return os.pread(reader, 1, offset)
+    finally:
+        os.close(reader)
 
 
 def human_bytes(n: float) -> str:

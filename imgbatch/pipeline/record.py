@@ -16,12 +16,16 @@ from typing import Any
 
 from imgbatch.checkpoint import Checkpoint, ItemState
 from imgbatch.errors import DECODER_MISSING, ExitCode, ImgbatchError, ItemError
-from imgbatch.output import JsonlSink, Progress
+from imgbatch.output import JsonlSink, OutputClosed, Progress
 from imgbatch.pipeline.items import CONTENT_ERRORS, Outcome, RunOptions, WorkItem
 from imgbatch.records import json_line
 
 RUN_SAVE_EVERY = 2.0  # seconds between run-record updates (read by `status`)
 MAX_TAGS, TOP_TAGS = 2000, 500  # a run's tag counter: pruned to the top 500 past 2000
+#: a run's (code, message) counter of failures: messages may be as many as the items (they
+#: can name a size or a request id), so past MAX_MESSAGES distinct ones it is pruned to
+#: the TOP_MESSAGES most common, and each message is kept to MESSAGE_CHARS characters
+MAX_MESSAGES, TOP_MESSAGES, MESSAGE_CHARS = 200, 50, 300
 #: the offline analyzer's finished items are committed in groups: at least every
 #: COMMIT_DELAY seconds (a group's first item waits no longer), at most COMMIT_EVERY items
 #: a group, each group after its lines are flushed (and synced to a file: one fdatasync
@@ -83,6 +87,13 @@ class RunSummary:
         self.tags.update(t for t in tags if isinstance(t, str))
         if len(self.tags) > MAX_TAGS:
             self.tags = Counter(dict(self.tags.most_common(TOP_TAGS)))
+
+    def count_message(self, code: str, message: str) -> None:
+        """Count a failure's message (for the run record's top errors) within the bound
+        of MAX_MESSAGES: one dropped by a pruning counts afresh if it comes again."""
+        self.messages[(code, message[:MESSAGE_CHARS])] += 1
+        if len(self.messages) > MAX_MESSAGES:
+            self.messages = Counter(dict(self.messages.most_common(TOP_MESSAGES)))
 
     def record(self) -> dict[str, Any]:
         """The run record stored in the checkpoint (plain data, for `status` and `runs`)."""
@@ -182,20 +193,18 @@ class Recorder:
 
     def emit(self, item: WorkItem, outcome: Outcome, cached: bool) -> None:
         """Write the line, then commit the item (at-least-once), then count it."""
-        self.write(item, outcome, cached)
+        try:
+            self.write(item, outcome, cached)
+        except OutputClosed:
+            self._keep_result(item, outcome, cached)
+            raise
         s, rec = self.summary, item.rec
         code = outcome.code
         message = outcome.message if outcome.status != "ok" else None
         # a changed file is recorded without a hash: the next run scans and analyses it
         content = None if outcome.changed else rec.hash
         state: ItemState = (content, code, s.id, rec.size, rec.mtime_ns, message)
-        stored = None
-        if not cached and (
-            outcome.status == "ok"
-            # a verdict of this machine's missing decoder is not one about the content
-            or (code in CONTENT_ERRORS and not (message or "").startswith(DECODER_MISSING))
-        ):
-            stored = outcome.stored(s.provider, s.model, s.id)
+        stored = self._stored(outcome, cached)
         if not self.options.dry_run:
             self.checkpoint.commit(s.fingerprint, item.rel_dir, item.name, state, stored)
             self.commit_written()
@@ -207,7 +216,7 @@ class Recorder:
         else:
             s.counts["failed"] += 1
             s.errors[code or "?"] += 1
-            s.messages[(code or "?", outcome.message or "")] += 1
+            s.count_message(code or "?", outcome.message or "")
         if cached:
             s.counts["cached"] += 1
         else:
@@ -225,6 +234,31 @@ class Recorder:
             self.save(force=True)
         else:
             self.save()
+
+    def _stored(self, outcome: Outcome, cached: bool) -> dict[str, Any] | None:
+        """An item's outcome as the results store keeps it, or None if it keeps nothing."""
+        if cached or not (
+            outcome.status == "ok"
+            # a verdict of this machine's missing decoder is not one about the content
+            or (
+                outcome.code in CONTENT_ERRORS
+                and not (outcome.message or "").startswith(DECODER_MISSING)
+            )
+        ):
+            return None
+        s = self.summary
+        return outcome.stored(s.provider, s.model, s.id)
+
+    def _keep_result(self, item: WorkItem, outcome: Outcome, cached: bool) -> None:
+        """Store the result of an item whose line its reader never handled (the Python
+        API's caller raised, a closed pipe): the item is not committed, so the next run
+        does it again, from the results store (a request is not paid for twice)."""
+        stored = self._stored(outcome, cached)
+        results = self.checkpoint.results
+        if stored is None or results is None or self.options.dry_run or outcome.changed:
+            return
+        if item.rec.hash is not None:
+            results.put_many([((self.summary.fingerprint, item.rec.hash), stored)])
 
     def write(self, item: WorkItem, outcome: Outcome, cached: bool) -> None:
         """Write an item's line (and nothing else: --emit-all's unchanged items)."""
@@ -300,12 +334,23 @@ class Recorder:
 
     def finish(self, fatal: ImgbatchError | None, stopped: bool) -> None:
         """Commit what was written (or forget what may not have been), and close the run
-        record with its state and exit code."""
+        record with its state and exit code; a failure of the last flush is the run's
+        (FAILED, raised after the record is saved)."""
+        failed: BaseException | None = None
         if self.sink.closed:  # lines still buffered were lost: their items are redone
             self.checkpoint.discard()
         else:
             try:
+                # every line goes out now, also those no commit waits for (--emit-all's
+                # reprinted ones, a dry run's): a failure must not pass unseen at close
+                self.sink.flush()
                 self.commit_written(force=True)
+            except ImgbatchError as exc:  # e.g. a full disk: the run failed with it
+                self.checkpoint.discard()
+                failed = fatal = exc
+            except OutputClosed as exc:  # the reader left (`| head`): stopped, as mid-run
+                self.checkpoint.discard()
+                failed, stopped = exc, True
             except BaseException:
                 self.checkpoint.discard()
                 raise
@@ -323,3 +368,5 @@ class Recorder:
             s.state, s.exit_code = "COMPLETED", int(ExitCode.OK)
         if not self.options.dry_run:
             self.checkpoint.save_run(s.record())
+        if failed is not None:
+            raise failed

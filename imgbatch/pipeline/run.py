@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 
-from imgbatch.checkpoint import FORMAT_VERSION, Checkpoint, claim_root
+from imgbatch.checkpoint import Checkpoint, claim_root
 from imgbatch.config import Settings, results_dir, state_dir
 from imgbatch.errors import FatalError, ImgbatchError, UsageError
 from imgbatch.hashcache import HashCache
@@ -47,7 +47,9 @@ class Pipeline(RunStages):
         hash_cache: the scanner's hash cache, or None.
         limiter: taken before every request of a remote provider.
         progress: updated as items finish.
-        stop: set it (e.g. from a signal handler) to stop taking new items.
+        stop: set it (e.g. from a signal handler) to stop taking new items; in-flight
+            items then get `settings.grace` seconds, or the event's own `grace`
+            attribute when it has one that is not None.
         engine: runs the work; default: the one `settings.executor` names.
     """
 
@@ -114,11 +116,11 @@ class Pipeline(RunStages):
                 if self._pending:
                     self._drain(block=False)
                 rec.commit_written()
-            deadline: float | None = None
+            stopped: float | None = None
             while self._pending and self._fatal is None:
                 if self.stop.is_set():  # stopping: in-flight items get `grace` seconds
-                    deadline = deadline or time.monotonic() + self.settings.grace
-                    left = deadline - time.monotonic()
+                    stopped = stopped or time.monotonic()
+                    left = stopped + self._grace() - time.monotonic()
                     if left <= 0:
                         running = sum(1 for f in self._pending if f.running())
                         log.warning(
@@ -126,7 +128,7 @@ class Pipeline(RunStages):
                             running or len(self._pending),
                         )
                         break
-                    self._drain(block=True, timeout=left)
+                    self._drain(block=True, timeout=min(left, 0.5))  # notices a new grace
                 else:
                     self._drain(block=True, timeout=0.5)  # wakes up to notice a stop
                 rec.commit_written()  # a slow trickle is committed within a second
@@ -145,6 +147,13 @@ class Pipeline(RunStages):
         if self._fatal is not None:
             raise self._fatal
         return s
+
+    def _grace(self) -> float:
+        """Seconds in-flight items get once the run stops: the `grace` of a stop that
+        carries its own (the Python API's `Records.stop`; read again while waiting, so a
+        later `close()` cuts it short), else the setting."""
+        grace = getattr(self.stop, "grace", None)
+        return self.settings.grace if grace is None else float(grace)
 
     def _in_flight(self) -> int:
         """Work running or queued, plus copies waiting for it."""
@@ -289,12 +298,10 @@ def analyze_root(
             ResultStore(results_dir(settings, env)) as results,
             Checkpoint(state, results=results) as checkpoint,
         ):
+            # holding the lock migrates an earlier imgbatch's checkpoint (once, in place)
             checkpoint.lock("analyze", wait=wait, stop=stop)
-            # a dry run records nothing: it checks the root, and reads format 1 as it is
+            # a dry run records nothing: it checks the root
             claim_root(state, os.path.abspath(root), record=not options.dry_run)
-            if checkpoint.format != FORMAT_VERSION and not options.dry_run:
-                moved = checkpoint.upgrade()
-                log.info("checkpoint upgraded: %s result(s) moved to %s", moved, results.directory)
             if checkpoint.mark_dead_runs():
                 log.warning("an earlier run was killed; resuming where it stopped")
             hash_cache = HashCache(state / "hashcache") if settings.hash_cache else None
