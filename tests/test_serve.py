@@ -90,7 +90,9 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
                 proc.kill()
                 pytest.fail(f"the server did not start:\n{log.read_text()}")
             time.sleep(0.05)
-        server = Server(found.group(1), proc, token, log)
+        # without a token given, the server makes one and prints the dashboard's address
+        made = re.search(r"#token=([\w-]+)", log.read_text())
+        server = Server(found.group(1), proc, token or (made.group(1) if made else None), log)
         started.append(server)
         return server
 

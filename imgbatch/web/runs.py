@@ -10,11 +10,15 @@ Events, numbered from 1 per run, for the event stream and its replay: `progress`
 `item` (a failed item's record; the last ITEM_EVENTS are kept for replay) and `done`
 (the final status, last). Only the latest `progress` is kept: a client replaying from
 an old id gets the failures it missed, the current progress, and `done` if it came.
-No HTTP here: see server.py.
+The server's own limits are here too: at most `max_runs` live runs, none whose ROOT is
+inside, or contains, a live run's ROOT (both would pay for the same files). No HTTP
+here: see server.py.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 import threading
@@ -25,7 +29,7 @@ from typing import Any
 
 from imgbatch.checkpoint import Checkpoint
 from imgbatch.config import Settings, load_settings, results_dir, state_dir
-from imgbatch.errors import ExitCode, ImgbatchError
+from imgbatch.errors import ExitCode, ImgbatchError, LockHeldError
 from imgbatch.lockfile import holder
 from imgbatch.records import utf8_clean
 from imgbatch.report import items, run_status
@@ -60,6 +64,18 @@ class Event:
     data: dict[str, Any]
 
 
+class TooManyRuns(Exception):
+    """A start refused: the server already runs as many runs as it may (`--max-runs`)."""
+
+
+class Overlapping(Exception):
+    """A start refused: its ROOT is inside, or contains, the ROOT of a live run."""
+
+
+class BadCursor(ValueError):
+    """A paging cursor this server did not give."""
+
+
 class StartError(Exception):
     """A run that could not start: the ImgbatchError it met (LockHeldError, UsageError,
     ...), before it held ROOT's lock."""
@@ -83,6 +99,36 @@ def api_options(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def record_key(rec: dict[str, Any], root: str) -> tuple[str, str]:
+    """The (folder, name) under ROOT of a record `report.items` gave: its paging key
+    (the exact name, from `path_bytes_b64` when it is not UTF-8)."""
+    raw = rec.get("path_bytes_b64")
+    path = os.fsdecode(base64.b64decode(raw)) if raw else str(rec["path"])
+    folder, _, name = path[len(root) :].lstrip("/").rpartition("/")
+    return folder, name
+
+
+def encode_cursor(key: tuple[str, str]) -> str:
+    """A paging key as an opaque cursor (URL-safe; any file name survives it)."""
+    folder, name = key
+    raw = os.fsencode(f"{folder}/{name}" if folder else name)
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    """The key of a cursor from encode_cursor; BadCursor for anything else."""
+    if len(cursor) > 8192 or not cursor.isascii():
+        raise BadCursor(cursor)
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+    except (ValueError, binascii.Error):
+        raise BadCursor(cursor) from None
+    if not raw or b"\0" in raw or encode_cursor(("", os.fsdecode(raw))) != cursor:
+        raise BadCursor(cursor)  # not canonical: not one this server gave
+    folder, _, name = os.fsdecode(raw).rpartition("/")
+    return folder, name
+
+
 class ServedRun:
     """One run started by the server.
 
@@ -91,13 +137,22 @@ class ServedRun:
         root: the folder to analyse (resolved and allowed by the caller).
         options: the client's options (see OPTIONS).
         config: the config file the server reads, or None.
+        grace: seconds its in-flight items get when it is cancelled (or the server stops).
     """
 
-    def __init__(self, run_id: int, root: str, options: dict[str, Any], config: str | None):
+    def __init__(
+        self,
+        run_id: int,
+        root: str,
+        options: dict[str, Any],
+        config: str | None,
+        grace: float = 10.0,
+    ):
         self.id = run_id
         self.root = root
         self.options = options
         self.config = config
+        self.grace = grace
         settings = load_settings(config)
         self.state_folder = state_dir(root, settings)
         self.results = results_dir(settings)
@@ -119,10 +174,13 @@ class ServedRun:
         self._ended_at: float | None = None
         self._records: Any = None  # the API's Records, once created
         self._cancelled = False
-        self._closed = threading.Event()  # set by cancel() once the run is closed
         self._ended = threading.Event()
         self._final: dict[str, Any] | None = None
-        self._thread = threading.Thread(target=self._work, name=f"imgbatch-serve-{run_id}")
+        # a daemon: a run stuck in a request that outlives the server's grace must not
+        # keep the process from exiting (the kernel releases ROOT's lock)
+        self._thread = threading.Thread(
+            target=self._work, name=f"imgbatch-serve-{run_id}", daemon=True
+        )
 
     # -- the run -------------------------------------------------------------------
 
@@ -159,7 +217,7 @@ class ServedRun:
                 self._records = records
                 cancelled = self._cancelled
             if cancelled:
-                records.close()
+                records.stop(self.grace)  # before its first record: it never starts
             self._started_at = time.time()
             for record in records:
                 if record.get("status") != "ok":
@@ -174,9 +232,7 @@ class ServedRun:
             self.exit_code = int(ExitCode.FATAL)
         finally:
             if records is not None:
-                records.close()  # nothing to do if cancel() closed it first...
-            if self._cancelled:
-                self._closed.wait()  # ...but its record is final only once that returned
+                records.close()  # nothing left to do once it ended; else stop it now
             self._finish()
 
     def _on_progress(self, done: int, total: int | None, failed: int) -> None:
@@ -245,16 +301,16 @@ class ServedRun:
         self._ended.set()
 
     def cancel(self) -> bool:
-        """Stop the run (the API's stop: items taken are committed, those in flight are
-        redone by the next run); False if it had already ended."""
+        """Stop the run gracefully (the API's `stop(grace)`): it takes no new item, the
+        items in flight are recorded for up to `grace` seconds, then it ends (ABORTED)
+        and releases ROOT's lock. Returns at once; False if it had already ended."""
         with self._lock:
             if self._ended.is_set():
                 return False
             self._cancelled = True
             records = self._records
         if records is not None:
-            records.close()  # returns once the run has ended and released ROOT's lock
-        self._closed.set()
+            records.stop(self.grace)
         return True
 
     def join(self, timeout: float | None = None) -> None:
@@ -357,15 +413,15 @@ class ServedRun:
         return body
 
     def items(
-        self, status: str | None, limit: int, offset: int
-    ) -> tuple[list[dict[str, Any]], int | None]:
-        """This run's records (the items it wrote), `limit` from `offset` on, and the
-        offset of the next page (None at the end). Items are listed in the checkpoint's
-        order; while the run goes on, a page may repeat an item already seen (the listing
-        only grows), never miss one."""
+        self, status: str | None, limit: int, after: tuple[str, str] | None
+    ) -> tuple[list[dict[str, Any]], tuple[str, str] | None]:
+        """This run's records (the items it wrote), at most `limit` of them in (folder,
+        name) order after the key `after`, and the key to pass for the next page (None
+        at the end). The cursor is a key, not a position: while the run goes on, a page
+        never repeats an item, and items recorded meanwhile show up on later pages if
+        they sort after it (a paging begun once the run has ended lists every one)."""
         if self.checkpoint_run is None and self._find_checkpoint_run() is None:
             return [], None
-        out: list[dict[str, Any]] = []
         with (
             ResultStore(self.results) as store,
             Checkpoint(self.state_folder, create=False, results=store) as cp,
@@ -374,14 +430,10 @@ class ServedRun:
             root = cp.root()
             if run is None or root is None:
                 return [], None
-            seen = 0
-            for rec in items(cp, status, run):
-                if seen >= offset:
-                    if len(out) == limit:
-                        return out, seen
-                    out.append(rec)
-                seen += 1
-        return out, None
+            page = list(items(cp, status, run, after=after, limit=limit + 1))
+        if len(page) <= limit:
+            return page, None
+        return page[:limit], record_key(page[limit - 1], root)
 
 
 class Runs:
@@ -389,26 +441,41 @@ class Runs:
 
     Args:
         config: the config file runs read (the server's `--config`), or None.
+        max_runs: live runs at most; a start beyond is TooManyRuns.
+        grace: seconds a cancelled run's in-flight items get (the server's `--grace`).
     """
 
-    def __init__(self, config: str | None = None) -> None:
+    def __init__(self, config: str | None = None, max_runs: int = 4, grace: float = 10.0) -> None:
         self.config = config
+        self.max_runs = max_runs
+        self.grace = grace
         self._runs: dict[int, ServedRun] = {}
         self._next = 0
         self._lock = threading.Lock()
+        self._stopped_at: float | None = None  # when stop() first came
 
     def start(self, root: str, options: dict[str, Any]) -> ServedRun:
-        """Start a run on ROOT; StartError (LockHeldError, ...) if it could not start."""
+        """Start a run on ROOT (resolved); TooManyRuns, Overlapping, or StartError
+        (LockHeldError, ...) if it could not start."""
         with self._lock:
+            live = [r for r in self._runs.values() if r.live]
+            if len(live) >= self.max_runs:
+                raise TooManyRuns(
+                    f"this server already runs {len(live)} runs, its most at once "
+                    "(--max-runs): wait for one to end"
+                )
+            for other in live:
+                common = os.path.commonpath([root, other.root])
+                if root != other.root and common in (root, other.root):
+                    where = "inside" if common == other.root else "a folder holding"
+                    raise Overlapping(
+                        f"{utf8_clean(root)} is {where} {utf8_clean(other.root)}, which served "
+                        f"run {other.id} is analysing: both would pay for the same files"
+                    )
             self._next += 1
-            run = ServedRun(self._next, root, options, self.config)
-            busy = next(
-                (r for r in self._runs.values() if r.live and r.state_folder == run.state_folder),
-                None,
-            )
+            run = ServedRun(self._next, root, options, self.config, self.grace)
+            busy = next((r for r in live if r.state_folder == run.state_folder), None)
             if busy is not None:  # the lock would refuse it: say which of ours holds it
-                from imgbatch.errors import LockHeldError
-
                 raise StartError(
                     LockHeldError(f"served run {busy.id} holds the lock on {run.state_folder}")
                 )
@@ -437,11 +504,22 @@ class Runs:
         with self._lock:
             return sorted(self._runs.values(), key=lambda r: -r.id)
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Stop every live run and wait for them to end (the server's shutdown)."""
-        live = [r for r in self.all() if r.live]
-        for run in live:
+    def stop(self) -> None:
+        """Cancel every live run (each gets the grace); returns at once."""
+        with self._lock:
+            if self._stopped_at is None:
+                self._stopped_at = time.monotonic()
+        for run in self.all():
             run.cancel()
-        deadline = time.monotonic() + timeout
+
+    def close(self, slack: float = 3.0) -> None:
+        """Stop every live run and wait for them to end, until `grace` + `slack` seconds
+        after the first stop() (the server's shutdown: a run stuck in a request is left
+        behind; the process's exit releases its lock)."""
+        live = [r for r in self.all() if r.live]
+        self.stop()
+        deadline = (self._stopped_at or time.monotonic()) + self.grace + slack
         for run in live:
             run.join(max(0.0, deadline - time.monotonic()))
+            if run.live:
+                log.warning("served run %s did not end within the grace period", run.id)

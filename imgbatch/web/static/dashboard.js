@@ -1,8 +1,9 @@
 // imgbatch serve: the dashboard. No build step, no CDN.
 //
-// The token (when the server has one) comes in the URL fragment, #token=..., which no
-// browser sends to a server or in a Referer; it is kept in sessionStorage (this tab
-// only) and taken out of the address bar. The event stream is read with fetch(), not
+// The token (every server has one: given, or made at its start and printed on its
+// stderr) comes in the URL fragment, #token=..., which no browser sends to a server or
+// in a Referer; it is kept in sessionStorage (this tab only) and taken out of the
+// address bar. Every /api/ request carries it, the report's too (shown from a blob). The event stream is read with fetch(), not
 // EventSource, which cannot send the Authorization header; so reconnecting (with
 // Last-Event-ID, for the events missed meanwhile) is done here too.
 (function () {
@@ -100,7 +101,7 @@
       runsTimer = setTimeout(loadRuns, anyLive ? 2000 : 10000);
     }).catch(function (err) {
       $("api-error").textContent = err.status === 401
-        ? "This server wants a token: open this page as /#token=YOUR_TOKEN."
+        ? "This server wants its token: open this page with the address `imgbatch serve` printed (…/#token=…), or as /#token=YOUR_TOKEN."
         : "Cannot list the runs: " + err.message;
       runsTimer = setTimeout(loadRuns, 10000);
     });
