@@ -4,9 +4,9 @@ Each run of the same command does, in order:
 
 1. collect: poll every job the checkpoint holds. A job that SUCCEEDED has its results
    downloaded, and each line written and committed as a live run's are (the Recorder),
-   with ``"batch": true``; a job that FAILED, EXPIRED or was CANCELLED (or that the API
-   no longer knows) is forgotten, so its items are planned again in step 3; a job whose
-   results file cannot be downloaded yet (404) is polled again later.
+   with ``"batch": true``; a job that FAILED, EXPIRED or was CANCELLED (or that its own
+   key's project no longer knows) is forgotten, so its items are planned again in step 3;
+   a job whose results file cannot be downloaded yet (404) is polled again later.
 2. resume the submissions that a crash or a 429 left between their intent and their job.
 3. submit: the scan and the plan are a live run's (Planner: unchanged, stored and
    duplicate items cost nothing, items in a pending job wait); what needs work is decoded
@@ -28,6 +28,14 @@ synced, then renamed before its intent is recorded: a file that no record names 
 leftover, deleted at the next start. Collection is at-least-once, like a live run: lines,
 then commits, then the job is forgotten; a run killed in between writes again only the
 lines not committed yet.
+
+Never paid twice across keys. A job (and its input file) belongs to the project of the key
+that made it, recorded with the job as its identity (`gemini_batch.key_id`: key and
+endpoint, hashed). Only that key is asked about it: while it is not configured, the job
+stays pending with a warning naming it (and `imgbatch prune --forget-batch JOB`, for a
+key gone for good); it is forgotten only when its own key says it is gone. A submission
+uploaded with a key is looked up, created (and uploaded again, once its file expired)
+with that key only, so it never becomes a second job in another project.
 
 A copy of an image submitted in this run waits for its original's job; it gets its line
 from the stored result in the run that collects the job (after the collection, the scan
@@ -60,6 +68,7 @@ from imgbatch.pipeline.record import RunSummary
 from imgbatch.pipeline.stages import RunStages
 from imgbatch.providers.base import Provider
 from imgbatch.records import FileRecord
+from imgbatch.statedb import open_private as private
 
 if TYPE_CHECKING:
     from imgbatch.providers.gemini_batch import GeminiBatch, JobStatus
@@ -139,6 +148,7 @@ class BatchRun(RunStages):
         self._pending_requests = 0  # in jobs not yet collected (intents included)
         self._files = 0  # request files of this run, for their names
         self._halted: str | None = None  # why this run submits no more
+        self._unreachable_warned: set[str] = set()  # jobs whose key is gone, warned once
         self._fatal: ImgbatchError | None = None
 
     @property
@@ -155,7 +165,7 @@ class BatchRun(RunStages):
         self.checkpoint.set_root(self.root)
         rec.save(force=True)
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: uploads
             self._remove_leftovers()
             self._collect_ended()
             self._pending_requests = sum(j["requests"] for j in self.checkpoint.batch_jobs())
@@ -198,7 +208,7 @@ class BatchRun(RunStages):
     def _collect_ended(self) -> None:
         """Poll every created job; collect those that SUCCEEDED, forget those that ended
         otherwise."""
-        from imgbatch.providers.gemini_batch import NotFound, Unavailable
+        from imgbatch.providers.gemini_batch import KeyGone, NotFound, Unavailable
 
         for job in self.checkpoint.batch_jobs():
             if self.stop.is_set():
@@ -207,10 +217,13 @@ class BatchRun(RunStages):
                 continue
             try:
                 status = self.client.status(job["name"], job["key"])
+            except KeyGone:  # only its own key's project can say whether it ended
+                self._unreachable(job)
+                continue
             except NotFound:
                 log.warning(
-                    "batch job %s is unknown to the Batch API (deleted, or made with a key "
-                    "no longer configured): its %s requests are submitted again",
+                    "batch job %s is unknown to the Batch API of its own key (deleted, or "
+                    "expired long ago): its %s requests are submitted again",
                     job["name"],
                     f"{job['requests']:,}",
                 )
@@ -339,6 +352,24 @@ class BatchRun(RunStages):
         self.recorder.emit(item, outcome, cached=False)
         self.batch["collected"] += 1
 
+    def _unreachable(self, job: dict[str, Any]) -> None:
+        """A job (or a submission that may have become one) whose key is not configured:
+        it stays pending, said once a run. Asking with another key would get a 404 from
+        another project, while Google may still run and bill the job."""
+        if job["id"] in self._unreachable_warned:
+            return
+        self._unreachable_warned.add(job["id"])
+        name = f"{job['name']} ({job['id']})" if job.get("name") else job["id"]
+        log.warning(
+            "batch job %s was made with an API key that is not configured now (or with "
+            "another endpoint): it stays pending until that key is back; if the key is gone "
+            "for good, `imgbatch prune --forget-batch %s` forgets it and its %s images are "
+            "submitted again",
+            name,
+            job["id"],
+            f"{job['requests']:,}",
+        )
+
     def _forget(self, job: dict[str, Any]) -> None:
         """Drop a job (or an intent): its items are planned again."""
         self.checkpoint.end_batch_job(job["id"])
@@ -350,7 +381,11 @@ class BatchRun(RunStages):
         """--batch-wait: poll, backing off, and collect until every created job ended."""
         first = interval = self.settings.batch_poll
         while not self.stop.is_set():
-            created = [j for j in self.checkpoint.batch_jobs() if j.get("name") is not None]
+            created = [
+                j
+                for j in self.checkpoint.batch_jobs()
+                if j.get("name") is not None and self.client.holds(j["key"])
+            ]  # a job whose key is gone cannot be seen to end: not waited for
             if not created:
                 return
             log.info(
@@ -476,7 +511,8 @@ class BatchRun(RunStages):
             self._files += 1
             job_id = f"imgbatch-r{self.summary.id}-{self._files}-{secrets.token_hex(6)}"
             path = self.folder / f"{job_id}.jsonl{_PART}"
-            self._open = _OpenFile(job_id, path, path.open("wb"))
+            # 0600 at creation: the request file holds the downscaled uploads
+            self._open = _OpenFile(job_id, path, os.fdopen(private(path), "wb"))
         o = self._open
         rec = item.rec
         assert rec.hash is not None
@@ -521,7 +557,7 @@ class BatchRun(RunStages):
     def _send(self, job: dict[str, Any], retried: bool = False) -> None:
         """Upload a recorded submission's file (unless done) and create its job (unless
         a killed run did: looked up by name first)."""
-        from imgbatch.providers.gemini_batch import NotFound, Unavailable
+        from imgbatch.providers.gemini_batch import KeyGone, NotFound, Unavailable
 
         try:
             fresh = job["file"] is None
@@ -536,7 +572,7 @@ class BatchRun(RunStages):
                     )
                     self._forget(job)
                     return
-                job["file"], job["key"] = self.client.upload(path, job["id"])
+                job["file"], job["key"] = self.client.upload(path, job["id"], job["key"])
                 job["state"] = "UPLOADED"
                 self.checkpoint.save_batch_job(job)
             found = self.client.find(job["id"], job["key"]) if job["tried"] else None
@@ -555,6 +591,9 @@ class BatchRun(RunStages):
                     self.checkpoint.save_batch_job(job)
                     self._send(job, retried=True)
                     return
+        except KeyGone:  # uploaded with it: it may be a job in that key's project already
+            self._unreachable(job)
+            return
         except Unavailable as exc:
             self._halted = str(exc)
             log.warning("%s: the rest of the submission waits for the next run", exc)

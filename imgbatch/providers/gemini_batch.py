@@ -11,9 +11,16 @@ downloading. Where its types fall short of what the server answers (google-genai
 `details` objects makes `batches.get` raise), the job is read as raw JSON through the
 same client.
 
+Keys. A job and its files belong to the project of the key that made them: another
+project answers 404 for them. So a job record names its key (`key_id`: a hash of the
+endpoint and the key, never the key) and every later call about it goes through that key
+alone; a key no longer configured (or at another endpoint) is `KeyGone`, never another
+key, whose 404 would make the job look deleted while Google still runs (and bills) it.
+
 Errors, for the caller (pipeline/batch.py):
 - `NotFound`: a job or file the server does not know (deleted, expired, or a results
-  file not downloadable yet);
+  file not downloadable yet), as its own key's project says;
+- `KeyGone`: the key a job or file was made with is not configured in this run;
 - `Unavailable`: a 429, a 5xx, a timeout or a network error: try again later (a 429 on
   upload or create leaves the rest of the submission for the next run);
 - an `ImgbatchError` stops the run as a live request's would: the daily quota
@@ -76,6 +83,11 @@ class NotFound(Exception):
     """The server does not know this job or file (or not yet: a results file)."""
 
 
+class KeyGone(Exception):
+    """The key a job or file was made with is not configured (at this endpoint) in this
+    run: only that key's project can say anything about it."""
+
+
 class Unavailable(Exception):
     """Not now: a 429, a 5xx, a timeout or a network error. `rate_limited`: a 429;
     `failover`: the key's own trouble (rejected, or cooling down while another is ready)."""
@@ -133,9 +145,20 @@ class JobStatus:
         )
 
 
-def key_id(key: str) -> str:
-    """A name for an API key that is not the key (recorded with a job, whose project
-    must be asked about it later)."""
+#: where requests go when no base URL is set (part of a key's identity, see `key_id`)
+DEFAULT_ENDPOINT = "https://generativelanguage.googleapis.com"
+
+
+def key_id(key: str, endpoint: str) -> str:
+    """The identity of an API key at an endpoint, recorded with a job (whose project must
+    be asked about it later): a hash of both, not the key, and independent of the key's
+    place in the configured list."""
+    where = (endpoint or DEFAULT_ENDPOINT).rstrip("/")
+    return "k1-" + hashlib.sha256(f"{where}\n{key}".encode()).hexdigest()[:16]
+
+
+def _legacy_key_id(key: str) -> str:
+    """The identity recorded by imgbatch before the endpoint was part of it."""
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -146,12 +169,19 @@ class GeminiBatch:
         self.provider = provider
         self._indexes: dict[str, int] = {}  # key_id -> pool index, for every configured key
         index = 0
-        while True:
+        while True:  # every configured key (len(pool) counts only those still in it)
             try:
-                self._indexes.setdefault(key_id(provider.pool.key(index)), index)
+                key = provider.pool.key(index)
             except IndexError:
                 break
+            self._indexes.setdefault(key_id(key, provider.base_url), index)
+            # jobs recorded before: their ids name the key alone (the endpoint unknown)
+            self._indexes.setdefault(_legacy_key_id(key), index)
             index += 1
+
+    def holds(self, key: str | None) -> bool:
+        """Whether the key named `key` (see `key_id`) is configured in this run."""
+        return key is not None and key in self._indexes
 
     # -- request lines -------------------------------------------------------------
 
@@ -200,13 +230,15 @@ class GeminiBatch:
 
     # -- files and jobs --------------------------------------------------------------
 
-    def upload(self, path: Path, display_name: str) -> tuple[str, str]:
+    def upload(self, path: Path, display_name: str, key: str | None = None) -> tuple[str, str]:
         """Upload a request file (resumable, in 8 MiB chunks); returns its Files API name
-        and the id of the key whose project now holds it (see `key_id`). A key's own
-        trouble moves on to the next key; none left is the pool's run-level error."""
+        and the id of the key whose project now holds it (see `key_id`). With `key` (a
+        submission that has a key already), through that key only (KeyGone if it is not
+        configured); else through the pool: a key's own trouble moves on to the next key,
+        none left is the pool's run-level error."""
         config = types.UploadFileConfig(mime_type=MIME_TYPE, display_name=display_name)
         while True:
-            index = self.provider.pool.pick()
+            index = self._index(key) if key is not None else self.provider.pool.pick()
             try:
                 uploaded = self._call(
                     "uploading the request file",
@@ -215,11 +247,11 @@ class GeminiBatch:
                 )
                 break
             except Unavailable as exc:
-                if not exc.failover:
+                if not exc.failover or key is not None:
                     raise
         if not uploaded.name:
             raise Unavailable("the Files API answered an upload without a file name")
-        return uploaded.name, key_id(self.provider.pool.key(index))
+        return uploaded.name, key or key_id(self.provider.pool.key(index), self.provider.base_url)
 
     def create(self, file_name: str, display_name: str, key: str) -> JobStatus:
         """Create a job over an uploaded request file. Not idempotent: the caller records
@@ -271,16 +303,19 @@ class GeminiBatch:
         it expires after 48 hours anyway."""
         try:
             self._call("deleting", self._index(key), lambda c: c.files.delete(name=file_name))
-        except (NotFound, Unavailable) as exc:
+        except (NotFound, Unavailable, KeyGone) as exc:
             log.debug("could not delete %s: %s", file_name, exc)
 
     # -- plumbing ------------------------------------------------------------------
 
     def _index(self, key: str) -> int:
-        """The pool index of the key named `key` (see `key_id`), or the next key if that
-        one is no longer configured."""
+        """The pool index of the key named `key` (see `key_id`); KeyGone if it is not
+        configured. Never another key: its project would answer 404 for a job that
+        Google still runs."""
         index = self._indexes.get(key)
-        return self.provider.pool.pick() if index is None else index
+        if index is None:
+            raise KeyGone("the API key it was made with is not configured")
+        return index
 
     def _raw(self, what: str, key: str, method: str, path: str) -> dict[str, Any]:
         def request(client: genai.Client) -> dict[str, Any]:
