@@ -312,7 +312,7 @@ def scan(
             log_every=log_every,
         )
         start = time.monotonic()
-        sink = JsonlSink(flush_every=settings.batch_size)
+        sink = JsonlSink(flush_every=settings.batch_size, whole_lines=True)
         with Progress("files", settings.log_every, enabled=not quiet) as progress:
             try:
                 stats = run_scan(root, settings, sink, progress, state_dir(root, settings))
@@ -590,8 +590,9 @@ def analyze(
             batch_wait=batch_wait,
         )
         # lines go out in groups: at least before every commit (one by one for a remote
-        # provider, every 100 ms for the offline analyzer's thousands a second)
-        sink = JsonlSink(flush_every=100, max_delay=0.1)
+        # provider, every 100 ms for the offline analyzer's thousands a second); a file
+        # keeps whole lines only (a full disk leaves no half record for `>>` to glue onto)
+        sink = JsonlSink(flush_every=100, max_delay=0.1, whole_lines=True)
         signals.graceful = True  # from now on a signal stops intake; in-flight items finish
         with Progress("images", settings.log_every, limit, enabled=not quiet) as progress:
             try:
@@ -842,10 +843,24 @@ def serve(
         _opt(
             "--token",
             envvar="IMGBATCH_SERVE_TOKEN",
-            help="Bearer token every /api/ request must carry (required off loopback); "
-            "open the page as http://HOST:PORT/#token=TOKEN.",
+            help="Bearer token every /api/ request must carry (required off loopback; "
+            "without one a random token is made and shown on stderr). Prefer the "
+            "environment variable: a command line shows in ps.",
         ),
     ] = None,
+    grace: Annotated[
+        float,
+        typer.Option(
+            "--grace",
+            help="Seconds in-flight items get when a run is cancelled or on SIGINT/SIGTERM.",
+            min=0,
+            max=3600,
+        ),
+    ] = 10.0,
+    max_runs: Annotated[
+        int,
+        typer.Option("--max-runs", help="Runs at once at most (a start beyond: 429).", min=1),
+    ] = 4,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
@@ -857,24 +872,53 @@ def serve(
 
     with _command(verbose, quiet, log_format):
         _settings(config)  # a bad config file is an error now, not at the first run
-        load_server().serve(host, port, allow_root or [], token, config, access_log=verbose)
+        try:
+            load_server().serve(
+                host, port, allow_root or [], token, config, verbose, grace, max_runs
+            )
+        except _Interrupted as exc:
+            # the runs had their grace; a request thread stuck in a hanging model server
+            # must not hold the exit (the kernel releases the locks)
+            log.error("interrupted")
+            _exit(exc.exit_code)
 
 
 @app.command()
 def prune(
     root: StateRoot = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for a run holding the lock.")] = False,
+    forget_batch: Annotated[
+        str | None,
+        typer.Option(
+            "--forget-batch",
+            metavar="JOB",
+            help="Instead, forget the pending Batch API job JOB (its id or batches/ name, "
+            "as `status` lists it), e.g. one whose API key is gone for good: its images "
+            "are submitted again.",
+        ),
+    ] = None,
     checkpoint: CheckpointOpt = None,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
     log_format: LogFormatOpt = "text",
 ) -> None:
-    """Drop files that no longer exist on disk from the checkpoint."""
+    """Drop files that no longer exist on disk from the checkpoint (or forget one pending
+    Batch API job: --forget-batch)."""
     from imgbatch import report
 
     with _command(verbose, quiet, log_format):
-        n = report.prune(_state(root, checkpoint, config), wait)
+        state = _state(root, checkpoint, config)
+        if forget_batch is not None:
+            job = report.forget_batch(state, forget_batch, wait)
+            log.warning(
+                "forgot batch job %s: its %s images will be submitted again by the next "
+                "`analyze --batch` (if Google still runs the job, they are paid twice)",
+                job.get("name") or job["id"],
+                f"{job['requests']:,}",
+            )
+            return
+        n = report.prune(state, wait)
         log.info("pruned %s records of files that no longer exist", f"{n:,}")
 
 

@@ -186,6 +186,22 @@ def test_emit_all_reprinted_lines_onto_a_full_disk_leave_whole_lines(
     assert sorted(set(names(whole_lines(out)))) == sorted(p.name for p in photos.iterdir())
 
 
+def test_a_scan_onto_a_full_disk_leaves_whole_lines(small_disk: Path, photos: Path) -> None:
+    # `imgbatch scan ROOT >> hashes.jsonl` keeps the same promise as analyze
+    out = small_disk / "hashes.jsonl"
+    args = ["scan", "--quiet", "--batch-size", "5", "--no-hash-cache", photos]
+    filler = fill(small_disk, leave=PAGE)  # room for ~20 of the 60 lines
+    rc, stderr = analyze_onto(out, args)
+    assert rc == 5, stderr
+    assert stderr.splitlines() == [FULL]
+    assert 0 < len(whole_lines(out)) < 60
+
+    filler.unlink()
+    rc, stderr = analyze_onto(out, args)
+    assert rc == 0, stderr
+    assert set(names(whole_lines(out))) == {p.name for p in photos.iterdir()}
+
+
 def test_appending_to_a_file_without_a_last_newline_writes_one_first(tmp_path: Path) -> None:
     root = tmp_path / "photos"
     for i in range(3):
