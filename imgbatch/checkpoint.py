@@ -1,28 +1,30 @@
 """The checkpoint of one ROOT in diskcache: per-folder item states, runs, the lock.
 
-Layout (all keys are bytes or tuples, values pickled by diskcache, every value inside
-SQLite's transactions: no value is ever a separate, un-fsynced file):
-- ``b"format"`` -> FORMAT_VERSION. Format 1 (imgbatch before the shared results store)
-  kept results here too: it is read as it is, and `upgrade()` (a writer, under the
-  lock) moves its results into the shared store and bumps the format. Any other
-  version is refused with a clear error.
+Layout (keys are bytes, their parts joined by NUL (`statedb.key`); values are plain data,
+JSON or raw (`statedb.data_disk`), never pickles; every value inside SQLite's
+transactions: no value is ever a separate, un-fsynced file):
+- ``b"format"`` -> FORMAT_VERSION (3: plain data). Formats 1 and 2 (earlier imgbatch)
+  pickled their values under tuple keys; format 1 also kept results here. The first
+  writer that holds the lock migrates them in place (`upgrade`, one transaction), reading
+  them with the restricted unpickler, and moves format 1's results into the shared store;
+  until then only their format and root can be read. Any other version is refused.
 - ``b"root"`` -> the ROOT this checkpoint belongs to (absolute path, bytes); the state
   folder's ``root`` file says the same for `scan` (see `claim_root`).
-- ``(b"done", fingerprint, folder)`` -> ``{name: ItemState}`` (hash, error code or None,
+- ``done NUL fingerprint NUL folder`` -> ``{name: ItemState}`` (hash, error code or None,
   run, size, mtime_ns, error message):
   what happened to each file of a folder under one set of result-changing settings.
   One row per folder keeps a re-run at one read per folder, like the hash cache.
   A folder with more than LARGE_FOLDER items keeps only a marker there, and one
-  ``(b"item", fingerprint, folder, name)`` row per item.
-- ``(b"run", id)`` -> the run record, rewritten every few seconds while it runs.
+  ``item NUL fingerprint NUL folder NUL name`` row per item.
+- ``run NUL id`` -> the run record, rewritten every few seconds while it runs.
 - Gemini Batch API jobs (`analyze --batch`, see pipeline/batch.py), from the intent
   recorded before anything is sent until their results are collected:
   ``b"batch-jobs"`` -> the ids of the jobs not yet collected, oldest first;
-  ``(b"batch", id)`` -> the job's record (its display name, unique to the submission,
+  ``batch NUL id`` -> the job's record (its display name, unique to the submission,
   is its id; then the Files API name of its input, the job's name once created, its
-  state and counts as last polled); ``(b"batch-keys", id)`` -> ``{request key: (folder,
-  name, hash, size, mtime_ns)}``, the items it carries; ``(b"batched", fingerprint,
-  hash)`` -> the id of the job carrying that content, so that it is neither submitted
+  state and counts as last polled); ``batch-keys NUL id`` -> ``{request key: (folder,
+  name, hash, size, mtime_ns)}``, the items it carries; ``batched NUL fingerprint NUL
+  hash`` -> the id of the job carrying that content, so that it is neither submitted
   again nor sent live meanwhile (see `batched`). Each change is one transaction.
 
 Results (by fingerprint and content hash) live in the shared `results.ResultStore`.
@@ -31,12 +33,17 @@ item state, each in one transaction. The caller flushes only once the items' out
 lines are written (pipeline: write, flush the sink, then `flush()`), so nothing is
 recorded as done before its line is out, and commits cost one transaction per group.
 
+The state folder is checked before anything in it is read (`statedb.secure`: owner,
+modes); a reader (``readonly``: status, runs, export, report) opens the database
+read-only (`statedb.ReadOnlyCache`) and changes no byte of it.
+
 One process writes at a time: `lock()` takes an OS-level lock (fcntl) that the kernel
 releases when the process dies, so a crash never leaves a stale lock.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -44,13 +51,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from imgbatch import statedb
 from imgbatch.errors import CheckpointError, UsageError
-from imgbatch.hashcache import DISKCACHE_SETTINGS
 from imgbatch.lockfile import StateLock, holder
 from imgbatch.results import ResultKey, ResultStore
+from imgbatch.statedb import UnsafeState, key
 
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+log = logging.getLogger("imgbatch")
+
+FORMAT_VERSION = statedb.DATA_FORMAT
+READABLE_FORMATS = (1, 2, 3)  # 1 and 2 only until a writer migrates them (`upgrade`)
 RUN_HISTORY = 100  # run records kept
 #: above this many items a folder is stored one row per item: rewriting the folder's row
 #: on every commit would cost O(items) each time (13 ms per commit at 20k items)
@@ -70,7 +80,9 @@ def claim_root(state: Path, root: str, record: bool = True) -> None:
     A state folder shared by two trees would answer "unchanged" for the second tree's
     files and mix both in `export` and `prune`: that is a UsageError naming both roots.
     A folder written before the ``root`` file existed is asked its checkpoint's ROOT.
+    With `record`, the caller writes state: the folder is made private if it is not.
     """
+    statedb.secure(state, writer=record)
     path = state / "root"
     raw = os.fsencode(root)
     try:
@@ -78,9 +90,15 @@ def claim_root(state: Path, root: str, record: bool = True) -> None:
     except FileNotFoundError:
         current = None
         if (state / "checkpoint").is_dir():
-            with Checkpoint(state, create=False) as cp:
-                recorded = cp.root()
-            current = os.fsencode(recorded) if recorded else None
+            # the ROOT is a raw bytes value in every format: read it, nothing else
+            db = statedb.ReadOnlyCache(state / "checkpoint")
+            try:
+                recorded = db.get(b"root")
+            except (UnsafeState, OSError) as exc:
+                raise damaged(state, exc) from None
+            finally:
+                db.close()
+            current = recorded if isinstance(recorded, bytes) else None
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
     if current is not None and current != raw:
@@ -89,9 +107,10 @@ def claim_root(state: Path, root: str, record: bool = True) -> None:
             "give each tree its own --checkpoint folder (by default each ROOT has one)"
         )
     if record and not path.exists():
-        state.mkdir(parents=True, exist_ok=True)
         tmp = state / f".root.{os.getpid()}"
-        tmp.write_bytes(raw)
+        fd = statedb.open_private(tmp)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
         os.replace(tmp, path)
 
 
@@ -104,46 +123,68 @@ def damaged(directory: Path, exc: BaseException) -> CheckpointError:
     )
 
 
+def _states(value: Any) -> FolderStates:
+    """A folder's row as stored (JSON: lists) to item states (tuples)."""
+    if not isinstance(value, dict):
+        return {}
+    return {name: tuple(st) for name, st in value.items()}
+
+
 class Checkpoint:
     """Item states and runs of one ROOT (or one `--checkpoint DIR`).
 
     Args:
         directory: the state folder.
         create: create the checkpoint if there is none (readers pass False).
-        results: the shared results store (the caller closes it); None: a writer
-            (`create`) opens the user's default store and closes it with the checkpoint,
-            a reader goes without (`status` and `runs` need no results).
+        results: the shared results store (the caller closes it); None: a writer opens
+            the user's default store and closes it with the checkpoint, a reader goes
+            without (`status` and `runs` need no results).
+        readonly: open without writing anything (`status`, `runs`, `export`, `report`);
+            the default: when not `create`. A writer that does not create (`prune`)
+            passes False.
     """
 
     def __init__(
-        self, directory: Path, create: bool = True, results: ResultStore | None = None
+        self,
+        directory: Path,
+        create: bool = True,
+        results: ResultStore | None = None,
+        readonly: bool | None = None,
     ) -> None:
-        import diskcache
-
         self.directory = directory
-        self._own_results = results is None and create
+        self.readonly = not create if readonly is None else readonly
+        statedb.secure(directory, writer=not self.readonly)
+        db = directory / "checkpoint"
+        if not create and not db.is_dir():
+            raise CheckpointError(f"no checkpoint in {directory}")
+        self._own_results = results is None and not self.readonly
         if self._own_results:
             from imgbatch.config import Settings, results_dir
 
             env_dir = os.environ.get("IMGBATCH_RESULTS", "")
             results = ResultStore(results_dir(Settings(results=env_dir)))
         self.results = results
-        db = directory / "checkpoint"
-        if not create and not db.is_dir():
-            raise CheckpointError(f"no checkpoint in {directory}")
         try:
-            db.mkdir(parents=True, exist_ok=True)
-            self._db = diskcache.Cache(str(db), **DISKCACHE_SETTINGS)
-            version = self._db.get(b"format")
-            if version is None and create:
-                self._db.add(b"format", FORMAT_VERSION)
+            if self.readonly:
+                self._db: Any = statedb.ReadOnlyCache(db)
                 version = self._db.get(b"format")
-        except Exception as exc:  # sqlite3.DatabaseError, OSError, unpickling
+            else:
+                self._db = statedb.open_cache(db)
+                version = self._db.get(b"format")
+                if version is None and create:
+                    self._db.add(b"format", FORMAT_VERSION)
+                    version = self._db.get(b"format")
+        except Exception as exc:  # sqlite3.DatabaseError, OSError, refused values
+            if self._own_results and self.results is not None:
+                self.results.close()
             raise CheckpointError(
                 f"cannot open the checkpoint in {db}: {exc}; move that folder aside and "
                 "run again (files are re-hashed, stored results reused)"
             ) from None
         if version not in READABLE_FORMATS:
+            self._db.close()
+            if self._own_results and self.results is not None:
+                self.results.close()
             raise CheckpointError(
                 f"the checkpoint in {db} has format version {version}, this imgbatch reads "
                 f"versions {', '.join(map(str, READABLE_FORMATS))}; use another --checkpoint "
@@ -159,43 +200,85 @@ class Checkpoint:
         self.pending = 0  # items committed but not yet flushed
         self._lock: StateLock | None = None
         # read once: without batch jobs, `batched()` costs nothing
-        self._any_batch = bool(self._get(b"batch-jobs"))
+        self._any_batch = self.format == FORMAT_VERSION and bool(self._get(b"batch-jobs"))
 
-    def _get(self, key: Any) -> Any:
+    def _get(self, key: bytes) -> Any:
         """A value, or a CheckpointError naming the folder when it cannot be read."""
+        if self.format != FORMAT_VERSION:
+            raise CheckpointError(
+                f"the checkpoint in {self.directory} was written by an earlier imgbatch "
+                f"(format {self.format}); run `imgbatch analyze` on its ROOT once to upgrade "
+                "it (this command does not write state)"
+            )
         try:
             return self._db.get(key)
-        except Exception as exc:  # unpickling errors, sqlite3.DatabaseError, OSError
+        except Exception as exc:  # refused values, sqlite3.DatabaseError, OSError
             raise damaged(self.directory, exc) from None
 
     def upgrade(self) -> int:
-        """Move a format-1 checkpoint's results into the shared store; returns how many.
+        """Migrate a format 1 or 2 checkpoint to plain data, in place; returns how many
+        results of a format-1 checkpoint moved to the shared store.
 
-        Only a lock holder calls this. Results are copied first (storing one twice is
-        harmless), then their rows are deleted and the format bumped in one transaction:
-        a crash at any moment leaves a checkpoint that is either format 1 or 2, whole.
+        Only a lock holder calls this (`lock` does). Old keys and values are read with the
+        restricted unpickler (a planted payload is refused, never run: its row is dropped
+        with a warning); format 1's results are copied to the shared store first (storing
+        one twice is harmless); then every row is rewritten and the format bumped in one
+        transaction: a crash at any moment leaves the checkpoint old or new, whole.
         """
         if self.format == FORMAT_VERSION:
             return 0
         if self.results is None:
             raise CheckpointError("upgrading a checkpoint needs the results store")
+        con = self._db._con
+        moved = dropped = 0
         batch: list[tuple[ResultKey, dict[str, Any]]] = []
-        moved = 0
-        for key in self._db.iterkeys():
-            if isinstance(key, tuple) and key[0] == b"result":
-                value = self._get(key)
-                if isinstance(value, dict):
-                    batch.append(((key[1], key[2]), value))
-                if len(batch) >= 500:
-                    moved += self.results.put_many(batch)
-                    batch.clear()
-        moved += self.results.put_many(batch)
-        with self._db.transact():
-            for key in self._db.iterkeys():
-                if isinstance(key, tuple) and key[0] == b"result":
-                    self._db.delete(key)
-            self._db.set(b"format", FORMAT_VERSION)
+        try:
+            with self._db.transact():
+                for rowid, db_key, raw, mode, filename, value in statedb.rows(con):
+                    try:
+                        old = statedb.old_key(db_key, raw)
+                        if old == b"format":
+                            continue
+                        data = statedb.old_value(mode, filename, value)
+                        if isinstance(old, tuple) and old[:1] == (b"result",):
+                            if len(old) == 3 and isinstance(data, dict):
+                                batch.append(((str(old[1]), str(old[2])), data))
+                            statedb.delete_row(con, rowid)
+                            continue
+                        if isinstance(old, tuple):
+                            if not old or not all(isinstance(p, (bytes, str, int)) for p in old):
+                                raise UnsafeState(f"an unknown key {old!r}")
+                            new_key = key(*old)
+                        elif isinstance(old, bytes):
+                            new_key = old
+                        else:
+                            raise UnsafeState(f"an unknown key {old!r}")
+                        statedb.rewrite(con, rowid, new_key, data)
+                    except (UnsafeState, TypeError, ValueError) as exc:
+                        log.warning(
+                            "checkpoint in %s: an entry is not plain data (%s); dropped",
+                            self.directory,
+                            exc,
+                        )
+                        statedb.delete_row(con, rowid)
+                        dropped += 1
+                    if len(batch) >= 500:
+                        moved += self.results.put_many(batch)
+                        batch.clear()
+                moved += self.results.put_many(batch)
+                self._db.set(b"format", FORMAT_VERSION)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # sqlite3.DatabaseError, OSError
+            raise damaged(self.directory, exc) from None
         self.format = FORMAT_VERSION
+        self._any_batch = bool(self._get(b"batch-jobs"))
+        log.info(
+            "checkpoint upgraded: %s result(s) moved to %s%s",
+            moved,
+            self.results.directory,
+            f", {dropped} entr{'y' if dropped == 1 else 'ies'} dropped" if dropped else "",
+        )
         return moved
 
     # -- lock --------------------------------------------------------------------
@@ -204,10 +287,15 @@ class Checkpoint:
         """Take the writer's lock, or raise LockHeldError naming its holder.
 
         With `wait`, wait for it (polling); setting `stop` ends the wait with WaitInterrupted.
+        A checkpoint written by an earlier imgbatch is then migrated (`upgrade`), once.
         """
+        if self.readonly:
+            raise CheckpointError("a checkpoint opened read-only cannot be locked")
         lock = StateLock(self.directory)
         lock.acquire(command, wait, stop)
         self._lock = lock  # close() releases it
+        if self.format != FORMAT_VERSION:
+            self.upgrade()
 
     def locked_by_other(self) -> bool:
         """Whether a live process holds the lock (for readers such as `status`); told
@@ -218,18 +306,18 @@ class Checkpoint:
 
     def folder(self, fp: str, rel_dir: str) -> FolderStates:
         """The item states of one folder (kept in a small LRU, buffered changes first)."""
-        key = (fp, rel_dir)
-        states = self._dirty.get(key)
+        fk = (fp, rel_dir)
+        states = self._dirty.get(fk)
         if states is not None:
             return states
-        states = self._folders.get(key)
+        states = self._folders.get(fk)
         if states is None:
-            states = self._get((b"done", fp, os.fsencode(rel_dir))) or {}
-            self._folders[key] = states
+            states = _states(self._get(key(b"done", fp, os.fsencode(rel_dir))))
+            self._folders[fk] = states
             if len(self._folders) > 256:
                 self._folders.popitem(last=False)
         else:
-            self._folders.move_to_end(key)
+            self._folders.move_to_end(fk)
         return states
 
     def state(self, fp: str, rel_dir: str, name: str) -> ItemState | None:
@@ -243,8 +331,8 @@ class Checkpoint:
             pending = self._dirty_items.get((fp, rel_dir, name))
             if pending is not None:
                 return pending
-            value = self._get((b"item", fp, os.fsencode(rel_dir), name))
-            return value if isinstance(value, tuple) else None
+            value = self._get(key(b"item", fp, os.fsencode(rel_dir), name))
+            return tuple(value) if isinstance(value, list) else None
         return states.get(name)
 
     def commit(
@@ -259,14 +347,14 @@ class Checkpoint:
 
         Reads (`state`, `result`) see it at once; the database only after `flush()`.
         """
-        key = (fp, rel_dir)
+        fk = (fp, rel_dir)
         states = self.folder(fp, rel_dir)
-        self._last = (key, states)
+        self._last = (fk, states)
         if _LARGE in states:
             self._dirty_items[(fp, rel_dir, name)] = state
         else:
             states[name] = state
-            self._dirty[key] = states
+            self._dirty[fk] = states
         if result is not None and state[0] is not None:
             self._pending_results[(fp, state[0])] = result
         self.pending += 1
@@ -285,12 +373,12 @@ class Checkpoint:
                 folder = os.fsencode(rel_dir)
                 if len(states) > LARGE_FOLDER and _LARGE not in states:
                     for n, st in states.items():  # from now on, one row per item
-                        self._db.set((b"item", fp, folder, n), st)
+                        self._db.set(key(b"item", fp, folder, n), st)
                     states.clear()
                     states[_LARGE] = (None, None, 0, None, None, None)
-                self._db.set((b"done", fp, folder), states)
+                self._db.set(key(b"done", fp, folder), states)
             for (fp, rel_dir, name), st in self._dirty_items.items():
-                self._db.set((b"item", fp, os.fsencode(rel_dir), name), st)
+                self._db.set(key(b"item", fp, os.fsencode(rel_dir), name), st)
         self._dirty.clear()
         self._dirty_items.clear()
         self._pending_results.clear()
@@ -317,56 +405,67 @@ class Checkpoint:
         """Drop items (files gone from disk) from a folder's states, in one transaction."""
         folder = os.fsencode(rel_dir)
         with self._db.transact():
-            states = dict(self._get((b"done", fp, folder)) or {})
+            states = _states(self._get(key(b"done", fp, folder)))
             for name in names:
                 states.pop(name, None)
-                self._db.delete((b"item", fp, folder, name))
+                self._db.delete(key(b"item", fp, folder, name))
             if states:
-                self._db.set((b"done", fp, folder), states)
+                self._db.set(key(b"done", fp, folder), states)
             else:
-                self._db.delete((b"done", fp, folder))
+                self._db.delete(key(b"done", fp, folder))
         self._folders.pop((fp, rel_dir), None)
         self._last = (None, {})
 
     def result(self, fp: str, content_hash: str) -> dict[str, Any] | None:
-        """The stored outcome for this content (buffered, shared store, or a format-1
-        checkpoint's own), or None."""
+        """The stored outcome for this content (buffered, or the shared store), or None."""
         value = self._pending_results.get((fp, content_hash))
         if value is not None:
             return value
-        if self.format == 1:
-            value = self._get((b"result", fp, content_hash))
-        elif self.results is not None:
+        if self.results is not None:
             value = self.results.get(fp, content_hash)
         return value if isinstance(value, dict) else None
 
     def fingerprints(self) -> set[str]:
         """Every fingerprint with recorded items."""
-        return {
-            key[1] for key in self._db.iterkeys() if isinstance(key, tuple) and key[0] == b"done"
-        }
+        out = set()
+        for k in self._keys():
+            parts = k.split(b"\0")
+            if parts[0] == b"done" and len(parts) == 3:
+                out.add(parts[1].decode())
+        return out
+
+    def _keys(self) -> Iterator[bytes]:
+        try:
+            for k in self._db.iterkeys():
+                if isinstance(k, bytes):
+                    yield k
+        except Exception as exc:  # a refused (pickled) key, sqlite3.DatabaseError
+            raise damaged(self.directory, exc) from None
 
     def iter_folders(self, fp: str) -> Iterator[tuple[str, FolderStates]]:
         """(folder, states) of every folder with items under fingerprint `fp`, one at a time
         (a large folder's items one by one)."""
-        for key in self._db.iterkeys():
-            if not isinstance(key, tuple) or key[1:2] != (fp,):
+        self._get(b"format")  # an old format is refused here, not half-read
+        want = fp.encode()
+        for k in self._keys():
+            parts = k.split(b"\0")
+            if len(parts) < 3 or parts[1] != want:
                 continue
-            if key[0] == b"done":
-                states = self._get(key)
+            if parts[0] == b"done" and len(parts) == 3:
+                states = _states(self._get(k))
                 if states and _LARGE not in states:
-                    yield os.fsdecode(key[2]), states
-            elif key[0] == b"item":
-                state = self._get(key)
-                if state is not None:
-                    yield os.fsdecode(key[2]), {key[3]: state}
+                    yield os.fsdecode(parts[2]), states
+            elif parts[0] == b"item" and len(parts) == 4:
+                state = self._get(k)
+                if isinstance(state, list):
+                    yield os.fsdecode(parts[2]), {os.fsdecode(parts[3]): tuple(state)}
 
     # -- Gemini Batch API jobs --------------------------------------------------------
 
     def batch_jobs(self) -> list[dict[str, Any]]:
         """The records of the batch jobs not yet collected (intents included), oldest
         first."""
-        jobs = [self._get((b"batch", job_id)) for job_id in self._get(b"batch-jobs") or []]
+        jobs = [self._get(key(b"batch", job_id)) for job_id in self._get(b"batch-jobs") or []]
         return [job for job in jobs if isinstance(job, dict)]
 
     def add_batch_job(self, job: dict[str, Any], keys: dict[str, BatchEntry]) -> None:
@@ -376,34 +475,37 @@ class Checkpoint:
         job_id, fp = job["id"], job["fingerprint"]
         with self._db.transact():
             ids = list(self._get(b"batch-jobs") or [])
-            self._db.set((b"batch", job_id), job)
-            self._db.set((b"batch-keys", job_id), keys)
+            self._db.set(key(b"batch", job_id), job)
+            self._db.set(key(b"batch-keys", job_id), keys)
             for entry in keys.values():
-                self._db.set((b"batched", fp, entry[2]), job_id)
+                self._db.set(key(b"batched", fp, entry[2]), job_id)
             self._db.set(b"batch-jobs", [*ids, job_id])
         self._any_batch = True
 
     def save_batch_job(self, job: dict[str, Any]) -> None:
         """Rewrite a job's record (uploaded, created, polled)."""
-        self._db.set((b"batch", job["id"]), job)
+        self._db.set(key(b"batch", job["id"]), job)
 
     def batch_keys(self, job_id: str) -> dict[str, BatchEntry]:
         """The items a job carries, by request key."""
-        keys = self._get((b"batch-keys", job_id))
-        return keys if isinstance(keys, dict) else {}
+        keys = self._get(key(b"batch-keys", job_id))
+        if not isinstance(keys, dict):
+            return {}
+        return {k: tuple(v) for k, v in keys.items()}
 
     def end_batch_job(self, job_id: str) -> None:
         """Forget a job (collected, or ended without results), in one transaction: its
         contents are no longer batched, so what was not recorded is planned again."""
-        job = self._get((b"batch", job_id))
+        job = self._get(key(b"batch", job_id))
         fp = job.get("fingerprint") if isinstance(job, dict) else None
         with self._db.transact():
-            for entry in self.batch_keys(job_id).values():
-                key = (b"batched", fp, entry[2])
-                if self._db.get(key) == job_id:
-                    self._db.delete(key)
-            self._db.delete((b"batch-keys", job_id))
-            self._db.delete((b"batch", job_id))
+            for entry in self.batch_keys(job_id).values() if isinstance(fp, str) else ():
+                assert isinstance(fp, str)
+                batched = key(b"batched", fp, entry[2])
+                if self._db.get(batched) == job_id:
+                    self._db.delete(batched)
+            self._db.delete(key(b"batch-keys", job_id))
+            self._db.delete(key(b"batch", job_id))
             ids = [i for i in self._get(b"batch-jobs") or [] if i != job_id]
             self._db.set(b"batch-jobs", ids)
         self._any_batch = bool(ids)
@@ -413,7 +515,7 @@ class Checkpoint:
         None (at once when no job is recorded: a live run pays nothing for this)."""
         if not self._any_batch:
             return None
-        job_id = self._get((b"batched", fp, content_hash))
+        job_id = self._get(key(b"batched", fp, content_hash))
         return job_id if isinstance(job_id, str) else None
 
     # -- runs --------------------------------------------------------------------
@@ -422,10 +524,10 @@ class Checkpoint:
         return int(self._db.incr(b"run-counter"))
 
     def save_run(self, run: dict[str, Any]) -> None:
-        self._db.set((b"run", run["id"]), run)
+        self._db.set(key(b"run", run["id"]), run)
         old = run["id"] - RUN_HISTORY
         if old > 0:
-            self._db.delete((b"run", old))
+            self._db.delete(key(b"run", old))
 
     def mark_dead_runs(self) -> int:
         """Mark runs left QUEUED/PROCESSING as ABORTED: their process died.
@@ -436,7 +538,7 @@ class Checkpoint:
         for run in self.runs():
             if run.get("state") in ("QUEUED", "PROCESSING"):
                 run["state"] = "ABORTED"
-                self._db.set((b"run", run["id"]), run)
+                self._db.set(key(b"run", run["id"]), run)
                 n += 1
         return n
 
@@ -445,7 +547,7 @@ class Checkpoint:
         last = int(self._get(b"run-counter") or 0)
         out = []
         for rid in range(last, max(0, last - RUN_HISTORY), -1):
-            run = self._get((b"run", rid))
+            run = self._get(key(b"run", rid))
             if run is not None:
                 out.append(run)
         return out

@@ -1,9 +1,12 @@
 """Stat-keyed hash cache: one diskcache entry per folder, so a re-scan reads no contents.
 
 Each entry maps a folder (path relative to ROOT) to ``{name: (inode, size, mtime_ns,
-ctime_ns, hash)}``. One row per folder keeps writes at one SQLite transaction per
-folder instead of one per file (75 us each), and the device number is left out of
-the key because it changes across remounts.
+ctime_ns, hash)}``, stored as plain bytes (`hashjob.dump_entry`: NUL-separated fields,
+never a pickle). One row per folder keeps writes at one SQLite transaction per folder
+instead of one per file (75 us each), and the device number is left out of the key
+because it changes across remounts. The cache's mark (``b"format"``) says the entries
+are plain data: a cache written by an earlier imgbatch (pickled entries) is emptied
+once by the first scan or run that opens it, and rebuilt (its files are hashed again).
 """
 
 from __future__ import annotations
@@ -11,45 +14,44 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
+from imgbatch import statedb
 from imgbatch.errors import CheckpointError
-from imgbatch.hashjob import FolderHashes, Stamp, entry_key
+from imgbatch.hashjob import FolderHashes, Stamp, dump_entry, entry_key, load_entry
+from imgbatch.statedb import DISKCACHE_SETTINGS
 
 log = logging.getLogger("imgbatch")
 
 __all__ = ["DISKCACHE_SETTINGS", "FolderHashes", "HashCache", "Stamp"]
 
-#: diskcache settings that keep memory flat: no SQLite mmap, a small page cache, and
-#: no eviction (a cache that silently drops entries would re-hash, or worse, forget).
-DISKCACHE_SETTINGS: dict[str, Any] = {
-    "size_limit": 2**62,
-    "eviction_policy": "none",
-    "sqlite_mmap_size": 0,
-    "sqlite_cache_size": 256,
-    "statistics": False,
-    # every value inside SQLite's transactions: diskcache writes values over 32 KB (a big
-    # folder's row) to separate files that are not fsynced; a crash could lose them
-    "disk_min_file_size": 2**30,
-}
-
-
 FLUSH_EVERY = 64  # folders per write transaction: a crash loses at most these (it's a cache)
+FORMAT = b"format"  # the cache's mark: FORMAT_VERSION once entries are plain data
+FORMAT_VERSION = statedb.DATA_FORMAT
 
 
 class HashCache:
     """Folder-keyed hashes of the files below one ROOT."""
 
     def __init__(self, directory: Path) -> None:
-        import diskcache  # imported here: `imgbatch --help` should not pay for it
-
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            self._cache = diskcache.Cache(str(directory), **DISKCACHE_SETTINGS)
+            self._cache = statedb.open_cache(directory)
+            if self._cache.get(FORMAT) != FORMAT_VERSION:
+                self._rebuild()
         except Exception as exc:  # sqlite3.DatabaseError, OSError, ...
             raise CheckpointError(f"cannot open hash cache in {directory}: {exc}") from None
         self._pending: dict[bytes, FolderHashes] = {}
         self._warned = False
+
+    def _rebuild(self) -> None:
+        """Empty a cache an earlier imgbatch wrote (pickled entries), once, in one
+        transaction, and mark it: its files are hashed again by this scan."""
+        with self._cache.transact():
+            if self._cache.get(FORMAT) == FORMAT_VERSION:
+                return  # another process did it meanwhile
+            emptied = self._cache._con.execute("DELETE FROM Cache").rowcount
+            self._cache.set(FORMAT, FORMAT_VERSION)
+        if emptied:
+            log.info("hash cache rebuilt (written by an earlier imgbatch): files are hashed again")
 
     @property
     def db_path(self) -> str:
@@ -68,10 +70,10 @@ class HashCache:
             return self._pending[key]
         try:
             value = self._cache.get(key)
-        except Exception as exc:  # a damaged entry (unpickling, SQLite): a cache miss
-            self.unreadable(str(exc))
+            return load_entry(value) if isinstance(value, bytes) else None
+        except Exception as exc:  # a damaged or refused entry, SQLite: a cache miss
+            self.unreadable(str(exc) or type(exc).__name__)
             return None
-        return value if isinstance(value, dict) else None
 
     def put(self, rel_dir: str, hashes: FolderHashes) -> None:
         """Store a folder's hashes; written with others in one transaction (~235 us each
@@ -86,7 +88,7 @@ class HashCache:
         with self._cache.transact():
             for key, hashes in self._pending.items():
                 if hashes:
-                    self._cache.set(key, hashes)
+                    self._cache.set(key, dump_entry(hashes))
                 else:
                     self._cache.delete(key)
         self._pending.clear()

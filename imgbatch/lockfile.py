@@ -59,7 +59,8 @@ class StateLock:
         raises WaitInterrupted, and a signal handler's exception gets through between tries.
         """
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # 0600: its record names the command; state at rest is the owner's only
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise CheckpointError(
                 f"cannot open the lock file {self.path}: {exc.strerror}"

@@ -1,14 +1,17 @@
 """Reading the checkpoint: `status`, the run history, `export` and `prune`.
 
-`status`, `runs` and `export` only read (SQLite in WAL mode lets them run beside a
-writer, e.g. a cron run in the background); `prune` writes and takes the lock.
+`status`, `runs` and `export` only read, and write nothing at all: the checkpoint and
+the results store are opened read-only (`statedb.ReadOnlyCache`), so they work on state
+made read-only and change no byte of it; SQLite in WAL mode lets them run beside a
+writer, e.g. a cron run in the background. `prune` writes and takes the lock.
 """
 
 from __future__ import annotations
 
+import heapq
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,14 +26,20 @@ from imgbatch.results import ResultStore
 LIVE_STATES = ("QUEUED", "PROCESSING")
 
 
-def open_checkpoint(state: Path) -> Checkpoint:
-    """An existing checkpoint, for reading; a clear error when there is none."""
+def open_checkpoint(state: Path, write: bool = False) -> Checkpoint:
+    """An existing checkpoint, read-only unless `write` (then the caller takes the lock);
+    a clear error when there is none."""
     if not (state / "checkpoint").is_dir():
         raise UsageError(
             f"no checkpoint in {state}: run `imgbatch analyze` first, or pass "
             "the folder given to --checkpoint"
         )
-    return Checkpoint(state, create=False)
+    return Checkpoint(state, create=False, readonly=not write)
+
+
+def open_results(results: Path | None) -> ResultStore:
+    """The results store (default: the user's), for reading only."""
+    return ResultStore(_results(results), readonly=True)
 
 
 def run_status(cp: Checkpoint, run: dict[str, Any], live: bool) -> dict[str, Any]:
@@ -152,37 +161,53 @@ RUNS_HEADER = (
 
 
 def items(
-    cp: Checkpoint, status_filter: str | None = None, run: dict[str, Any] | None = None
+    cp: Checkpoint,
+    status_filter: str | None = None,
+    run: dict[str, Any] | None = None,
+    after: tuple[str, str] | None = None,
+    limit: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Stored items as output records, folder by folder: every item of the latest run's
-    settings, or (given `run`, a run record) only the items that run wrote."""
+    settings, or (given `run`, a run record) only the items that run wrote.
+
+    A page (`after` or `limit` given): the items in (folder, name) order instead, those
+    whose (folder, name) comes after `after`, at most `limit`. Keyed, not counted, so
+    items recorded meanwhile never shift a page (`serve`'s /items); each page reads
+    every item's state, but builds records only for its own."""
     root = cp.root()
     last = run or next((r for r in cp.runs() if r.get("fingerprint")), None)
     if root is None or last is None:
         return
     fp = last["fingerprint"]
-    for rel_dir, states in cp.iter_folders(fp):
-        for name in sorted(states):
-            content, code, item_run, size, mtime_ns, message = states[name]
-            if run is not None and item_run != run["id"]:
-                continue
-            status_ = "ok" if code is None else "error"
-            if status_filter and status_ != status_filter:
-                continue
-            path = os.path.join(root, rel_dir, name)  # an empty rel_dir adds nothing
-            rec = FileRecord(path, size, mtime_ns, content).fields()
-            rec["exists"] = os.path.lexists(path)
-            rec["status"] = status_
-            stored = cp.result(fp, content) if content else None
-            rec["provider"] = (stored or last).get("provider")
-            rec["model"] = (stored or last).get("model")
-            rec["input_tokens"] = stored.get("input_tokens") if stored else None
-            rec["output_tokens"] = stored.get("output_tokens") if stored else None
-            if code is None:
-                rec["result"] = stored.get("result") if stored else None
-            else:
-                rec["error"] = {"code": code, "message": message or ""}
-            yield rec
+    chosen: Iterable[tuple[str, str, Any]] = (
+        (rel_dir, name, states[name])
+        for rel_dir, states in cp.iter_folders(fp)
+        for name in sorted(states)
+        if (run is None or states[name][2] == run["id"])
+        and (not status_filter or ("ok" if states[name][1] is None else "error") == status_filter)
+    )
+    if after is not None or limit is not None:
+        later = (item for item in chosen if after is None or item[:2] > after)
+        if limit is None:
+            chosen = sorted(later, key=lambda item: item[:2])
+        else:
+            chosen = heapq.nsmallest(limit, later, key=lambda item: item[:2])
+    for rel_dir, name, (content, code, _, size, mtime_ns, message) in chosen:
+        status_ = "ok" if code is None else "error"
+        path = os.path.join(root, rel_dir, name)  # an empty rel_dir adds nothing
+        rec = FileRecord(path, size, mtime_ns, content).fields()
+        rec["exists"] = os.path.lexists(path)
+        rec["status"] = status_
+        stored = cp.result(fp, content) if content else None
+        rec["provider"] = (stored or last).get("provider")
+        rec["model"] = (stored or last).get("model")
+        rec["input_tokens"] = stored.get("input_tokens") if stored else None
+        rec["output_tokens"] = stored.get("output_tokens") if stored else None
+        if code is None:
+            rec["result"] = stored.get("result") if stored else None
+        else:
+            rec["error"] = {"code": code, "message": message or ""}
+        yield rec
 
 
 def _results(results: Path | None) -> Path:
@@ -208,7 +233,7 @@ def export(
         exports.require("parquet")  # before any work: a missing extra is the error to report
         if output is None:
             raise UsageError("--format parquet needs --output FILE: Parquet is not a stream")
-    with open_checkpoint(state) as cp, ResultStore(_results(results)) as store:
+    with open_checkpoint(state) as cp, open_results(results) as store:
         cp.results = store
 
         def write(fh: IO[bytes]) -> int:
@@ -246,14 +271,31 @@ def export_sidecars(
     tags or a description (see exports.SidecarWriter). With `dry_run`, write nothing and
     give `emit` one JSON line per sidecar that would change."""
     writer = exports.SidecarWriter(emit, naming, dry_run)  # first: a missing extra, a bad naming
-    with open_checkpoint(state) as cp, ResultStore(_results(results)) as store:
+    with open_checkpoint(state) as cp, open_results(results) as store:
         cp.results = store
         return writer.write_all(items(cp, "ok"))
 
 
+def forget_batch(state: Path, job_ref: str, wait: bool = False) -> dict[str, Any]:
+    """Forget one pending Batch API job on purpose (`prune --forget-batch`), e.g. one whose
+    key is gone for good: named by its id (its display name) or its name (``batches/...``,
+    with or without the prefix). Its items are no longer batched, so the next `analyze
+    --batch` submits them again. Returns the job's record; UsageError if no pending job
+    has that name."""
+    with open_checkpoint(state, write=True) as cp:
+        cp.lock("prune", wait=wait)
+        for job in cp.batch_jobs():
+            name = str(job.get("name") or "")
+            if job_ref and job_ref in {job.get("id"), name, name.removeprefix("batches/")}:
+                # its request file, if any, is a leftover the next batch run deletes
+                cp.end_batch_job(job["id"])
+                return job
+    raise UsageError(f"no pending batch job {job_ref!r}: `imgbatch status` lists them")
+
+
 def prune(state: Path, wait: bool = False) -> int:
     """Drop items whose file no longer exists; returns how many were dropped."""
-    with open_checkpoint(state) as cp:
+    with open_checkpoint(state, write=True) as cp:
         cp.lock("prune", wait=wait)
         root = cp.root()
         if root is None:
@@ -261,10 +303,22 @@ def prune(state: Path, wait: bool = False) -> int:
         dropped = 0
         for fp in cp.fingerprints():
             # streamed: one folder (or one item of a large folder) at a time; forgetting
-            # while iterating is safe (diskcache walks the keys by rowid ranges)
+            # while iterating is safe (diskcache walks the keys by ranges of keys)
             for rel_dir, states in cp.iter_folders(fp):
                 gone = [n for n in states if not os.path.lexists(os.path.join(root, rel_dir, n))]
                 if gone:
                     cp.forget(fp, rel_dir, gone)
                     dropped += len(gone)
         return dropped
+
+
+def follow(
+    state: Path, current: dict[str, Any], every: float = 1.0
+) -> Iterator[dict[str, Any]]:
+    """`current` and the status read again every `every` seconds while the run is live:
+    the last one yielded is the status of the ended run (`status --follow`)."""
+    yield current
+    while current["state"] in LIVE_STATES:
+        time.sleep(every)
+        current = status(state) or current
+        yield current

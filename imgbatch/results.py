@@ -4,43 +4,54 @@ Results describe content, not places: a tree that was moved, renamed or remounte
 a second tree holding copies, finds its results here and costs no provider request.
 Item states (what happened to which file of which ROOT) stay in each ROOT's checkpoint.
 
-Keys are bytes (`key()`), stored as they are: diskcache pickles any other key and runs
-pickletools.optimize over it, ~100 us per lookup, more than the offline analyzer spends
-on a small image. Stores written before kept (fingerprint, hash) tuples; those are
-still read, after the bytes key missed, for as long as the store holds any.
+Keys are bytes (`key()`), stored as they are; values are JSON (`statedb`: plain data,
+never a pickle). The store's mark (``b"format"``) says FORMAT: a store written by an
+earlier imgbatch (pickled values; without a mark, (fingerprint, hash) tuple keys) is
+migrated once, in place and in one transaction, by the first writer that opens it,
+reading the old values with the restricted unpickler; a value that is not plain data
+is dropped with a warning (that content is analysed again).
 
 Several processes (runs on different roots) share the store: it is one SQLite database
 in WAL mode through diskcache, whose writers wait for each other (SQLite's busy
 timeout), and every value is a whole result, so there is nothing to merge. Nothing
 deletes from it (`prune` forgets item states only); delete the folder to start afresh.
+Its folder is private (`statedb.secure`); readers (`export`, `report`) open it with
+``readonly`` and write nothing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import sqlite3
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from imgbatch import statedb
 from imgbatch.errors import CheckpointError
+from imgbatch.statedb import UnsafeState
 
 log = logging.getLogger("imgbatch")
 
 ResultKey = tuple[str, str]  # fingerprint, content hash
 
 
-FORMAT = b"format"  # the store's mark: 2 = bytes keys only (see key())
+FORMAT = b"format"  # the store's mark: 3 = bytes keys, JSON values (see key())
+FORMAT_VERSION = statedb.DATA_FORMAT
 
 
-#: a result's row as diskcache's `set` leaves it (mode 4: pickled, the value in SQLite)
+#: a result's row as diskcache's `set` leaves it (JSON, the value in SQLite)
 _UPSERT = (
     "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count, tag,"
-    " size, mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, NULL, 0, 4, NULL, ?)"
-    " ON CONFLICT(key, raw) DO UPDATE SET store_time = excluded.store_time,"
-    " access_time = excluded.access_time, size = 0, mode = 4, filename = NULL,"
-    " value = excluded.value"
+    f" size, mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, NULL, 0, {statedb.MODE_JSON},"
+    " NULL, ?) ON CONFLICT(key, raw) DO UPDATE SET store_time = excluded.store_time,"
+    f" access_time = excluded.access_time, size = 0, mode = {statedb.MODE_JSON},"
+    " filename = NULL, value = excluded.value"
 )
+
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def key(fp: str, content_hash: str) -> bytes:
@@ -49,32 +60,89 @@ def key(fp: str, content_hash: str) -> bytes:
 
 
 class ResultStore:
-    """Stored outcomes (ok, or a permanent error caused by the content) by content."""
+    """Stored outcomes (ok, or a permanent error caused by the content) by content.
 
-    def __init__(self, directory: Path) -> None:
-        import diskcache
+    `readonly`: read without writing anything (a missing store reads as empty; one an
+    earlier imgbatch wrote is refused until a writer migrates it)."""
 
-        from imgbatch.hashcache import DISKCACHE_SETTINGS
-
+    def __init__(self, directory: Path, readonly: bool = False) -> None:
         self.directory = directory
+        self.readonly = readonly
+        statedb.secure(
+            directory, not readonly, names=statedb.STORE_ENTRIES, mark=statedb.STORE_MARK
+        )
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            self._db = diskcache.Cache(str(directory), **DISKCACHE_SETTINGS)
-        except Exception as exc:  # sqlite3.DatabaseError, OSError
+            if readonly:
+                self._db: Any = statedb.ReadOnlyCache(directory)
+                mark = self._db.get(FORMAT)
+                if mark != FORMAT_VERSION and len(self._db):
+                    self._db.close()
+                    raise CheckpointError(
+                        f"the results store in {directory} was written by an earlier imgbatch; "
+                        "run `imgbatch analyze` once to upgrade it (this command does not "
+                        "write state)"
+                    )
+            else:
+                self._db = statedb.open_cache(directory)
+                if self._db.get(FORMAT) != FORMAT_VERSION:
+                    self._migrate()
+        except CheckpointError:
+            raise
+        except Exception as exc:  # sqlite3.DatabaseError, OSError, a refused mark
             raise CheckpointError(
                 f"cannot open the results store in {directory}: {exc}; move it aside "
                 "(results are then requested again) or set [state] results elsewhere"
             ) from None
-        # A store made with bytes keys says so (FORMAT); one without that mark that holds
-        # anything was written with (fingerprint, hash) tuples: misses look there too
-        try:
-            if self._db.get(FORMAT) != 2:
-                with self._db.transact():
-                    if len(self._db) == 0:
-                        self._db.set(FORMAT, 2)
-            self._tuples = self._db.get(FORMAT) != 2
-        except Exception:  # noqa: BLE001 (unreadable: look both ways, errors are misses)
-            self._tuples = True
+
+    def _migrate(self) -> None:
+        """Rewrite an earlier imgbatch's rows as plain data, in one transaction (see the
+        module's docstring); an empty store only gets its mark."""
+        con = self._db._con
+        converted = dropped = 0
+        with self._db.transact():
+            if self._db.get(FORMAT) == FORMAT_VERSION:
+                return  # another process migrated it meanwhile
+            for rowid, db_key, raw, mode, filename, value in statedb.rows(con):
+                try:
+                    old = statedb.old_key(db_key, raw)
+                    if old == FORMAT:
+                        continue
+                    if isinstance(old, tuple) and len(old) == 2:
+                        new_key = key(str(old[0]), str(old[1]))
+                    elif isinstance(old, bytes) and old.startswith(b"r\0"):
+                        new_key = old
+                    else:
+                        raise UnsafeState(f"an unknown key {old!r}")
+                    data = statedb.old_value(mode, filename, value)
+                    if not isinstance(data, dict):
+                        raise UnsafeState("not a result")
+                    if (
+                        new_key != old
+                        and con.execute(
+                            "SELECT 1 FROM Cache WHERE key = ? AND raw = 1",
+                            (sqlite3.Binary(new_key),),
+                        ).fetchone()
+                    ):
+                        statedb.delete_row(con, rowid)  # also stored under its bytes key
+                        continue
+                    statedb.rewrite(con, rowid, new_key, data)
+                    converted += 1
+                except (UnsafeState, TypeError, ValueError) as exc:
+                    log.warning(
+                        "results store %s: an entry is not plain data (%s); dropped",
+                        self.directory,
+                        exc,
+                    )
+                    statedb.delete_row(con, rowid)
+                    dropped += 1
+            self._db.set(FORMAT, FORMAT_VERSION)
+        if converted or dropped:
+            log.info(
+                "results store %s upgraded: %s result(s) rewritten as plain data%s",
+                self.directory,
+                converted,
+                f", {dropped} dropped" if dropped else "",
+            )
 
     def get(self, fp: str, content_hash: str) -> dict[str, Any] | None:
         """The stored outcome for this content under fingerprint `fp`, or None.
@@ -83,9 +151,7 @@ class ResultStore:
         """
         try:
             value = self._db.get(key(fp, content_hash))
-            if value is None and self._tuples:
-                value = self._db.get((fp, content_hash))
-        except Exception as exc:  # an unreadable value: unpickling, SQLite
+        except Exception as exc:  # an unreadable value: refused, SQLite
             log.warning(
                 "results store %s: unreadable entry (%s); re-analysing", self.directory, exc
             )
@@ -95,15 +161,15 @@ class ResultStore:
     def put_many(self, items: Iterable[tuple[ResultKey, dict[str, Any]]]) -> int:
         """Store outcomes in one transaction; returns how many.
 
-        The rows are written as diskcache writes them (a pickled value inside SQLite,
-        under a raw bytes key; its triggers keep the count), in one statement for the
-        lot: diskcache's `set` runs three or four statements a row, ~100 us, and the
-        offline analyzer writes thousands a second."""
-        import pickle
-
+        The rows are written as diskcache's `set` would write them with `statedb`'s Disk
+        (JSON inside SQLite, under a raw bytes key; its triggers keep the count), in one
+        statement for the lot: diskcache's `set` runs three or four statements a row,
+        ~100 us, and the offline analyzer writes thousands a second."""
+        if self.readonly:
+            raise CheckpointError("the results store was opened read-only")
         now = time.time()
         rows = [
-            (key(fp, content_hash), now, now, pickle.dumps(value, protocol=5))
+            (key(fp, content_hash), now, now, _dumps(value).encode())
             for (fp, content_hash), value in items
         ]
         if rows:
@@ -113,7 +179,7 @@ class ResultStore:
 
     def __len__(self) -> int:
         """Results stored (the format mark aside)."""
-        return int(len(self._db)) - (not self._tuples)
+        return int(len(self._db)) - (self._db.get(FORMAT) is not None)
 
     def close(self) -> None:
         self._db.close()

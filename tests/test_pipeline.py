@@ -266,7 +266,7 @@ def test_a_large_folder_is_stored_one_row_per_item(
     assert len(first) == 13
     with Checkpoint(tmp_path / "state") as cp:
         fp = cp.runs()[0]["fingerprint"]
-        row = cp._db.get((b"done", fp, b""))
+        row = cp._db.get(b"done\0" + fp.encode() + b"\0")
         assert list(row) == ["\0large"]  # the folder's row no longer grows per item
         assert cp.state(fp, "", "03.png")[1] is None
         assert cp.state(fp, "", "bad.png")[1] == "BAD_IMAGE"

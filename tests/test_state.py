@@ -166,42 +166,52 @@ class TestSharedResults:
         assert all(r["cached"] for r in res.records)
         assert len(calls(log)) == 12
 
-    def test_a_store_keyed_by_tuples_as_before_is_still_read(self, tmp_path: Path) -> None:
-        """Stores written before bytes keys held (fingerprint, hash) tuples."""
+    def test_a_store_keyed_by_tuples_as_before_is_migrated_and_still_read(
+        self, tmp_path: Path
+    ) -> None:
+        """Stores written before bytes keys held (fingerprint, hash) tuples and pickled
+        values: the first run migrates them to plain data, and nothing is requested again."""
         import diskcache
 
         from imgbatch.hashcache import DISKCACHE_SETTINGS
         from imgbatch.results import FORMAT
+        from imgbatch.statedb import data_disk
 
         log = tmp_path / "calls.log"
         make_image(tmp_path / "a" / "x.png", (34, 10))
-        env = {**fake(log), "IMGBATCH_RESULTS": str(tmp_path / "shared")}
+        shared = tmp_path / "shared"
+        env = {**fake(log), "IMGBATCH_RESULTS": str(shared)}
         assert analyze(tmp_path / "a", "--provider", "fake", env=env).rc == 0
-        with diskcache.Cache(str(tmp_path / "shared"), **DISKCACHE_SETTINGS) as db:
-            assert db.pop(FORMAT) == 2  # the old main left no mark
-            keys = list(db)
-            assert keys and all(isinstance(k, bytes) for k in keys)
-            for key in keys:  # rewritten as the old main wrote them
-                _, fp, content_hash = key.decode().split("\0")
-                db.set((fp, content_hash), db.pop(key))
+        with diskcache.Cache(str(shared), disk=data_disk(), **DISKCACHE_SETTINGS) as db:
+            assert db.pop(FORMAT) == 3  # the old main left no mark
+            values = {k: db.pop(k) for k in list(db)}
+        with diskcache.Cache(str(shared), **DISKCACHE_SETTINGS) as db:  # pickles
+            assert values and all(isinstance(k, bytes) for k in values)
+            for k, value in values.items():  # rewritten as the old main wrote them
+                _, fp, content_hash = k.decode().split("\0")
+                db.set((fp, content_hash), value)
             assert all(isinstance(k, tuple) for k in db)
         shutil.copytree(tmp_path / "a", tmp_path / "b")
         res = analyze(tmp_path / "b", "--provider", "fake", env=env)
         assert res.rc == 0 and res.records[0]["cached"] is True
         assert calls(log) == [34]  # nothing requested again
+        with sqlite3.connect(shared / "cache.db") as conn:
+            rows = conn.execute("SELECT raw, mode FROM Cache").fetchall()
+        assert rows and all(raw == 1 and mode in (1, 5) for raw, mode in rows)  # no pickle
 
     def test_results_are_rows_diskcache_itself_reads_and_counts(self, tmp_path: Path) -> None:
         import diskcache
 
         from imgbatch.hashcache import DISKCACHE_SETTINGS
         from imgbatch.results import ResultStore, key
+        from imgbatch.statedb import data_disk
 
         first = {"status": "ok", "result": {"tags": ["a"]}}
         with ResultStore(tmp_path / "r") as store:
             assert store.put_many([(("fp1", "h1"), first), (("fp1", "h2"), {"x": 1})]) == 2
             assert store.put_many([(("fp1", "h1"), {"status": "ok", "again": True})]) == 1
             assert len(store) == 2 and store.get("fp1", "h2") == {"x": 1}
-        with diskcache.Cache(str(tmp_path / "r"), **DISKCACHE_SETTINGS) as db:
+        with diskcache.Cache(str(tmp_path / "r"), disk=data_disk(), **DISKCACHE_SETTINGS) as db:
             assert db.get(key("fp1", "h1")) == {"status": "ok", "again": True}
             assert len(db) == 3  # the two results and the format mark
             assert db.volume() > 0 and db.check() == []  # consistent as diskcache sees it
@@ -247,9 +257,10 @@ def test_a_format_1_checkpoint_is_migrated_and_nothing_is_requested_again(
     assert "checkpoint upgraded: 5 result(s) moved" in res.stderr
     assert res.records == [] and calls(log) == []  # every item was done: nothing to do
     with Checkpoint(state, create=False) as cp:
-        assert cp.format == 2
+        assert cp.format == 3
         keys = list(cp._db.iterkeys())
-        assert not [k for k in keys if isinstance(k, tuple) and k[0] == b"result"]
+        assert keys and all(isinstance(k, bytes) for k in keys)  # plain data only
+        assert not [k for k in keys if k.startswith(b"result")]
     # the results now serve any tree with the same content, with no request
     shutil.copytree(legacy_tree / "photos", tmp_path / "copy")
     copy = analyze(tmp_path / "copy", "--provider", "fake", env=fake(log))

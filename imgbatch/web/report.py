@@ -148,7 +148,7 @@ class Report:
     # -- the document --------------------------------------------------------------
 
     def _html(self) -> Iterator[str]:
-        with open_checkpoint(self.state) as cp, ResultStore(self.results) as store:
+        with open_checkpoint(self.state) as cp, ResultStore(self.results, readonly=True) as store:
             cp.results = store
             root = cp.root() or ""
             runs = cp.runs()
