@@ -18,21 +18,23 @@ import json
 import logging
 import os
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Collection, Generator, Iterator, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from imgbatch.config import Settings, load_settings, state_dir
-from imgbatch.errors import UsageError, WaitInterrupted
+from imgbatch.errors import ExitCode, ImgbatchError, UsageError, WaitInterrupted
 from imgbatch.hashcache import HashCache
-from imgbatch.output import JsonlSink, OutputClosed, Progress
+from imgbatch.output import JsonlSink, OutputClosed, Progress, human_bytes, human_duration
 from imgbatch.records import FileRecord
 from imgbatch.scanner import Scanner, batched, check_root
 
 if TYPE_CHECKING:
     from imgbatch.pipeline import RunOptions
+    from imgbatch.signals import Signals
 
 __all__ = ["Records", "analyze", "scan", "scan_batches"]
 
@@ -522,6 +524,78 @@ class _ProgressEvents(Progress):
         **extra: Any,
     ) -> None:
         self._channel.put("progress", (done, total, failed))
+
+
+# -- the commands' runs: what `imgbatch scan` and `imgbatch analyze` do --------------
+
+
+class Done(NamedTuple):
+    """How a command's run ended: its summary lines (for stderr) and its exit code."""
+
+    lines: list[str]
+    exit_code: int
+
+
+def run_scan(root: str, settings: Settings, show_progress: bool = True) -> Done:
+    """`imgbatch scan`: ROOT's records on stdout (whole lines only), progress on stderr."""
+    from imgbatch.scanner import run_scan as scan_tree
+
+    start = time.monotonic()
+    sink = JsonlSink(flush_every=settings.batch_size, whole_lines=True)
+    with Progress("files", settings.log_every, enabled=show_progress) as progress:
+        try:
+            stats = scan_tree(root, settings, sink, progress, state_dir(root, settings))
+        finally:
+            _close_quietly(sink.close)
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(stats.skipped.items()))
+    line = (
+        f"scanned {stats.files:,} files ({human_bytes(stats.bytes)}) in "
+        f"{human_duration(time.monotonic() - start)}; {stats.errors:,} errors; "
+        f"{stats.skipped_total:,} skipped{f' ({skipped})' if skipped else ''}; "
+        f"read {human_bytes(stats.bytes_read)}, {stats.cache_hits:,} from the hash cache"
+    )
+    return Done([line], int(ExitCode.ITEM_FAILURES if stats.errors else ExitCode.OK))
+
+
+def run_analyze(
+    root: str,
+    settings: Settings,
+    signals: Signals,
+    *,
+    wait: bool = False,
+    show_progress: bool = True,
+    **run: Any,
+) -> Done:
+    """`imgbatch analyze`: the records on stdout, progress on stderr; `run` holds the
+    run options (`pipeline.RunOptions`). From its start a signal stops intake gracefully
+    (`signals.stop`); the caller exits with `signals.exit_code` when one came."""
+    from imgbatch.pipeline import RunOptions, analyze_root, summary_lines
+
+    if run.get("batch_wait") and not run.get("batch"):
+        raise UsageError("--batch-wait goes with --batch")
+    options = RunOptions(**run)
+    # lines go out in groups: at least before every commit (one by one for a remote
+    # provider, every 100 ms for the offline analyzer's thousands a second); a file
+    # keeps whole lines only (a full disk leaves no half record for `>>` to glue onto)
+    sink = JsonlSink(flush_every=100, max_delay=0.1, whole_lines=True)
+    signals.graceful = True  # from now on a signal stops intake; in-flight items finish
+    limit = options.limit
+    with Progress("images", settings.log_every, limit, enabled=show_progress) as progress:
+        try:
+            summary, scanned = analyze_root(
+                root, settings, options, sink, progress, signals.stop, wait=wait
+            )
+        finally:
+            _close_quietly(sink.close)
+    code = ExitCode.ITEM_FAILURES if summary.failed else ExitCode.OK
+    return Done(list(summary_lines(summary, scanned)), int(code))
+
+
+def _close_quietly(close: Callable[[], None]) -> None:
+    try:
+        close()
+    except (OutputClosed, ImgbatchError, OSError):
+        pass  # already failing: the first error is the one to report
 
 
 # -- options -----------------------------------------------------------------------

@@ -46,15 +46,27 @@ class Settings:
     all_files: bool = _s(False, "scan", "list every file, not only image extensions")
     include_hidden: bool = _s(False, "scan", "descend into hidden files and folders")
     follow_symlinks: bool = _s(False, "scan", "follow symlinks (each folder visited once)")
-    exclude: tuple[str, ...] = _s((), "scan", "glob patterns to leave out")
+    exclude: tuple[str, ...] = _s(
+        (),
+        "scan",
+        "glob patterns to leave out (repeatable): with '/', against the path relative to "
+        "ROOT; without, against any basename",
+    )
     hash: bool = _s(True, "scan", "hash file contents (xxh3-128)")
     hash_threads: int = _s(2, "scan", "threads hashing large files")
     hash_procs: int = _s(0, "scan", "processes hashing small files (scan); 0 = one per core")
     hash_cache: bool = _s(True, "scan", "reuse hashes of unchanged files")
     # [analyze]
-    provider: str = _s("auto", "analyze", "auto | local | gemini | openai | ollama")
+    provider: str = _s(
+        "auto",
+        "analyze",
+        "auto | local | gemini | openai | ollama; auto picks gemini only when a key is "
+        "configured for imgbatch, and never openai or ollama",
+    )
     workers: int = _s(4, "analyze", "threads analysing images (dask: local worker processes)")
-    executor: str = _s("local", "analyze", "local (threads) | dask (a Dask cluster)")
+    executor: str = _s(
+        "local", "analyze", "local (threads) | dask (a Dask cluster; pip install 'imgbatch[dask]')"
+    )
     dask_scheduler: str = _s(
         "", "analyze", "address of a Dask scheduler to join; '' = a LocalCluster here"
     )
@@ -168,6 +180,26 @@ def env_var(name: str) -> str:
 
 
 _BY_FILE_KEY = {file_key(name): name for name in _FIELDS}
+
+PROVIDERS = ("gemini", "openai", "ollama")  # the providers with settings of their own
+
+
+def provider_settings(name: str) -> list[str]:
+    """The settings an option of whichever provider runs sets (`model`: gemini_model,
+    openai_model, ollama_model); [] for a setting's own name or anything else."""
+    if name in _FIELDS:
+        return []
+    return [f"{p}_{name}" for p in PROVIDERS if f"{p}_{name}" in _FIELDS]
+
+
+def every_provider(options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` with each provider option (`model`, `base_url`, ...) given as the setting
+    of every provider that has it (only the one that runs reads its own); other names
+    as they are. Shared by `analyze`'s flags and `serve`'s run options."""
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        out.update(dict.fromkeys(provider_settings(name) or [name], value))
+    return out
 
 
 def _coerce(name: str, value: Any, origin: str) -> Any:

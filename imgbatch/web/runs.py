@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imgbatch.checkpoint import Checkpoint
-from imgbatch.config import Settings, load_settings, results_dir, state_dir
+from imgbatch.config import every_provider, load_settings, results_dir, state_dir
 from imgbatch.errors import ExitCode, ImgbatchError, LockHeldError
 from imgbatch.lockfile import holder
 from imgbatch.records import utf8_clean
@@ -88,15 +88,7 @@ class StartError(Exception):
 def api_options(options: dict[str, Any]) -> dict[str, Any]:
     """A client's options as `imgbatch.analyze` takes them: `model` sets the model of
     whichever provider runs (gemini_model, openai_model, ollama_model)."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(Settings)}
-    out = {k: v for k, v in options.items() if k not in ("model", "provider")}
-    if "model" in options:
-        for section in ("gemini", "openai", "ollama"):
-            if f"{section}_model" in names:
-                out[f"{section}_model"] = options["model"]
-    return out
+    return every_provider({k: v for k, v in options.items() if k != "provider"})
 
 
 def record_key(rec: dict[str, Any], root: str) -> tuple[str, str]:
