@@ -33,6 +33,7 @@ import base64
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,13 +291,18 @@ class GeminiBatch:
 
     def download(self, file_name: str, key: str, destination: Path) -> None:
         """Stream a results file to `destination`; NotFound while it cannot be
-        downloaded (a job has been seen SUCCEEDED before its results file was)."""
-        self._call(
-            "downloading the results",
-            self._index(key),
-            lambda c: c.files.download(file=file_name, destination=str(destination)),
-            not_found=True,
-        )
+        downloaded (a job has been seen SUCCEEDED before its results file was). The file
+        is created owner-only (it holds every description) and never through a link."""
+        index = self._index(key)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(destination, flags, 0o600), "wb") as out:
+            os.fchmod(out.fileno(), 0o600)  # an older file of the same name may be wider
+            self._call(
+                "downloading the results",
+                index,
+                lambda c: c.files.download(file=file_name, destination=out),
+                not_found=True,
+            )
 
     def delete_file(self, file_name: str, key: str) -> None:
         """Delete an input file (Files API storage is capped per project); best effort:
