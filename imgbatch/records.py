@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from imgbatch.errors import ErrorCode
-from imgbatch.hashjob import is_clean as is_clean  # the JSON form of records uses it too
-from imgbatch.hashjob import iso_seconds
+from imgbatch.jsontext import is_clean as is_clean  # the scan's fast lines use it too
+from imgbatch.jsontext import iso_seconds
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+#: strict JSON: NaN and Infinity, which Python writes by default, are refused (ValueError)
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _quote: Callable[[str], str] = json.encoder.encode_basestring
 
 
@@ -130,9 +132,25 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def json_line(obj: Any) -> bytes:
-    """`obj` as one strict-UTF-8 JSON line; any lone surrogate becomes U+FFFD."""
-    text = _dumps(obj)
+    """`obj` as one strict-UTF-8 JSON line; any lone surrogate becomes U+FFFD, and any
+    NaN or Infinity null (the providers refuse answers holding them: this is the last
+    line of defence, so that no strict JSON parser ever rejects a line)."""
+    try:
+        text = _dumps(obj)
+    except ValueError:
+        obj = _finite(obj)
+        text = _dumps(obj)
     try:
         return (text + "\n").encode("utf-8")
     except UnicodeEncodeError:

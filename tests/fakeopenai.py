@@ -213,10 +213,12 @@ class FakeOpenAI:
         hang_seconds: float = 30.0,
         responder: Responder | None = None,
         host: str = "127.0.0.1",
+        prefix: str = "",
     ) -> None:
         """``keys``: the valid bearer keys (openai: None accepts any non-empty key;
         llamacpp: None asks for none). ``models``: the models served (None: any).
-        ``quota=(n, seconds)``: n accepted requests per sliding window."""
+        ``quota=(n, seconds)``: n accepted requests per sliding window. ``prefix``: a
+        path before ``/v1`` (a proxy's, e.g. ``/token/SECRET``), part of ``base_url``."""
         if dialect not in DIALECTS:
             raise ValueError(f"dialect must be one of {DIALECTS}")
         self.dialect = dialect
@@ -228,6 +230,7 @@ class FakeOpenAI:
         self._hang_seconds = hang_seconds
         self._responder = responder
         self._host = host
+        self._prefix = prefix.rstrip("/")
         self._loading_until = 0.0
         self._window: collections.deque[float] = collections.deque()
         self._script: collections.deque[_Action] = collections.deque()
@@ -292,8 +295,8 @@ class FakeOpenAI:
 
     @property
     def base_url(self) -> str:
-        """``http://127.0.0.1:PORT/v1``: the SDK's base_url."""
-        return self.url + "/v1"
+        """``http://127.0.0.1:PORT/v1`` (the prefix before ``/v1``): the SDK's base_url."""
+        return self.url + self._prefix + "/v1"
 
     # ---------------------------------------------------------------- behaviour
 
@@ -414,7 +417,8 @@ class FakeOpenAI:
                 loading = self.dialect == "llamacpp" and time.monotonic() < self._loading_until
             if loading:
                 return self._error(503, "Loading model", "unavailable_error", "loading")
-            if h.command != "POST" or h.path.split("?")[0].rstrip("/") != "/v1/chat/completions":
+            route = self._prefix + "/v1/chat/completions"
+            if h.command != "POST" or h.path.split("?")[0].rstrip("/") != route:
                 return self._no_route(h)
             self._check_key(rec)
             self._parse(rec, raw)

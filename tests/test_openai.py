@@ -259,7 +259,7 @@ def test_a_rejected_key_stops_the_run_with_exit_5_and_is_never_shown(
     res = analyze(server, photos, "--workers", "2", "--verbose", key=wrong)
     assert res.rc == 5
     assert res.records == []
-    assert f"{server.base_url} rejected the API key (401 invalid_api_key)" in res.stderr
+    assert f"{server.url} rejected the API key (401 invalid_api_key)" in res.stderr
     assert len(server.requests) <= 2
     # the server echoed the whole key in its message: it reached no output
     assert wrong not in res.stderr and wrong.encode() not in res.stdout
@@ -329,7 +329,7 @@ def test_a_server_that_cannot_be_reached_stops_the_run_with_one_line(photos: Pat
     )
     assert res.rc == 5 and res.records == []
     errors = [line for line in res.stderr.splitlines() if "error" in line]
-    assert errors == [f"imgbatch: error: cannot reach {url}: is the server running?"]
+    assert errors == [f"imgbatch: error: cannot reach {url[:-3]}: is the server running?"]
 
 
 # -- several endpoints -------------------------------------------------------------------
@@ -410,7 +410,7 @@ def test_ollama_that_is_not_running_stops_the_run_with_one_line(photos: Path) ->
         env={"OLLAMA_HOST": f"127.0.0.1:{port}"},
     )
     assert res.rc == 5 and res.records == []
-    assert f"cannot reach http://127.0.0.1:{port}/v1: is the server running?" in res.stderr
+    assert f"cannot reach http://127.0.0.1:{port}: is the server running?" in res.stderr
 
 
 def test_ollama_dry_run_needs_no_server(photos: Path) -> None:

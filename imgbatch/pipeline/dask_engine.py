@@ -9,6 +9,10 @@ see ROOT at the same path (a shared filesystem; checked on a worker at start):
   original file's bytes), and the driver sends it through its one shared limiter and
   key pool, from a few threads of its own.
 
+A LocalCluster's workers inherit no secret from the environment (API keys, tokens,
+base URLs, which may carry a credential: see `SECRET_VARIABLES`): they are withheld
+while its processes start, and a worker the nanny starts again later drops them first.
+
 `distributed.Client.get_executor()` is a real `concurrent.futures.Executor`, so the
 loop in `run.py` treats this engine as it treats local threads. A worker that dies
 loses nothing: Dask runs its tasks again elsewhere. A lost scheduler stops the run.
@@ -37,8 +41,30 @@ log = logging.getLogger("imgbatch")
 
 PIP = "pip install 'imgbatch[dask]'"
 CONNECT_TIMEOUT = 20  # seconds to reach a scheduler, and to reconnect before giving up
+#: the environment variables a LocalCluster's workers never see, beside the IMGBATCH_
+#: ones of keys (`*API_KEY*`), tokens (`*_TOKEN`) and URLs that may carry a credential
+SECRET_VARIABLES = frozenset({"GEMINI_API_KEY", "GOOGLE_API_KEY", "OPENAI_API_KEY"})
+_environ_lock = threading.Lock()  # one LocalCluster starts at a time (os.environ is shared)
+
+
+def is_secret_variable(name: str) -> bool:
+    """Whether the environment variable `name` may hold a secret kept from workers."""
+    return name in SECRET_VARIABLES or (
+        name.startswith("IMGBATCH_")
+        and ("API_KEY" in name or name.endswith(("_TOKEN", "_BASE_URL")))
+    )
+
 
 # -- on the workers --------------------------------------------------------------------
+
+
+def dask_setup(worker: Any) -> None:
+    """A LocalCluster worker's preload (this module): drop the secrets from its
+    environment before it runs a task. A worker started with the cluster never had them;
+    one the nanny starts again later (after a crash) inherits the driver's environment
+    as it is then."""
+    for name in [n for n in os.environ if is_secret_variable(n)]:
+        del os.environ[name]
 
 
 def prepare_on_worker(path: str, content_hash: str, max_side: int, encoder: Any) -> Any:
@@ -74,19 +100,29 @@ class DaskEngine:
         self.analyzer = analyzer
         self.provider = analyzer.provider
         self.settings = settings
-        self._worker_settings = settings.key_free()
+        # nor the base URLs, which may carry a credential (`?key=...`): no worker needs one
+        self._worker_settings = settings.key_free().replace(
+            openai_base_url=(), ollama_base_url=(), gemini_base_url=""
+        )
         self._cluster: Any = None
         try:
             if address:
                 self._client = distributed.Client(address, timeout=CONNECT_TIMEOUT)
             else:
-                with _sigint_ignored():  # inherited by the worker processes it spawns
+                preload = importlib.import_module("dask").config.get(
+                    "distributed.worker.preload", []
+                )
+                if isinstance(preload, str):  # one module named alone
+                    preload = [preload]
+                # both inherited by the worker processes it spawns
+                with _sigint_ignored(), _secrets_withheld():
                     self._cluster = distributed.LocalCluster(
                         n_workers=settings.workers,
                         threads_per_worker=1,
                         processes=True,
                         dashboard_address=None,
                         silence_logs=logging.CRITICAL,
+                        preload=[*preload, __name__],
                     )
                 self._client = distributed.Client(self._cluster, timeout=CONNECT_TIMEOUT)
         except OSError as exc:  # TimeoutError included: no scheduler at that address
@@ -203,6 +239,22 @@ def _sigint_ignored() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def _secrets_withheld() -> Iterator[None]:
+    """The secret variables (`is_secret_variable`) out of this process's environment
+    while a LocalCluster spawns its workers, which inherit it: none of its processes
+    starts with an API key. The driver's provider holds its keys already; the variables
+    are back as they were as soon as the workers are up."""
+    with _environ_lock:
+        withheld = {n: v for n, v in os.environ.items() if is_secret_variable(n)}
+        for name in withheld:
+            del os.environ[name]
+        try:
+            yield
+        finally:
+            os.environ.update(withheld)
 
 
 def quiet(level: int) -> None:

@@ -4,6 +4,10 @@ A provider turns one prepared image into an analysis. It raises `ItemError` for 
 failure of that item (the pipeline records it and goes on), `Failover` for a failure of
 one request that another request may avoid at once (another API key), and an
 `ImgbatchError` for a failure of the run (every key rejected, the day's quota gone).
+
+Also what identifies a result's settings (`fingerprint_id`, `endpoint_identity`) and what
+a message may say of an endpoint's URL (`origin`) or must scrub from a server's text
+(`url_secrets`).
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from imgbatch.errors import ErrorCode, ItemError, UsageError
 
@@ -149,3 +154,57 @@ def fingerprint_id(parts: Mapping[str, Any]) -> str:
     """A short stable id of the settings that change a result."""
     canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# -- endpoints: what may be said of a URL, and what identifies it --------------------------
+
+#: the shortest path segment or query value scrubbed from a server's text: shorter ones
+#: ("v1", "api") are words, not credentials, and scrubbing them would garble messages
+SECRET_MIN = 6
+
+
+def origin(url: str) -> str:
+    """A URL as a message may name it: scheme, host and port only. The user, path and
+    query are left out: any of them may carry a credential (`?key=...`, `/token/.../v1`)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:  # not a number: say nothing of it
+        port = None
+    return f"{parts.scheme}://{host}" + ("" if port is None else f":{port}")
+
+
+def url_secrets(url: str) -> list[str]:
+    """The parts of `url` that may carry a credential, to scrub from any text a server
+    sends back (a 404 that echoes the path it was asked for): the password, the path,
+    its segments and the query's values of SECRET_MIN characters or more, the query."""
+    parts = urlsplit(url)
+    found = [parts.password or "", parts.query, parts.path.strip("/")]
+    found += parts.path.split("/")
+    found += [value for _, value in parse_qsl(parts.query, keep_blank_values=True)]
+    found += [unquote(text) for text in found]
+    return sorted({s for s in found if len(s) >= SECRET_MIN}, key=len, reverse=True)
+
+
+def endpoint_identity(urls: Iterable[str]) -> str:
+    """One hash for the endpoints a run sends its requests to, whatever their order (a
+    pool shares one identity): the scheme, host, port (the scheme's default when none is
+    given) and path of each URL; never its user or query. It goes into a result's
+    fingerprint, so that a result of one server is never served for another's model of
+    the same name; only the hash is kept, never the URLs."""
+    ids = set()
+    for url in urls:
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if port is None:
+            port = {"http": 80, "https": 443}.get(parts.scheme)
+        path = parts.path.rstrip("/")
+        ids.add(f"{parts.scheme}://{parts.hostname or ''}:{port}{path}")
+    canonical = json.dumps(sorted(ids), separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()

@@ -3,7 +3,8 @@
 Every failure is classified here, and nowhere else:
 - per item (`ItemError`): TIMEOUT, NETWORK_ERROR (transport exceptions: the SDK's
   retries are off and it wraps none of them), RATE_LIMIT (429, with the server's retry
-  delay), AI_ERROR (5xx; an answer that is empty or not the JSON asked for), BLOCKED
+  delay), AI_ERROR (5xx; an answer that is empty, not strict JSON, or not of the schema
+  asked for, checked here as the OpenAI-compatible provider checks it), BLOCKED
   (a blocked prompt or answer; never retried), AI_ERROR not retried (another 400);
 - per request (`Failover`): a rejected key, or a key whose project's daily quota is
   used up, leaves the pool; a key answered 429 cools down; while another key is ready,
@@ -11,7 +12,8 @@ Every failure is classified here, and nowhere else:
 - per run: no key left; QuotaExhaustedError if any key left for the daily quota (a
   429 whose QuotaFailure names a PerDay quota: the next run resumes), AuthError if every
   key was rejected; an unknown model is a configuration error.
-API keys never appear in messages: any text taken from an answer is scrubbed of them.
+API keys never appear in messages: any text taken from an answer is scrubbed of them
+(and of what in a `--base-url` may be a credential: its path, query, password).
 """
 
 from __future__ import annotations
@@ -39,9 +41,15 @@ from imgbatch.errors import (
     QuotaExhaustedError,
 )
 from imgbatch.imaging import PreparedImage, encode_for_upload, estimate_tokens, upload_and_tokens
-from imgbatch.providers.base import Analysis, Failover
+from imgbatch.providers.base import Analysis, Failover, url_secrets
 from imgbatch.providers.pool import DAILY_QUOTA, REJECTED, KeyPool, OnEmpty
-from imgbatch.providers.prompt import DEFAULT_SCHEMA, load_prompt, load_schema
+from imgbatch.providers.prompt import (
+    DEFAULT_SCHEMA,
+    load_prompt,
+    load_schema,
+    loads_strict,
+    validate,
+)
 
 try:  # the SDK also uses plain httpx when it is installed
     import httpx
@@ -122,12 +130,16 @@ class GeminiProvider:
                 "[gemini] api_keys in the config file"
             )
         self.settings = settings
-        self.pool = KeyPool(
-            keys, _exhausted(len(keys)), lambda i: f"Gemini API key {i + 1} of {len(keys)}"
-        )
         # settings hold IMGBATCH_GEMINI_BASE_URL already, under --base-url; `env` serves callers
         # that build Settings themselves
         self.base_url = settings.gemini_base_url or env.get("IMGBATCH_GEMINI_BASE_URL", "")
+        secrets = [*keys, *(url_secrets(self.base_url) if self.base_url else [])]
+        self.pool = KeyPool(
+            keys,
+            _exhausted(len(keys)),
+            lambda i: f"Gemini API key {i + 1} of {len(keys)}",
+            secrets=sorted(set(secrets), key=len, reverse=True),
+        )
         self._model = settings.gemini_model
         self.prompt = load_prompt(settings.gemini_prompt, settings.gemini_prompt_file)
         self.json_schema = load_schema(settings.gemini_schema)
@@ -293,8 +305,8 @@ class GeminiProvider:
         text = resp.text
         if not text:
             raise ItemError(ErrorCode.AI_ERROR, f"empty answer (finish reason {reason or '?'})")
-        try:
-            result = json.loads(text)
+        try:  # strictly: NaN or Infinity would make a line no strict parser reads
+            result = loads_strict(text)
         except ValueError:
             raise ItemError(
                 ErrorCode.AI_ERROR,
@@ -303,6 +315,10 @@ class GeminiProvider:
             ) from None
         if not isinstance(result, dict):
             raise ItemError(ErrorCode.AI_ERROR, "the answer is not a JSON object")
+        # the server is asked for the schema; its answer is checked all the same
+        error = validate(result, self.json_schema or DEFAULT_SCHEMA)
+        if error:
+            raise ItemError(ErrorCode.AI_ERROR, f"the answer does not match the schema: {error}")
         usage = resp.usage_metadata
         return Analysis(
             result,

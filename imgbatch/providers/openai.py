@@ -16,9 +16,10 @@ healthy one (`Failover`).
 
 Every failure is classified here, and nowhere else:
 - per item (`ItemError`): TIMEOUT, NETWORK_ERROR (connection reset, or refused once some
-  endpoint has answered), AI_ERROR (5xx; an answer that is not the JSON asked for or not
-  of its schema), RATE_LIMIT (429 with the delay of `retry-after-ms`, `retry-after` or
-  `x-ratelimit-reset-*`; a 503 while the model loads is waited out the same way),
+  endpoint has answered), AI_ERROR (5xx; an answer that is not strict JSON, NaN or
+  Infinity included, or not of its schema), RATE_LIMIT (429 with the delay of
+  `retry-after-ms`, `retry-after` or `x-ratelimit-reset-*`; a 503 while the model loads
+  is waited out the same way),
   BLOCKED (a refusal or a content filter; never retried), AI_ERROR not retried (another
   4xx);
 - per request (`Failover`): a rejected key or a spent quota takes the endpoint out of the
@@ -28,7 +29,13 @@ Every failure is classified here, and nowhere else:
   ...: is the server running?"), every endpoint rejecting the key (AuthError), OpenAI's
   quota spent (`insufficient_quota`: QuotaExhaustedError), an unknown model or a wrong
   URL (404: ConfigError, with `ollama pull MODEL` for Ollama).
-API keys never appear in messages: any text taken from an answer is scrubbed of them.
+API keys, and what in a base URL may be a credential (a password, the path, the query),
+never appear in messages: a server is named by scheme, host and port only, and any text
+taken from an answer is scrubbed of them.
+
+The fingerprint of a result holds the identity of the endpoints (base.endpoint_identity),
+so that another server's model of the same name is never taken for this one's; OpenAI's
+own API and Ollama keep the fingerprints they had before.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import httpx2
 import openai
@@ -61,9 +68,21 @@ from imgbatch.errors import (
     QuotaExhaustedError,
 )
 from imgbatch.imaging import PreparedImage, encode_for_upload
-from imgbatch.providers.base import Analysis, Failover
+from imgbatch.providers.base import (
+    Analysis,
+    Failover,
+    endpoint_identity,
+    origin,
+    url_secrets,
+)
 from imgbatch.providers.pool import DAILY_QUOTA, REJECTED, KeyPool
-from imgbatch.providers.prompt import DEFAULT_JSON_SCHEMA, load_prompt, load_schema, validate
+from imgbatch.providers.prompt import (
+    DEFAULT_JSON_SCHEMA,
+    load_prompt,
+    load_schema,
+    loads_strict,
+    validate,
+)
 
 log = logging.getLogger("imgbatch")
 
@@ -193,23 +212,20 @@ def _json_object(text: str) -> Any:
         candidates.append(text[start : end + 1])
     for candidate in candidates:
         try:
-            return json.loads(candidate)
-        except ValueError:
+            return loads_strict(candidate)
+        except ValueError:  # NaN and Infinity included: no strict parser would read them
             continue
     return None
 
 
-def _shown(url: str) -> str:
-    """A URL for messages: without any user:password part."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+def _shown(urls: list[str]) -> list[str]:
+    """The endpoints as messages name them: scheme, host and port only (the path or
+    query may carry a credential), numbered where two share a host and port."""
+    names = [origin(url) for url in urls]
+    return [
+        f"{name} (endpoint {i + 1})" if names.count(name) > 1 else name
+        for i, name in enumerate(names)
+    ]
 
 
 def _official(url: str) -> bool:
@@ -256,10 +272,13 @@ class OpenAIProvider:
         self.timeout: float = self._setting("timeout")
         urls = self._base_urls(env)
         keys = [self._key(url, env) for url in urls]
-        self._secrets = sorted({k for k in keys if k and k != NO_KEY}, key=len, reverse=True)
+        # keys, and what in a URL may be a credential (a server may echo its path)
+        secrets = {k for k in keys if k and k != NO_KEY}
+        secrets.update(s for url in urls for s in url_secrets(url))
+        self._secrets = sorted(secrets, key=len, reverse=True)
         self._endpoints = [
-            _Endpoint(url, _shown(url), self._client(url, key), _official(url))
-            for url, key in zip(urls, keys, strict=True)
+            _Endpoint(url, shown, self._client(url, key), _official(url))
+            for url, shown, key in zip(urls, _shown(urls), keys, strict=True)
         ]
         self.pool = KeyPool(
             [e.shown for e in self._endpoints],
@@ -285,9 +304,15 @@ class OpenAIProvider:
             url = url.strip().rstrip("/")
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
+                # named by its scheme only: the rest of a URL may hold a credential
+                if parts.scheme in ("http", "https"):
+                    what = "one without a host"
+                elif "://" in url:
+                    what = f"a {parts.scheme}:// URL"
+                else:
+                    what = "one without its scheme"
                 raise ConfigError(
-                    f"[{self.section}] base_url must be http:// or https:// URLs, "
-                    f"not {_shown(url)!r}"
+                    f"[{self.section}] base_url must be http:// or https:// URLs, not {what}"
                 )
             out.append(url)
         if not out:
@@ -312,9 +337,13 @@ class OpenAIProvider:
         return NO_KEY
 
     def _client(self, url: str, key: str) -> openai.OpenAI:
+        # a query (a gateway's `?key=...`, Azure's `?api-version=...`) is sent with every
+        # request: the SDK would glue the route onto it if left in the base URL
+        parts = urlsplit(url)
         return openai.OpenAI(
             api_key=key,
-            base_url=url,
+            base_url=urlunsplit(parts._replace(query="", fragment="")),
+            default_query=dict(parse_qsl(parts.query, keep_blank_values=True)) or None,
             timeout=self.timeout,
             max_retries=0,  # retries are the pipeline's
             # an explicit Authorization: the SDK then drops one taken from the environment
@@ -328,7 +357,7 @@ class OpenAIProvider:
 
     def fingerprint(self) -> dict[str, Any]:
         s = self.settings
-        return {
+        parts = {
             "model": self._model,
             "prompt": self.prompt,
             "schema": self.schema,
@@ -338,6 +367,19 @@ class OpenAIProvider:
             "max_output_tokens": self._setting("max_output_tokens"),
             "upload": [s.upload_format, s.upload_quality],
         }
+        identity = self._endpoint_identity()
+        if identity is not None:
+            parts["endpoint"] = identity
+        return parts
+
+    def _endpoint_identity(self) -> str | None:
+        """What tells this run's servers from others that call a model by the same name
+        (a llama.cpp server's `gpt-4.1-mini` is not OpenAI's): a hash of their URLs, one
+        for the pool. OpenAI's own API needs none, and keeps the fingerprint it had
+        before there was one (its stored results stay valid)."""
+        if all(e.official for e in self._endpoints):
+            return None
+        return endpoint_identity(e.url for e in self._endpoints)
 
     def estimate_tokens(self, image: PreparedImage) -> int:
         w, h = image.image.size
@@ -412,8 +454,8 @@ class OpenAIProvider:
                 index, ErrorCode.NETWORK_ERROR, f"network error: {cause}{self._at(ep)}"
             ) from None
         self._answered = True
-        try:
-            body = raw.http_response.json()
+        try:  # strictly: a NaN or Infinity anywhere makes an answer of no use
+            body = loads_strict(raw.http_response.content)
         except ValueError:
             raise self._transient(
                 index, ErrorCode.AI_ERROR, f"the server's answer is not JSON{self._at(ep)}"
@@ -509,7 +551,9 @@ class OpenAIProvider:
             if delay is not None:
                 delay = min(delay, wait)
             return ItemError(ErrorCode.RATE_LIMIT, text, retry_after=delay)
-        if code == 400 and not ep.settled:
+        # a 400 to a request sent in a form the endpoint has left since (another thread
+        # learnt it refuses json_schema, and has perhaps been answered since) is sent again
+        if code == 400 and (not ep.settled or mode != ep.json_mode):
             return self._bad_request(ep, mode, text)
         if code == 408:
             return self._transient(index, ErrorCode.TIMEOUT, text)
@@ -540,8 +584,8 @@ class OpenAIProvider:
         if "model" in message.lower():
             return f"model {self._model!r} not found at {ep.shown} ({text}){self._pull_hint()}"
         return (
-            f"{ep.shown}/chat/completions not found ({text}): check the base_url "
-            "(it usually ends in /v1)"
+            f"{ep.shown} has no chat completions at the base URL ({text}): check the "
+            "base_url (it usually ends in /v1)"
         )
 
     def _pull_hint(self) -> str:
@@ -628,6 +672,9 @@ class OllamaProvider(OpenAIProvider):
 
     def _key(self, url: str, env: Mapping[str, str]) -> str:
         return NO_KEY  # Ollama asks for none; no configured key is ever sent to it
+
+    def _endpoint_identity(self) -> str | None:
+        return None  # as before endpoints were told apart: Ollama's results stay valid
 
     def _hint(self) -> str:
         return " (start it with `ollama serve`; OLLAMA_HOST says where it listens)"

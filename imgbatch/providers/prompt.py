@@ -2,12 +2,14 @@
 
 The built-in prompt and schema (description, tags, objects, colors, mood, text) are shared
 by the Gemini and the OpenAI-compatible providers, so both give the same records.
-`validate` checks an answer against a JSON Schema where the server does not enforce it.
+`loads_strict` reads an answer as a strict JSON parser would, and `validate` checks it
+against a JSON Schema where the server does not enforce it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,24 @@ def load_schema(path: str) -> dict[str, Any] | None:
     if not isinstance(schema, dict):
         raise ConfigError(f"the JSON Schema in {path} is not an object")
     return schema
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999: a number no strict parser or writer keeps
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def loads_strict(text: str | bytes) -> Any:
+    """`text` as JSON, read strictly: Python's `json` takes NaN, Infinity and -Infinity
+    (and reads 1e999 as infinity), which no strict JSON parser accepts and no output of
+    ours may carry; here each is a ValueError, as any other invalid JSON."""
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite)
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
