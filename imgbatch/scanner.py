@@ -41,20 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from imgbatch import hashjob
+from imgbatch import hashcache, hashjob, listing, workerproto
 from imgbatch.config import Settings
 from imgbatch.cpus import SpareCores, cores
 from imgbatch.errors import ErrorCode, UsageError
-from imgbatch.hashcache import FolderHashes, HashCache
-from imgbatch.hashjob import (
-    CHUNK,
-    IMAGE_EXTENSIONS,
-    LARGE_FILE,
-    Done,
-    Large,
-    Segment,
-    Stamp,
-)
+from imgbatch.hashcache import FolderHashes, HashCache, Stamp
+from imgbatch.hashjob import CHUNK, LARGE_FILE, Done, Large, Segment
+from imgbatch.listing import IMAGE_EXTENSIONS
 from imgbatch.output import JsonlSink, Progress
 from imgbatch.records import FileRecord, error_record
 
@@ -67,6 +60,7 @@ __all__ = [
     "LARGE_FILE",
     "RACY_NS",
     "ScanStats",
+    "Schedule",
     "Scanner",
     "batched",
     "check_root",
@@ -84,6 +78,24 @@ QUEUED_PER_WORKER = 3  # jobs sent to a worker and not yet taken, at most
 #: a core is spare: on a busy machine they only add their overhead
 PROCS_AFTER = 1000
 PROCS_AFTER_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a walk cuts its jobs and hands them to worker processes. The defaults are
+    the tuned ones; tests pass small jobs, or workers that start at once."""
+
+    job_files: int = JOB_FILES
+    window_jobs: int = WINDOW_JOBS
+    worker_job_files: int = WORKER_JOB_FILES
+    procs_after: int = PROCS_AFTER
+    procs_after_seconds: float = PROCS_AFTER_SECONDS
+    #: whether to start the worker processes now, given the files done inline so far
+    #: (None: after procs_after files and procs_after_seconds, while a core is spare)
+    start_workers: Callable[[int], bool] | None = None
+    #: makes the pool of `n` worker processes (None: `Workers(n)`)
+    workers: Callable[[int], Workers] | None = None
+
 
 _SKIP_LINK, _SKIP_OTHER, _SKIP_VISITED = "symlink", "not a regular file", "folder already visited"
 
@@ -121,8 +133,8 @@ def batched(iterable: Iterable[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
-_errmsg, _stat_error = hashjob.errmsg, hashjob.stat_error
-RACY_NS = hashjob.RACY_NS
+_errmsg, _stat_error = listing.errmsg, listing.stat_error
+RACY_NS = hashcache.RACY_NS
 
 
 @dataclass
@@ -164,7 +176,7 @@ class _Node:
         self.rel = rel
         self.seg = seg
         self.opened = opened
-        self.ticket: _Ticket | None = None
+        self.ticket: Ticket | None = None
         self.done: hashjob.FolderDone | Done | None = None
         self.parts: list[bytes | FileRecord | Large | _Pending] = []
         self.rows: list[tuple[str, Stamp]] = []
@@ -196,6 +208,7 @@ class Scanner:
             since the last call, so a consumer can flush what it has buffered.
         procs: worker processes hashing small files, started once PROCS_AFTER files
             have gone by (0 or 1: none; `scan` passes --hash-procs).
+        schedule: how jobs are cut and handed to the worker processes (Schedule()).
     """
 
     def __init__(
@@ -205,6 +218,7 @@ class Scanner:
         hash_cache: HashCache | None = None,
         on_wait: Callable[[], None] | None = None,
         procs: int = 0,
+        schedule: Schedule | None = None,
     ) -> None:
         self.root = check_root(root)
         self.settings = settings
@@ -212,6 +226,7 @@ class Scanner:
         self._cache = hash_cache if settings.hash else None
         self._on_wait = on_wait
         self._procs = procs if procs > 1 else 0
+        self.schedule = schedule or Schedule()
         self._yielded = 0  # parts yielded so far
         self._yielded_at_wait = 0  # _yielded when on_wait was last called
         self._local = threading.local()
@@ -227,14 +242,14 @@ class Scanner:
     def _folders(self) -> Iterator[_Folder | FileRecord]:
         """Folders depth-first in sorted order, each with its selected files (no file
         is opened: `--no-hash`, and the count of files for progress)."""
-        listing, visited = self._listing(), self._visited()
+        how, visited = self._listing(), self._visited()
         skipped = self.stats.skipped
         stack: list[tuple[str, str]] = [(self.root, "")]
         while stack:
             path, rel = stack.pop()
             self._waiting()
             try:
-                found = hashjob.list_folder(path, rel, listing, keep_names=False)
+                found = listing.list_folder(path, rel, how, keep_names=False)
             except OSError as exc:
                 self.stats.errors += 1
                 yield error_record(path, ErrorCode.IO_ERROR, _errmsg(exc, "cannot list folder"))
@@ -253,7 +268,7 @@ class Scanner:
             yield _Folder(path, rel, found.names, found.exts)
             stack.extend(reversed(subdirs))
 
-    def _listing(self) -> hashjob.Listing:
+    def _listing(self) -> listing.Listing:
         s = self.settings
         return (s.follow_symlinks, s.include_hidden, s.all_files, tuple(s.exclude))
 
@@ -266,7 +281,7 @@ class Scanner:
         return {(st.st_dev, st.st_ino)}
 
     def _unvisited(
-        self, subfolders: list[hashjob.Subfolder], visited: set[tuple[int, int]]
+        self, subfolders: list[listing.Subfolder], visited: set[tuple[int, int]]
     ) -> Iterator[tuple[str, str]]:
         """The subfolders (path, rel) not visited yet, now marked; the others counted."""
         for path, rel, key in subfolders:
@@ -348,222 +363,268 @@ class Scanner:
         return FileRecord(path, size, st.st_mtime_ns, hexdigest, st.st_ino, st.st_ctime_ns), n
 
     def _hashed(self, lines: bool) -> Iterator[bytes | FileRecord]:
-        """Every record, in order: JSON lines (`lines`) or FileRecords.
+        """Every record, in order: JSON lines (`lines`) or FileRecords (see _Walk)."""
+        yield from _Walk(self, lines).run()
 
-        The walk is a stack of jobs in output order (`todo`, the next on top): a folder
-        to list (hashing its first files), or a further part of a folder listed before.
-        A job's result tells what comes next (its folder's other parts, then the
-        subfolders), so the top of the stack is always the next job in order; with
-        worker processes, the next few jobs on the stack are sent out ahead. Results
-        then go through a short window while their large files are hashed."""
-        s = self.settings
+
+class _Walk:
+    """One hashed walk of a Scanner, and the state it keeps while it runs.
+
+    The walk is a stack of jobs in output order (`todo`, the next on top): a folder to
+    list (hashing its first files), or a further part of a folder listed before. A
+    job's result tells what comes next (its folder's other parts, then the subfolders),
+    so the top of the stack is always the next job in order; with worker processes, the
+    next few jobs on the stack are sent out ahead. Results then go through a short
+    window while their large files are hashed; folders done in several parts wait in
+    `unstored` until their last part is written, then their cache entry is stored."""
+
+    def __init__(self, scanner: Scanner, lines: bool) -> None:
+        s = scanner.settings
+        self.scanner = scanner
+        self.lines = lines
+        self.schedule = schedule = scanner.schedule
+        self.stats = scanner.stats
         threads = s.hash_threads
-        pool = ThreadPoolExecutor(threads, "imgbatch-hash") if threads > 1 else None
-        stats, cache = self.stats, self._cache
-        follow = s.follow_symlinks
-        listing, visited = self._listing(), self._visited()
-        db = None
+        self.pool = ThreadPoolExecutor(threads, "imgbatch-hash") if threads > 1 else None
+        self.cache = cache = scanner._cache
+        self.follow = s.follow_symlinks
+        self.listing, self.visited = scanner._listing(), scanner._visited()
+        self.db: str | None = None
         if cache is not None:
             cache.flush()  # jobs read the database itself: what an earlier scan left too
-            db = cache.db_path
-        todo: list[_Node] = [_Node(self.root, "")]
-        window: deque[_Node] = deque()  # taken off the stack, being written
-        unstored: dict[int, _Open] = {}  # folders in several parts, not all written
-        workers: _Workers | None = None
-        sent = 0  # jobs sent to workers and still on the stack
-        inline_files = 0
-        ramp = 1  # files of a folder hashed in its own job inline, doubling to JOB_FILES
-        spare = SpareCores(PROCS_AFTER, PROCS_AFTER_SECONDS) if self._procs else None
+            self.db = cache.db_path
+        self.todo: list[_Node] = [_Node(scanner.root, "")]
+        self.window: deque[_Node] = deque()  # taken off the stack, being written
+        self.unstored: dict[int, _Open] = {}  # folders in several parts, not all written
+        self.workers: Workers | None = None
+        self.sent = 0  # jobs sent to workers and still on the stack
+        self.inline_files = 0
+        self.ramp = 1  # files of a folder hashed in its own job inline, doubling to job_files
+        self.start_workers: Callable[[int], bool] | None = None
+        if scanner._procs:
+            self.start_workers = schedule.start_workers or (
+                SpareCores(schedule.procs_after, schedule.procs_after_seconds).now
+            )
 
-        def job_of(node: _Node, first: int, split: int) -> hashjob.AnyJob:
-            if node.seg is not None:
-                return "S", ([node.seg], follow, lines)
-            return "F", (node.path, node.rel, listing, lines, db, first, split)
-
-        def send_ahead() -> None:
-            """Send the next jobs in order (the top of the stack) to the workers."""
-            nonlocal sent
-            if workers is None or not workers.ready():
-                return
-            limit = workers.capacity()
-            for node in itertools.islice(reversed(todo), limit):
-                if sent >= limit:
-                    return
-                if node.ticket is None and node.done is None:
-                    node.ticket = workers.submit(job_of(node, WORKER_JOB_FILES, WORKER_JOB_FILES))
-                    sent += 1
-
-        def get(node: _Node) -> hashjob.FolderDone | Done:
-            """The node's result: from its worker (waiting for it), or run here."""
-            nonlocal workers, ramp, sent
-            if node.ticket is not None:
-                sent -= 1
-                if node.done is None and workers is not None:
-                    self._waiting()
-                    try:
-                        node.done = workers.result(node.ticket)
-                    except _WorkerLost as exc:
-                        log.warning("a hashing process %s; hashing in this process", exc)
-                        workers.close()
-                        workers = None
-            if node.done is None:
-                self._waiting()  # listing a folder may take long (a network share)
-                first = min(ramp, JOB_FILES)
-                if node.seg is None:
-                    ramp *= 2
-                node.done = hashjob.run(job_of(node, first, JOB_FILES))
-            return node.done
-
-        def take(node: _Node) -> None:
-            """Take the next node off the stack: what comes after it goes on the stack,
-            its output into the window (its large files to the hashing threads)."""
-            nonlocal inline_files
-            done = get(node)
-            if isinstance(done, hashjob.FolderDone):
-                node.parts = [*done.errors, *done.parts]
-                node.rows = done.rows
-                if isinstance(done.store, tuple):  # a folder in parts, or with large files
-                    _, old, listed, listed_ns = done.store
-                    node.opened = _Open(node.rel, old, listed, listed_ns, 1 + len(done.rest))
-                    unstored[id(node.opened)] = node.opened
-                if node.ticket is None:
-                    inline_files += done.counts[hashjob.FILES]
-                subfolders = [_Node(p, r) for p, r in self._unvisited(done.subfolders, visited)]
-                todo.extend(reversed(subfolders))
-                todo.extend(_Node(g[0], "", g, node.opened) for g in reversed(done.rest))
-            else:
-                [(parts, node.rows)], _ = done
-                node.parts = list(parts)
-                if node.ticket is None:
-                    inline_files += len(node.parts)
-            if pool is not None:
-                for i, part in enumerate(node.parts):
-                    if isinstance(part, Large):
-                        fut = pool.submit(self._hash_large, _join(node.path, part.name))
-                        node.parts[i] = _Pending(fut, part.name, part.ext)
-            window.append(node)
-
-        def finish(node: _Node) -> None:
-            """The node's output is written: count it, and store what it hashed."""
-            done = node.done
-            assert done is not None
-            counts = done.counts if isinstance(done, hashjob.FolderDone) else done[1]
-            stats.files += counts[hashjob.FILES]
-            stats.errors += counts[hashjob.ERRORS]
-            stats.bytes += counts[hashjob.BYTES]
-            stats.bytes_read += counts[hashjob.BYTES_READ]
-            stats.cache_hits += counts[hashjob.HITS]
-            if counts[hashjob.NOT_REGULAR]:
-                stats.skipped[_SKIP_OTHER] += counts[hashjob.NOT_REGULAR]
-            if isinstance(done, hashjob.FolderDone):
-                stats.folders += done.listed_ok
-                if done.skipped_links:
-                    stats.skipped[_SKIP_LINK] += done.skipped_links
-                if done.skipped_other:
-                    stats.skipped[_SKIP_OTHER] += done.skipped_other
-                if cache is not None:
-                    if done.damaged:
-                        cache.unreadable(done.damaged)
-                    if isinstance(done.store, dict):
-                        cache.put(node.rel, done.store)
-            node.done = None
-            node.parts = []
-            if node.opened is not None:
-                node.opened.hashes.update(node.rows)
-                node.opened.parts -= 1
-                if node.opened.parts == 0:
-                    store(node.opened)
-
-        def store(opened: _Open) -> None:
-            assert cache is not None
-            unstored.pop(id(opened), None)
-            entry = hashjob.merge_entry(opened.old, opened.listed, opened.hashes, opened.listed_ns)
-            if entry is not None:
-                cache.put(opened.rel, entry)
-
-        def write(block: bool) -> Iterator[bytes | FileRecord]:
-            """Yield the window's output in order, as far as it is ready (`block`: all
-            of it, waiting for large files as needed)."""
-            while window:
-                node = window[0]
-                parts = node.parts
-                while node.part < len(parts):
-                    part: bytes | FileRecord | Large | _Pending = parts[node.part]
-                    if isinstance(part, Large):  # no hashing threads: hashed now
-                        self._waiting()  # a long read: what came before goes out first
-                        hashed = self._hash_large(_join(node.path, part.name))
-                        part = _Pending(_done_future(hashed), part.name, part.ext)
-                    if isinstance(part, _Pending):
-                        if not part.future.done():
-                            if not block:
-                                return
-                            self._waiting()
-                        rec = large_done(part, node.opened)
-                        node.part += 1
-                        if rec is not None:
-                            self._yielded += 1
-                            yield rec.to_json() if lines else rec
-                        continue
-                    node.part += 1
-                    self._yielded += 1
-                    yield part
-                window.popleft()
-                finish(node)
-
-        def large_done(part: _Pending, opened: _Open | None) -> FileRecord | None:
-            rec, n = part.future.result()
-            stats.bytes_read += n
-            if rec is None:
-                stats.skipped[_SKIP_OTHER] += 1
-                return None
-            rec.ext = part.ext
-            if rec.ok:
-                stats.files += 1
-                stats.bytes += rec.size or 0
-                if opened is not None and rec.hash is not None:
-                    size, mtime = rec.size or 0, rec.mtime_ns or 0
-                    opened.hashes[part.name] = (rec.ino, size, mtime, rec.ctime_ns, rec.hash)
-            else:
-                stats.errors += 1
-            return rec
-
+    def run(self) -> Iterator[bytes | FileRecord]:
+        """The walk's output, in order; the walk is closed when it ends or is closed."""
+        todo, window = self.todo, self.window
+        window_jobs = self.schedule.window_jobs
         try:
             while todo:
-                if workers is None and spare is not None and spare.now(inline_files):
-                    workers = _Workers(self._procs)
-                send_ahead()
-                take(todo.pop())
-                yield from write(block=False)
-                while len(window) > WINDOW_JOBS:
-                    yield from write(block=True)
-            yield from write(block=True)
+                if (
+                    self.workers is None
+                    and self.start_workers is not None
+                    and self.start_workers(self.inline_files)
+                ):
+                    make = self.schedule.workers or Workers
+                    self.workers = make(self.scanner._procs)
+                self.send_ahead()
+                self.take(todo.pop())
+                yield from self.write(block=False)
+                while len(window) > window_jobs:
+                    yield from self.write(block=True)
+            yield from self.write(block=True)
         finally:
-            if workers is not None:
-                workers.close()
-            if pool is not None:
-                for node in window:
-                    for part in node.parts:
-                        if isinstance(part, _Pending):
-                            part.future.cancel()
-                pool.shutdown(wait=True)
-            hashjob.close_readers()
-            if cache is not None:  # stopped: keep what was hashed, written or not
-                taken = [(node, node.rows) for node in window if node.done is not None]
-                ahead = [(node, _rows(node.done)) for node in todo if node.done is not None]
-                for node, rows in taken + ahead:
-                    done = node.done
-                    if isinstance(done, hashjob.FolderDone):
-                        if isinstance(done.store, dict):
-                            cache.put(node.rel, done.store)
-                        elif isinstance(done.store, tuple) and node.opened is None:
-                            _, old, listed, listed_ns = done.store
-                            entry = hashjob.merge_entry(old, listed, dict(rows), listed_ns)
-                            if entry is not None:
-                                cache.put(node.rel, entry)
-                    if node.opened is not None:
-                        node.opened.hashes.update(rows)
-                for opened in list(unstored.values()):
-                    store(opened)
+            self.close()
+
+    def job_of(self, node: _Node, first: int, split: int) -> hashjob.AnyJob:
+        if node.seg is not None:
+            return "S", ([node.seg], self.follow, self.lines)
+        return "F", (node.path, node.rel, self.listing, self.lines, self.db, first, split)
+
+    def send_ahead(self) -> None:
+        """Send the next jobs in order (the top of the stack) to the workers."""
+        workers = self.workers
+        if workers is None or not workers.ready():
+            return
+        limit = workers.capacity()
+        files = self.schedule.worker_job_files
+        for node in itertools.islice(reversed(self.todo), limit):
+            if self.sent >= limit:
+                return
+            if node.ticket is None and node.done is None:
+                node.ticket = workers.submit(self.job_of(node, files, files))
+                self.sent += 1
+
+    def get(self, node: _Node) -> hashjob.FolderDone | Done:
+        """The node's result: from its worker (waiting for it), or run here."""
+        if node.ticket is not None:
+            self.sent -= 1
+            if node.done is None and self.workers is not None:
+                self.scanner._waiting()
+                try:
+                    node.done = self.workers.result(node.ticket)
+                except WorkerLost as exc:
+                    log.warning("a hashing process %s; hashing in this process", exc)
+                    self.workers.close()
+                    self.workers = None
+                    # the jobs sent ahead are run here (later workers know nothing of them)
+                    for waiting in self.todo:
+                        waiting.ticket = None
+                    self.sent = 0
+        if node.done is None:
+            self.scanner._waiting()  # listing a folder may take long (a network share)
+            job_files = self.schedule.job_files
+            first = min(self.ramp, job_files)
+            if node.seg is None:
+                self.ramp *= 2
+            node.done = hashjob.run(self.job_of(node, first, job_files))
+        return node.done
+
+    def take(self, node: _Node) -> None:
+        """Take the next node off the stack: what comes after it goes on the stack,
+        its output into the window (its large files to the hashing threads)."""
+        done = self.get(node)
+        if isinstance(done, hashjob.FolderDone):
+            node.parts = [*done.errors, *done.parts]
+            node.rows = done.rows
+            if isinstance(done.store, tuple):  # a folder in parts, or with large files
+                _, old, listed, listed_ns = done.store
+                node.opened = _Open(node.rel, old, listed, listed_ns, 1 + len(done.rest))
+                self.unstored[id(node.opened)] = node.opened
+            if node.ticket is None:
+                self.inline_files += done.counts[hashjob.FILES]
+            subfolders = [
+                _Node(p, r) for p, r in self.scanner._unvisited(done.subfolders, self.visited)
+            ]
+            self.todo.extend(reversed(subfolders))
+            self.todo.extend(_Node(g[0], "", g, node.opened) for g in reversed(done.rest))
+        else:
+            [(parts, node.rows)], _ = done
+            node.parts = list(parts)
+            if node.ticket is None:
+                self.inline_files += len(node.parts)
+        pool = self.pool
+        if pool is not None:
+            for i, part in enumerate(node.parts):
+                if isinstance(part, Large):
+                    fut = pool.submit(self.scanner._hash_large, _join(node.path, part.name))
+                    node.parts[i] = _Pending(fut, part.name, part.ext)
+        self.window.append(node)
+
+    def finish(self, node: _Node) -> None:
+        """The node's output is written: count it, and store what it hashed."""
+        done = node.done
+        assert done is not None
+        stats, cache = self.stats, self.cache
+        counts = done.counts if isinstance(done, hashjob.FolderDone) else done[1]
+        stats.files += counts[hashjob.FILES]
+        stats.errors += counts[hashjob.ERRORS]
+        stats.bytes += counts[hashjob.BYTES]
+        stats.bytes_read += counts[hashjob.BYTES_READ]
+        stats.cache_hits += counts[hashjob.HITS]
+        if counts[hashjob.NOT_REGULAR]:
+            stats.skipped[_SKIP_OTHER] += counts[hashjob.NOT_REGULAR]
+        if isinstance(done, hashjob.FolderDone):
+            stats.folders += done.listed_ok
+            if done.skipped_links:
+                stats.skipped[_SKIP_LINK] += done.skipped_links
+            if done.skipped_other:
+                stats.skipped[_SKIP_OTHER] += done.skipped_other
+            if cache is not None:
+                if done.damaged:
+                    cache.unreadable(done.damaged)
+                if isinstance(done.store, dict):
+                    cache.put(node.rel, done.store)
+        node.done = None
+        node.parts = []
+        if node.opened is not None:
+            node.opened.hashes.update(node.rows)
+            node.opened.parts -= 1
+            if node.opened.parts == 0:
+                self.store(node.opened)
+
+    def store(self, opened: _Open) -> None:
+        """Store the cache entry of a folder done in parts (all of them written)."""
+        assert self.cache is not None
+        self.unstored.pop(id(opened), None)
+        entry = hashcache.merge_entry(opened.old, opened.listed, opened.hashes, opened.listed_ns)
+        if entry is not None:
+            self.cache.put(opened.rel, entry)
+
+    def write(self, block: bool) -> Iterator[bytes | FileRecord]:
+        """Yield the window's output in order, as far as it is ready (`block`: all
+        of it, waiting for large files as needed)."""
+        window, scanner, lines = self.window, self.scanner, self.lines
+        while window:
+            node = window[0]
+            parts = node.parts
+            while node.part < len(parts):
+                part: bytes | FileRecord | Large | _Pending = parts[node.part]
+                if isinstance(part, Large):  # no hashing threads: hashed now
+                    scanner._waiting()  # a long read: what came before goes out first
+                    hashed = scanner._hash_large(_join(node.path, part.name))
+                    part = _Pending(_done_future(hashed), part.name, part.ext)
+                if isinstance(part, _Pending):
+                    if not part.future.done():
+                        if not block:
+                            return
+                        scanner._waiting()
+                    rec = self.large_done(part, node.opened)
+                    node.part += 1
+                    if rec is not None:
+                        scanner._yielded += 1
+                        yield rec.to_json() if lines else rec
+                    continue
+                node.part += 1
+                scanner._yielded += 1
+                yield part
+            window.popleft()
+            self.finish(node)
+
+    def large_done(self, part: _Pending, opened: _Open | None) -> FileRecord | None:
+        """The record of a large file hashed by a thread, counted (None: skipped)."""
+        stats = self.stats
+        rec, n = part.future.result()
+        stats.bytes_read += n
+        if rec is None:
+            stats.skipped[_SKIP_OTHER] += 1
+            return None
+        rec.ext = part.ext
+        if rec.ok:
+            stats.files += 1
+            stats.bytes += rec.size or 0
+            if opened is not None and rec.hash is not None:
+                size, mtime = rec.size or 0, rec.mtime_ns or 0
+                opened.hashes[part.name] = (rec.ino, size, mtime, rec.ctime_ns, rec.hash)
+        else:
+            stats.errors += 1
+        return rec
+
+    def close(self) -> None:
+        """End the walk (done or stopped): workers and threads end; what was hashed is
+        kept in the cache, written or not."""
+        if self.workers is not None:
+            self.workers.close()
+        if self.pool is not None:
+            for node in self.window:
+                for part in node.parts:
+                    if isinstance(part, _Pending):
+                        part.future.cancel()
+            self.pool.shutdown(wait=True)
+        hashcache.close_readers()
+        if self.cache is not None:
+            self.keep_hashed(self.cache)
+
+    def keep_hashed(self, cache: HashCache) -> None:
+        """Store the entries of every folder hashed, in whole or in part (a stop)."""
+        taken = [(node, node.rows) for node in self.window if node.done is not None]
+        ahead = [(node, _rows(node.done)) for node in self.todo if node.done is not None]
+        for node, rows in taken + ahead:
+            done = node.done
+            if isinstance(done, hashjob.FolderDone):
+                if isinstance(done.store, dict):
+                    cache.put(node.rel, done.store)
+                elif isinstance(done.store, tuple) and node.opened is None:
+                    _, old, listed, listed_ns = done.store
+                    entry = hashcache.merge_entry(old, listed, dict(rows), listed_ns)
+                    if entry is not None:
+                        cache.put(node.rel, entry)
+            if node.opened is not None:
+                node.opened.hashes.update(rows)
+        for opened in list(self.unstored.values()):
+            self.store(opened)
 
 
 def _rows(done: hashjob.FolderDone | Done) -> list[tuple[str, Stamp]]:
@@ -598,11 +659,13 @@ class _Pending:
 # -- worker processes -------------------------------------------------------------------
 
 
-class _WorkerLost(Exception):
+class WorkerLost(Exception):
     """A worker process ended, or answered nonsense."""
 
 
-class _Ticket:
+class Ticket:
+    """A job sent to worker `worker` (-1: to none, it could not be sent), and its answer."""
+
     __slots__ = ("answer", "worker")
 
     def __init__(self, worker: int) -> None:
@@ -613,32 +676,42 @@ class _Ticket:
 #: the worker's command: imports this very imgbatch and xxhash, whatever the working
 #: directory, without `site` (-S: its start-up and a virtualenv's .pth files cost more
 #: than the worker's own imports)
-_WORKER = "import sys; sys.path[:0] = {paths!r}; from imgbatch.hashjob import serve; serve()"
+_WORKER = "import sys; sys.path[:0] = {paths!r}; from imgbatch.workerproto import serve; serve()"
 
 
-class _Workers:
-    """Worker processes running hash jobs (`hashjob.serve`), started in a background
+class Workers:
+    """Worker processes running hash jobs (`workerproto.serve`), started in a background
     thread so that the scan goes on inline meanwhile. Each answers its jobs in the order
     they were sent; the scanner takes answers in the order it sent jobs overall."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, queued: int = QUEUED_PER_WORKER, wait: bool = False) -> None:
+        """`n` processes, each sent at most `queued` jobs ahead; `wait`: start them
+        before returning (the scan starts them in the background and goes on inline)."""
         self._n = n
+        self._queued_max = queued
         self._procs: list[subprocess.Popen[bytes]] = []
-        self._queued: list[deque[_Ticket]] = []  # per worker, its unanswered tickets
+        self._queued: list[deque[Ticket]] = []  # per worker, its unanswered tickets
         self._ready = threading.Event()
         self._lost = False
         self._closed = False
         self._lock = threading.Lock()
-        threading.Thread(target=self._start, name="imgbatch-procs", daemon=True).start()
+        if wait:
+            self._start()
+        else:
+            threading.Thread(target=self._start, name="imgbatch-procs", daemon=True).start()
+
+    @property
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        """The worker processes, once started (none after close)."""
+        return list(self._procs)
 
     def _start(self) -> None:
         import xxhash
 
-        import imgbatch
-
+        # the folders holding this imgbatch (this file's package) and xxhash
         paths = [
-            os.path.dirname(os.path.dirname(os.path.abspath(module.__file__ or "")))
-            for module in (imgbatch, xxhash)
+            os.path.dirname(os.path.dirname(os.path.abspath(file)))
+            for file in (__file__, xxhash.__file__ or "")
         ]
         cmd = [sys.executable, "-S", "-c", _WORKER.format(paths=paths)]
         procs: list[subprocess.Popen[bytes]] = []
@@ -652,7 +725,7 @@ class _Workers:
                 _pipe_size(proc.stdout.fileno())
             for proc in procs:  # each says it started (an empty frame) before it gets jobs
                 assert proc.stdout is not None
-                if hashjob.read_frame(proc.stdout.fileno()) != b"":
+                if workerproto.read_frame(proc.stdout.fileno()) != b"":
                     raise OSError(f"a hashing process ended as it started ({proc.poll()})")
         except OSError as exc:
             log.debug("cannot start hashing processes: %s", exc)
@@ -674,15 +747,15 @@ class _Workers:
 
     def capacity(self) -> int:
         """Jobs that may wait in the window while workers run."""
-        return len(self._procs) * QUEUED_PER_WORKER
+        return len(self._procs) * self._queued_max
 
-    def submit(self, job: hashjob.AnyJob) -> _Ticket:
+    def submit(self, job: hashjob.AnyJob) -> Ticket:
         w = min(range(len(self._procs)), key=lambda i: len(self._queued[i]))
-        ticket = _Ticket(w)
+        ticket = Ticket(w)
         stdin = self._procs[w].stdin
         assert stdin is not None
         try:
-            hashjob.write_frame(stdin.fileno(), marshal.dumps(job))
+            workerproto.write_frame(stdin.fileno(), marshal.dumps(job))
         except OSError:
             self._lost = True
             ticket.worker = -1  # answered by nobody: run inline when its turn comes
@@ -690,26 +763,26 @@ class _Workers:
         self._queued[w].append(ticket)
         return ticket
 
-    def result(self, ticket: _Ticket) -> hashjob.FolderDone | Done:
+    def result(self, ticket: Ticket) -> hashjob.FolderDone | Done:
         """The answer to `ticket`. A worker answers its jobs in the order they were
         sent: the answers to its earlier jobs are read first, and kept in their tickets."""
         if ticket.answer is not None:
             return ticket.answer
         if ticket.worker < 0 or self._lost:
-            raise _WorkerLost("could not be reached")
+            raise WorkerLost("could not be reached")
         queued = self._queued[ticket.worker]
         proc = self._procs[ticket.worker]
         assert proc.stdout is not None
         while queued:
             try:
-                frame = hashjob.read_frame(proc.stdout.fileno())
+                frame = workerproto.read_frame(proc.stdout.fileno())
                 if frame is None:
-                    raise _WorkerLost(f"ended (exit status {proc.poll()})")
-                answer = hashjob.decode(frame)
+                    raise WorkerLost(f"ended (exit status {proc.poll()})")
+                answer = workerproto.decode(frame)
             except (OSError, ValueError, TypeError, EOFError) as exc:  # ValueError: marshal
                 self._lost = True
-                raise _WorkerLost(f"failed ({exc})") from None
-            except _WorkerLost:
+                raise WorkerLost(f"failed ({exc})") from None
+            except WorkerLost:
                 self._lost = True
                 raise
             first = queued.popleft()
@@ -766,6 +839,7 @@ def run_scan(
     sink: JsonlSink,
     progress: Progress | None = None,
     state: Path | None = None,
+    schedule: Schedule | None = None,
 ) -> ScanStats:
     """`imgbatch scan`: every record to `sink`, hashes cached under `state`.
 
@@ -778,7 +852,7 @@ def run_scan(
         claim_root(state, check_root(root))  # a state folder serves one ROOT
         cache = HashCache(state / "hashcache")
     procs = settings.hash_procs or cores()
-    scanner = Scanner(root, settings, cache, on_wait=sink.flush, procs=procs)
+    scanner = Scanner(root, settings, cache, on_wait=sink.flush, procs=procs, schedule=schedule)
     stats = scanner.stats
     batch = settings.batch_size
     try:

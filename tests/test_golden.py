@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from imgbatch import cpus, scanner
 from imgbatch.config import Settings, load_settings
 from imgbatch.output import JsonlSink
-from imgbatch.scanner import run_scan
+from imgbatch.scanner import Scanner, Schedule, Ticket, Workers, run_scan
 from tests.golden.generate import (
     CASES,
     HERE,
@@ -91,61 +90,47 @@ def scan_settings(args: tuple[str, ...], state: Path) -> Settings:
 @pytest.mark.parametrize("case", SCAN_PARAMS)
 @pytest.mark.parametrize("procs", [1, 2], ids=["inline", "2 procs"])
 def test_worker_processes_and_small_jobs_print_the_golden_lines(
-    case: Case,
-    procs: int,
-    roots: dict[str, Path],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    case: Case, procs: int, roots: dict[str, Path], tmp_path: Path
 ) -> None:
     """Jobs of a few files, cut anywhere in a folder (several folders per job for the
     workers), worker processes from the first file: the lines do not change, first from
     the files and then from the hash cache."""
-    answers = small_jobs_and_workers_at_once(monkeypatch)
+    answers, schedule = small_jobs_and_workers_at_once()
     root = roots[case.tree.__name__]
     settings = scan_settings(case.args, tmp_path / "state").replace(hash_procs=procs)
     for _ in ("from the files", "from the hash cache"):
         out = tmp_path / "out.jsonl"
         with out.open("wb") as fh:
             sink = JsonlSink(fh.fileno())
-            run_scan(str(root), settings, sink, state=tmp_path / "state")
+            run_scan(str(root), settings, sink, state=tmp_path / "state", schedule=schedule)
             sink.close()
         assert lines(normalise(out.read_bytes(), root)) == lines(golden(f"{case.name}.jsonl"))
     assert (answers[0] > 2) == (procs > 1)
 
 
-def small_jobs_and_workers_at_once(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Jobs of a few files, cut anywhere in a folder, worker processes from the first
-    file however busy the machine: [jobs the workers answered], counted."""
-    monkeypatch.setattr(scanner, "PROCS_AFTER", 0)
-    monkeypatch.setattr(scanner, "PROCS_AFTER_SECONDS", 0)
-    monkeypatch.setattr(cpus, "spare_cores", lambda **_: 2.0)
-    monkeypatch.setattr(scanner, "JOB_FILES", 3)
-    monkeypatch.setattr(scanner, "WORKER_JOB_FILES", 7)
-    return count_worker_answers(monkeypatch)
-
-
-def count_worker_answers(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Worker processes in use as soon as they are asked for (not once they have
-    started in the background): [jobs they answered], counted."""
+def small_jobs_and_workers_at_once() -> tuple[list[int], Schedule]:
+    """Jobs of a few files, cut anywhere in a folder, and worker processes in use from
+    the first file however busy the machine (started before the walk goes on, not in
+    the background): [jobs the workers answered], counted, and that schedule."""
     answers = [0]
-    ready, result = scanner._Workers.ready, scanner._Workers.result
 
-    def ready_now(self: scanner._Workers) -> bool:
-        self._ready.wait(30)
-        return ready(self)
+    class CountedWorkers(Workers):
+        def result(self, ticket: Ticket) -> object:  # type: ignore[override]
+            answers[0] += 1
+            return super().result(ticket)
 
-    def counted(self: scanner._Workers, ticket: scanner._Ticket) -> object:
-        answers[0] += 1
-        return result(self, ticket)
-
-    monkeypatch.setattr(scanner._Workers, "ready", ready_now)
-    monkeypatch.setattr(scanner._Workers, "result", counted)
-    return answers
+    schedule = Schedule(
+        job_files=3,
+        worker_job_files=7,
+        start_workers=lambda files: True,
+        workers=lambda n: CountedWorkers(n, wait=True),
+    )
+    return answers, schedule
 
 
 @pytest.mark.parametrize("case", SCAN_PARAMS)
 def test_worker_processes_give_analyze_the_records_the_scan_itself_gives(
-    case: Case, roots: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    case: Case, roots: dict[str, Path], tmp_path: Path
 ) -> None:
     """`analyze` iterates FileRecords (not lines): from the workers they travel as
     tuples and must come back equal, field for field (errors, inode and ctime too)."""
@@ -155,13 +140,13 @@ def test_worker_processes_give_analyze_the_records_the_scan_itself_gives(
 
     root = str(roots[case.tree.__name__])
     settings = scan_settings(case.args, tmp_path / "state")
+    answers, schedule = small_jobs_and_workers_at_once()
 
     def records(procs: int) -> list[tuple[object, ...]]:
         with HashCache(tmp_path / f"cache-{procs}") as cache:
-            return [
-                dataclasses.astuple(r) for r in scanner.Scanner(root, settings, cache, procs=procs)
-            ]
+            chosen = schedule if procs else None  # inline: the scan as it is
+            walk = Scanner(root, settings, cache, procs=procs, schedule=chosen)
+            return [dataclasses.astuple(r) for r in walk]
 
     inline = records(0)
-    answers = small_jobs_and_workers_at_once(monkeypatch)
     assert records(2) == inline and answers[0] > 2

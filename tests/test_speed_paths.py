@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageStat
 
-from imgbatch import cpus, hashjob, scanner
+from imgbatch import cpus, hashjob
 from imgbatch.config import Settings
 from imgbatch.output import JsonlSink
 from imgbatch.providers import local_features
 from imgbatch.providers.local_features import brightness, color_names, dominant_colors, phash
 from imgbatch.records import FileRecord
-from imgbatch.scanner import Scanner, run_scan
+from imgbatch.scanner import Scanner, Schedule, Ticket, Workers, run_scan
 
 # -- the offline analyzer: the same values as the plain computations ----------------------
 
@@ -184,65 +184,51 @@ def test_a_file_opened_ahead_that_fails_is_reported_in_its_turn(
 
 
 def test_a_lost_worker_process_leaves_its_jobs_to_the_scan_itself(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     make_tree(tmp_path / "root", folders=6)
     expected = scan_lines(tmp_path / "root")
-    monkeypatch.setattr(scanner, "PROCS_AFTER", 0)
-    monkeypatch.setattr(scanner, "PROCS_AFTER_SECONDS", 0)
-    monkeypatch.setattr(cpus, "spare_cores", lambda **_: 2.0)  # however busy the machine
-    monkeypatch.setattr(scanner, "WORKER_JOB_FILES", 30)
-    real_ready, real_submit = scanner._Workers.ready, scanner._Workers.submit
     sent: list[int] = []
 
-    def ready(self: scanner._Workers) -> bool:
-        self._ready.wait(30)
-        return real_ready(self)
+    class DyingWorkers(Workers):
+        def submit(self, job: Any) -> Ticket:
+            ticket = super().submit(job)
+            sent.append(1)
+            if len(sent) == 2:  # the second job's worker dies with it
+                self.processes[ticket.worker].kill()
+            return ticket
 
-    def submit(self: scanner._Workers, job: hashjob.Job) -> scanner._Ticket:
-        ticket = real_submit(self, job)
-        sent.append(1)
-        if len(sent) == 2:  # the second job's worker dies with it
-            self._procs[ticket.worker].kill()
-        return ticket
-
-    monkeypatch.setattr(scanner._Workers, "ready", ready)
-    monkeypatch.setattr(scanner._Workers, "submit", submit)
+    schedule = Schedule(  # workers from the first file, however busy the machine
+        worker_job_files=30,
+        start_workers=lambda files: True,
+        workers=lambda n: DyingWorkers(n, wait=True),
+    )
     out = tmp_path / "out.jsonl"
     with caplog.at_level(logging.WARNING, "imgbatch"), out.open("wb") as fh:
         sink = JsonlSink(fh.fileno())
-        stats = run_scan(str(tmp_path / "root"), Settings(hash_procs=2), sink)
+        stats = run_scan(str(tmp_path / "root"), Settings(hash_procs=2), sink, schedule=schedule)
         sink.close()
     assert out.read_bytes() == expected
     assert stats.files == 240 and len(sent) >= 2
     assert "a hashing process" in caplog.text and "hashing in this process" in caplog.text
 
 
-def test_worker_processes_end_with_the_scan(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_worker_processes_end_with_the_scan(tmp_path: Path) -> None:
     make_tree(tmp_path / "root")
-    monkeypatch.setattr(scanner, "PROCS_AFTER", 0)
-    monkeypatch.setattr(scanner, "PROCS_AFTER_SECONDS", 0)
-    monkeypatch.setattr(cpus, "spare_cores", lambda **_: 2.0)  # however busy the machine
-    started: list[scanner._Workers] = []
-    real_init = scanner._Workers.__init__
-
-    def init(self: scanner._Workers, n: int) -> None:
-        real_init(self, n)
-        self._ready.wait(30)
-        started.append(self)
-
-    monkeypatch.setattr(scanner._Workers, "__init__", init)
+    started: list[Workers] = []
     procs: list[Any] = []
-    real_close = scanner._Workers.close
 
-    def close(self: scanner._Workers) -> None:
-        procs.extend(self._procs)
-        real_close(self)
+    class SeenWorkers(Workers):
+        def close(self) -> None:
+            procs.extend(self.processes)
+            super().close()
 
-    monkeypatch.setattr(scanner._Workers, "close", close)
-    it = Scanner(str(tmp_path / "root"), Settings(), procs=2).lines()
+    def workers(n: int) -> Workers:
+        started.append(SeenWorkers(n, wait=True))
+        return started[-1]
+
+    schedule = Schedule(start_workers=lambda files: True, workers=workers)
+    it = Scanner(str(tmp_path / "root"), Settings(), procs=2, schedule=schedule).lines()
     next(it)
     it.close()  # stopped early, as `scan | head` does
     assert started and len(procs) == 2
