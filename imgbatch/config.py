@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 from imgbatch.errors import ConfigError
 
@@ -159,8 +160,34 @@ class Settings:
             value = getattr(self, f.name)
             if f.metadata.get("secret") and value:
                 value = ("***",) * len(value) if isinstance(value, tuple) else "***"
+            elif f.name.endswith("base_url"):  # a path or query may carry a credential
+                value = (
+                    tuple(map(_url_origin, value))
+                    if isinstance(value, tuple)
+                    else (_url_origin(value))
+                )
             shown.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(shown)})"
+
+
+def _url_origin(url: str) -> str:
+    """A base URL as a repr shows it: scheme, host and port, with "/..." for the rest."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    rest = "/..." if parts.path.strip("/") or parts.query else ""
+    return (
+        f"{parts.scheme}://{parts.hostname or ''}"
+        + (f":{parts.port}" if _port(parts) else "")
+        + rest
+    )
+
+
+def _port(parts: SplitResult) -> int | None:
+    try:
+        return parts.port
+    except ValueError:
+        return None
 
 
 SECTIONS = ("scan", "analyze", "rate", "gemini", "openai", "ollama", "batch", "state", "output")

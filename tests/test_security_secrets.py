@@ -360,3 +360,18 @@ def test_the_writer_of_records_never_writes_nan_or_infinity() -> None:
     assert json.loads(line, parse_constant=lambda name: pytest.fail(name)) == {
         "result": {"score": None, "all": [None, 1.5]}
     }
+
+
+def test_the_settings_repr_names_servers_by_origin_only() -> None:
+    """A repr of the settings ends up in logs and tracebacks: a base URL shows its
+    scheme, host and port, never its user, path or query."""
+    from imgbatch.config import Settings
+
+    settings = Settings(
+        openai_base_url=("http://user:pw-SECRET@127.0.0.1:8000/token/SECRET/v1?key=SECRET",),
+        gemini_base_url="https://proxy.example:8443/v1beta?key=SECRET",
+    )
+    shown = repr(settings)
+    assert "SECRET" not in shown
+    assert "openai_base_url=('http://127.0.0.1:8000/...',)" in shown
+    assert "gemini_base_url='https://proxy.example:8443/...'" in shown
