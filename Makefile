@@ -21,10 +21,11 @@ install: $(BIN)/imgbatch ## create .venv and install imgbatch with its dev tools
 test: $(BIN)/imgbatch ## run the test suite
 	$(BIN)/pytest -q
 
-lint: $(BIN)/imgbatch ## ruff and mypy
+lint: $(BIN)/imgbatch ## ruff, mypy and import-linter (the layers: pyproject.toml)
 	$(BIN)/ruff check imgbatch tests bench
 	$(BIN)/ruff format --check imgbatch tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-logo --no-cache
 
 bench: $(BIN)/imgbatch ## benchmarks against baselines measured in the same run
 	$(BIN)/python -m bench

@@ -13,7 +13,7 @@ import skimage
 from PIL import Image, ImageColor, ImageFilter
 
 from imgbatch.imaging import ExifInfo, PreparedImage, prepare
-from imgbatch.providers import local_features
+from imgbatch.providers.local import ANALYZER_VERSION
 from imgbatch.providers.local_features import (
     BLUR_THRESHOLD,
     color_name,
@@ -92,7 +92,7 @@ def test_features_are_json_with_the_documented_fields() -> None:
     assert result["mode"] == "RGB"
     assert set(result["exif"]) == {"datetime", "make", "model", "orientation", "gps"}
     assert re.fullmatch(r"[0-9a-f]{16}", result["phash"])
-    assert local_features.ANALYZER_VERSION == "local-1"
+    assert ANALYZER_VERSION == "local-1"
 
 
 def test_exif_is_passed_through(tmp_path: pathlib.Path) -> None:

@@ -12,7 +12,6 @@ from PIL import Image, ImageFilter, ImageMath
 from ..imaging import PreparedImage
 
 __all__ = [
-    "ANALYZER_VERSION",
     "BLUR_THRESHOLD",
     "SHARPNESS_SIDE",
     "color_name",
@@ -24,9 +23,9 @@ __all__ = [
     "sharpness",
 ]
 
-# ANALYZER_VERSION is part of the results' fingerprint: bump it (in providers/local.py,
-# where it lives so that a re-run need not import Pillow) whenever a value below changes.
-from imgbatch.providers.local import ANALYZER_VERSION  # noqa: E402
+# providers/local.py's ANALYZER_VERSION is part of the results' fingerprint: bump it
+# whenever a value below changes. It lives there, not here, so that a re-run need not
+# import Pillow; this module imports nothing of local.py (local.py imports this one).
 
 # Sharpness is measured on a grayscale copy whose long side is at most this many pixels
 # (bicubic, like prepare()), so that it hardly depends on the original's resolution or
