@@ -25,7 +25,7 @@ from collections.abc import Callable, Collection, Generator, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from imgbatch.config import Settings, load_settings, state_dir
+from imgbatch.config import Settings, load_settings, results_dir, state_dir
 from imgbatch.errors import ExitCode, ImgbatchError, UsageError, WaitInterrupted
 from imgbatch.hashcache import HashCache
 from imgbatch.output import JsonlSink, OutputClosed, Progress, human_bytes, human_duration
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from imgbatch.pipeline import RunOptions
     from imgbatch.signals import Signals
 
-__all__ = ["Records", "analyze", "scan", "scan_batches"]
+__all__ = ["Records", "analyze", "scan", "scan_batches", "search"]
 
 # a library is silent by default: without this, Python's last-resort handler would print
 # the pipeline's warnings on stderr
@@ -527,6 +527,43 @@ class _ProgressEvents(Progress):
 
 
 # -- the commands' runs: what `imgbatch scan` and `imgbatch analyze` do --------------
+
+
+def search(
+    root: PathArg,
+    query: str | Collection[str],
+    *,
+    tag: str | Collection[str] = (),
+    color: str | Collection[str] = (),
+    after: str | None = None,
+    before: str | None = None,
+    status: str | None = None,
+    limit: int = 20,
+    config: PathArg | None = None,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """The stored results of ROOT (of its last run's settings) that match `query`, best
+    first: the records `imgbatch search` prints (the `export` record plus `score`).
+
+    `query` is the command's words (one string, or several joined); `tag` and `color`
+    one name or several (all must match); `after`/`before` dates YYYY-MM-DD; `options`
+    the settings that say where state lives (`checkpoint`, `results`). Reads without the
+    lock, beside a run; writes only ROOT's search index. Raises UsageError for a
+    malformed query or a ROOT never analysed, CheckpointError for unusable state.
+    """
+    from imgbatch import searching
+
+    settings = _settings("search", config, options, {"checkpoint", "results"})
+    where = searching.filters(
+        [tag] if isinstance(tag, str) else tag,
+        [color] if isinstance(color, str) else color,
+        after,
+        before,
+        status,
+    )
+    return searching.search(
+        state_dir(os.fspath(root), settings), query, where, limit, results_dir(settings)
+    )
 
 
 class Done(NamedTuple):

@@ -125,6 +125,13 @@ class Folder:
         """The stat of the file `name` in this folder (an image: a symlink is followed)."""
         return os.stat(_plain(name), dir_fd=self.fd)
 
+    def lstat(self, name: str) -> os.stat_result | None:
+        """The stat of whatever is named `name` here (a symlink itself), None if nothing."""
+        try:
+            return os.stat(_plain(name), dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
     def read(self, name: str) -> Existing | None:
         """The file `name`'s bytes and stat, None if there is none; `Refused` if it is a
         symlink, not a regular file, read-only or too large (then it was never opened,

@@ -16,6 +16,7 @@ transactions: no value is ever a separate, un-fsynced file):
   One row per folder keeps a re-run at one read per folder, like the hash cache.
   A folder with more than LARGE_FOLDER items keeps only a marker there, and one
   ``item NUL fingerprint NUL folder NUL name`` row per item.
+- ``b"commits"`` -> how many transactions changed item states (`commits`).
 - ``run NUL id`` -> the run record, rewritten every few seconds while it runs.
 - Gemini Batch API jobs (`analyze --batch`, see pipeline/batch.py), from the intent
   recorded before anything is sent until their results are collected:
@@ -65,6 +66,9 @@ RUN_HISTORY = 100  # run records kept
 #: above this many items a folder is stored one row per item: rewriting the folder's row
 #: on every commit would cost O(items) each time (13 ms per commit at 20k items)
 LARGE_FOLDER = 1000
+#: counts the transactions that changed item states (`commits`): a file's mtime cannot
+#: tell (opening a diskcache Cache writes its Settings table)
+COMMITS = b"commits"
 _LARGE = "\0large"  # marker in a large folder's row ("\0" is in no file name)
 #: hash (None for a scan error), error code (None: ok), run id, size, mtime_ns, message
 ItemState = tuple["str | None", "str | None", int, "int | None", "int | None", "str | None"]
@@ -142,6 +146,8 @@ class Checkpoint:
         readonly: open without writing anything (`status`, `runs`, `export`, `report`);
             the default: when not `create`. A writer that does not create (`prune`)
             passes False.
+        large_folder: above this many items a folder is stored one row per item
+            (LARGE_FOLDER; tests pass a small one).
     """
 
     def __init__(
@@ -150,8 +156,10 @@ class Checkpoint:
         create: bool = True,
         results: ResultStore | None = None,
         readonly: bool | None = None,
+        large_folder: int = LARGE_FOLDER,
     ) -> None:
         self.directory = directory
+        self.large_folder = large_folder
         self.readonly = not create if readonly is None else readonly
         statedb.secure(directory, writer=not self.readonly)
         db = directory / "checkpoint"
@@ -371,7 +379,7 @@ class Checkpoint:
         with self._db.transact():
             for (fp, rel_dir), states in self._dirty.items():
                 folder = os.fsencode(rel_dir)
-                if len(states) > LARGE_FOLDER and _LARGE not in states:
+                if len(states) > self.large_folder and _LARGE not in states:
                     for n, st in states.items():  # from now on, one row per item
                         self._db.set(key(b"item", fp, folder, n), st)
                     states.clear()
@@ -379,6 +387,7 @@ class Checkpoint:
                 self._db.set(key(b"done", fp, folder), states)
             for (fp, rel_dir, name), st in self._dirty_items.items():
                 self._db.set(key(b"item", fp, os.fsencode(rel_dir), name), st)
+            self._db.incr(COMMITS)
         self._dirty.clear()
         self._dirty_items.clear()
         self._pending_results.clear()
@@ -413,8 +422,14 @@ class Checkpoint:
                 self._db.set(key(b"done", fp, folder), states)
             else:
                 self._db.delete(key(b"done", fp, folder))
+            self._db.incr(COMMITS)
         self._folders.pop((fp, rel_dir), None)
         self._last = (None, {})
+
+    def commits(self) -> int:
+        """How many times item states changed (flush, forget): a reader that derives
+        something from them (the search index) is stale when this moved."""
+        return int(self._get(COMMITS) or 0)
 
     def result(self, fp: str, content_hash: str) -> dict[str, Any] | None:
         """The stored outcome for this content (buffered, or the shared store), or None."""

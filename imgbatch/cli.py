@@ -149,7 +149,7 @@ def scan(
 
 @app.command()
 @o.command_options(
-    "provider workers executor dask_scheduler max_side max_attempts grace "
+    "provider workers executor dask_scheduler max_side max_attempts grace local_ocr "
     # each sets the setting of whichever provider runs (--model: gemini_model, ...)
     "model base_url prompt prompt_file schema temperature max_output_tokens "
     "media_resolution detail timeout "
@@ -248,26 +248,81 @@ def export(
     status_: o.Status = None,
     xmp_naming: o.XmpNaming = None,
     dry_run: bool = o.XMP_DRY_RUN,
+    caption_naming: o.CaptionNaming = None,
+    caption_from: o.CaptionFrom = None,
+    prefix: o.Prefix = None,
+    on_existing: o.OnExisting = None,
+    ls_root_url: o.LsRootUrl = None,
     **options: Any,
 ) -> None:
-    """Every stored result (of the last run's settings) as JSONL, CSV, Parquet or XMP sidecars."""
+    """Every stored result (of the last run's settings) as JSONL, CSV, Parquet, XMP
+    sidecars, caption files, Hugging Face imagefolder metadata or Label Studio tasks."""
     from imgbatch import report
 
     cmd = o.Shared.pop(options)
     with _command(cmd):
-        o.check_export(format, output, status_, xmp_naming, dry_run)
+        captioning = {
+            "caption_naming": caption_naming,
+            "caption_from": caption_from,
+            "prefix": prefix,
+            "on_existing": on_existing,
+        }
+        of_format = {"xmp_naming": xmp_naming, "ls_root_url": ls_root_url, **captioning}
+        o.check_export(format, output, status_, dry_run, **of_format)
         state, results = _state(root, cmd), results_dir(cmd.load())
         with _stdout() as out:
             if format == "xmp":
                 naming = xmp_naming or "full"
                 made = report.export_sidecars(state, out.write, naming, dry_run, results)
+                beside = made.line(), made.failed
+            elif format == "captions":
+                given: dict[str, Any] = {k: v for k, v in captioning.items() if v is not None}
+                given["naming"] = given.pop("caption_naming", "basename")
+                given["dry_run"] = dry_run
+                captioned = report.export_captions(state, out.write, given, results)
+                beside = captioned.line(), captioned.failed
             else:  # report.export writes bytes, or wraps them in a TextIOWrapper for CSV
                 sink = cast("IO[bytes]", SinkFile(out))
-                n = report.export(state, format, output, sink, status_, results)
-        if format == "xmp":
-            _finish([made.line()], int(ExitCode.ITEM_FAILURES) if made.failed else 0)
+                n = report.export(state, format, output, sink, status_, results, ls_root_url)
+        if format in ("xmp", "captions"):
+            line, failed = beside
+            _finish([line], int(ExitCode.ITEM_FAILURES) if failed else 0)
         else:
             log.info("exported %s records%s", f"{n:,}", f" to {output}" if output else "")
+
+
+@app.command()
+@o.command_options("checkpoint")
+def search(
+    root: Annotated[str, typer.Argument(help="The ROOT that was analysed.", show_default=False)],
+    query: o.SearchQuery = None,
+    tag: o.SearchTag = None,
+    color: o.SearchColor = None,
+    after: o.SearchAfter = None,
+    before: o.SearchBefore = None,
+    status_: o.Status = None,
+    limit: o.SearchLimit = 20,
+    format: o.SearchFormat = "jsonl",
+    null: o.SearchNull = False,
+    **options: Any,
+) -> None:
+    """Find stored results (of the last run's settings) by their words: one JSON line per
+    hit, best first; exit 1 when nothing matches."""
+    from imgbatch import searching
+
+    cmd = o.Shared.pop(options)
+    with _command(cmd):
+        if format not in ("jsonl", "paths") or (null and format != "paths"):
+            raise UsageError("--format is jsonl or paths; -0 goes with --format paths")
+        where = searching.filters(tag or (), color or (), after, before, status_)
+        loaded = cmd.load()
+        state, results = state_dir(root, loaded), results_dir(loaded)
+        hits = searching.search(state, query or [], where, limit, results)
+        with _stdout() as out:
+            for hit in hits:
+                out.write(searching.output_line(hit, format, null))
+        if not hits:
+            raise typer.Exit(int(ExitCode.ITEM_FAILURES))  # grep's "no match"
 
 
 @app.command(name="report")
@@ -289,6 +344,25 @@ def html_report(
             made = write_report(state, results, output, sink, max_thumbnails)
         where = f", written to {output}" if output else ""
         _finish([f"report of {made.items:,} items, {made.thumbnails:,} with a thumbnail{where}"], 0)
+
+
+@app.command()
+@o.command_options("checkpoint")
+def dupes(
+    root: StateRoot = None,
+    distance: o.Distance = 8,
+    **options: Any,
+) -> None:
+    """Groups of exact copies and near-duplicates among the stored files (the last run's):
+    one JSON line per group, biggest waste first, with a suggested keeper. Changes nothing."""
+    from imgbatch import dupes as finder
+
+    cmd = o.Shared.pop(options)
+    with _command(cmd):
+        loaded = cmd.load()
+        found = finder.find(_state(root, cmd), results_dir(loaded), distance, loaded.max_side)
+        _print(json.dumps(group, ensure_ascii=False) for group in found.groups)
+        _finish(found.lines(), 0)
 
 
 @app.command()
@@ -373,9 +447,39 @@ def _app_for(argv: list[str]) -> typer.Typer:
     return one
 
 
+def _query_last(argv: list[str]) -> list[str]:
+    """`imgbatch search ROOT red -car`: a word starting with "-" that is no option of
+    `search` is a query word (an exclusion), so the words go after a "--" in their order,
+    the options before it (click would otherwise take `-car` for an unknown option)."""
+    if len(argv) < 3 or argv[1] != "search" or "--" in argv:
+        return argv
+    command = typer.main.get_command(_app_for(argv))
+    params = getattr(command, "commands", {}).get("search", command).params
+    takes_value = {
+        name: not getattr(p, "is_flag", False) and not getattr(p, "count", False)
+        for p in params
+        if p.param_type_name == "option"
+        for name in (*p.opts, *p.secondary_opts)
+    }
+    takes_value["--help"] = False  # click's own, not among the parameters
+    options: list[str] = []
+    words: list[str] = []
+    rest = iter(argv[2:])
+    for token in rest:
+        name = token.split("=", 1)[0]
+        if name in takes_value:
+            options.append(token)
+            if takes_value[name] and "=" not in token:
+                options.append(next(rest, ""))
+        else:
+            words.append(token)
+    return [argv[0], argv[1], *options, "--", *words]
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
+        sys.argv = _query_last(sys.argv)
         _app_for(sys.argv)()
     except KeyboardInterrupt:  # before a command's own handler is in place
         sys.exit(int(ExitCode.SIGINT))

@@ -27,6 +27,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 _FLAGS = {
     "all_files": "--all-files/--images-only",
     "include_hidden": "--include-hidden/--skip-hidden",
+    "local_ocr": "--ocr/--no-ocr",
 }
 #: settings whose option also reads an environment variable of its own name
 _ENVVARS = {"executor": "IMGBATCH_EXECUTOR", "dask_scheduler": "IMGBATCH_DASK_SCHEDULER"}
@@ -256,7 +257,10 @@ Format = Annotated[
     typer.Option(
         "--format",
         help="jsonl | csv | parquet (needs --output; pip install 'imgbatch\\[parquet]') | "
-        "xmp (a sidecar beside each image; pip install 'imgbatch\\[xmp]').",
+        "xmp (a sidecar beside each image; pip install 'imgbatch\\[xmp]') | "
+        "captions (a one-line .txt beside each image, for training sets) | "
+        "hf (Hugging Face imagefolder: --output DIR/metadata.jsonl, DIR holding ROOT) | "
+        "labelstudio (Label Studio tasks with pre-annotations).",
     ),
 ]
 Status = Annotated[str | None, _opt("--status", help="Only ok or only error items.")]
@@ -270,8 +274,44 @@ XmpNaming = Annotated[
 ]
 XMP_DRY_RUN = _switch(
     "--dry-run",
-    "With --format xmp: write nothing, print one JSON line per sidecar that would change.",
+    "With --format xmp or captions: write nothing, print one JSON line per file that would change.",
 )
+CaptionNaming = Annotated[
+    str | None,
+    _opt(
+        "--caption-naming",
+        help="basename: IMG_0001.txt (kohya, taggui; the default) | full: IMG_0001.JPG.txt.",
+    ),
+]
+CaptionFrom = Annotated[
+    str | None,
+    _opt(
+        "--caption-from",
+        help="description (the default) | tags (joined with ', ') | both (the description, "
+        "then the tags).",
+    ),
+]
+Prefix = Annotated[
+    str | None,
+    _opt("--prefix", help="With --format captions: put 'TEXT, ' in front (a trigger word)."),
+]
+OnExisting = Annotated[
+    str | None,
+    _opt(
+        "--on-existing",
+        help="skip (the default): keep a caption that exists | overwrite | append (', ' "
+        "and the new text; a caption holding it already is kept).",
+    ),
+]
+LsRootUrl = Annotated[
+    str | None,
+    _opt(
+        "--ls-root-url",
+        metavar="URL",
+        help="With --format labelstudio: data.image is URL + the path relative to ROOT, "
+        "percent-encoded (e.g. '/data/local-files/?d=Pictures/'), not the absolute path.",
+    ),
+]
 MaxThumbnails = Annotated[
     int,
     typer.Option(
@@ -314,6 +354,16 @@ ServeGrace = Annotated[
 MaxRuns = Annotated[
     int, typer.Option("--max-runs", help="Runs at once at most (a start beyond: 429).", min=1)
 ]
+Distance = Annotated[
+    int,
+    typer.Option(
+        "--distance",
+        help="Near-duplicates: perceptual hashes within this many bits of 64 (0: the same "
+        "pHash; resized, re-encoded, brightened or slightly cropped copies are within ~6).",
+        min=0,
+        max=32,
+    ),
+]
 PRUNE_WAIT = _switch("--wait", "Wait for a run holding the lock.")
 ForgetBatch = Annotated[
     str | None,
@@ -326,16 +376,64 @@ ForgetBatch = Annotated[
     ),
 ]
 
+# -- search ---------------------------------------------------------------------------
+
+SearchQuery = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help='Words (all must match), "quoted phrases", prefix*, -excluded (put -- before '
+        "a query that starts with -).",
+        show_default=False,
+    ),
+]
+SearchTag = Annotated[
+    list[str] | None,
+    _opt("--tag", help="Only results with this whole tag, any case (repeatable: all)."),
+]
+SearchColor = Annotated[
+    list[str] | None,
+    _opt("--color", help="Only results with this colour name (repeatable: all)."),
+]
+SearchAfter = Annotated[
+    str | None,
+    _opt("--after", metavar="DATE", help="Taken on or after DATE (YYYY-MM-DD, local time)."),
+]
+SearchBefore = Annotated[
+    str | None, _opt("--before", metavar="DATE", help="Taken before DATE (YYYY-MM-DD).")
+]
+SearchLimit = Annotated[int, typer.Option("--limit", help="Hits shown at most.", min=1)]
+SearchFormat = Annotated[
+    str,
+    typer.Option(
+        "--format", help="jsonl (the export record plus score) | paths (one path per line)."
+    ),
+]
+SearchNull = Annotated[
+    bool, typer.Option("-0", "--null", help="With --format paths: NUL after each path.")
+]
+
 
 def check_export(
-    format: str, output: str | None, status: str | None, xmp_naming: str | None, dry_run: bool
+    format: str,
+    output: str | None,
+    status: str | None,
+    dry_run: bool,
+    **format_options: str | None,
 ) -> None:
-    """UsageError for `export` options that do not go together."""
+    """UsageError for `export` options that do not go together; `format_options` are
+    the options of one format (xmp_naming, caption_from, ls_root_url, ...), None when not
+    given."""
     if status not in (None, "ok", "error"):
         raise UsageError("--status must be ok or error")
-    if format == "xmp" and output is not None:
-        raise UsageError("--format xmp writes sidecars beside the images: no --output")
-    if format == "xmp" and status == "error":
-        raise UsageError("--format xmp exports ok results only")
-    if format != "xmp" and (xmp_naming is not None or dry_run):
-        raise UsageError("--xmp-naming and --dry-run go with --format xmp")
+    beside = format in ("xmp", "captions")
+    if beside and output is not None:
+        raise UsageError(f"--format {format} writes files beside the images: no --output")
+    if format in ("xmp", "captions", "hf", "labelstudio") and status == "error":
+        raise UsageError(f"--format {format} exports ok results only")
+    if dry_run and not beside:
+        raise UsageError("--dry-run: these previews go with --format xmp or captions")
+    owners = {"xmp_naming": "xmp", "ls_root_url": "labelstudio"}  # the others: captions
+    for name, value in format_options.items():
+        owner = owners.get(name, "captions")
+        if value is not None and format != owner:
+            raise UsageError(f"--{name.replace('_', '-')} goes with --format {owner}")

@@ -81,6 +81,12 @@ class Settings:
     grace: float = _s(10.0, "analyze", "seconds in-flight items get after SIGINT/SIGTERM")
     upload_format: str = _s("jpeg", "analyze", "upload encoding for remote providers: jpeg | webp")
     upload_quality: int = _s(85, "analyze", "upload encoding quality, 1-100")
+    # [local]: the offline analyzer
+    local_ocr: bool = _s(
+        False,
+        "local",
+        "read legible text offline (offline analyzer only; pip install 'imgbatch[ocr]')",
+    )
     # [rate]
     rpm: float = _s(60.0, "rate", "requests per minute at most, all threads; 0 = no limit")
     tpm: float = _s(0.0, "rate", "input tokens per minute at most; 0 = no limit")
@@ -190,7 +196,7 @@ def _port(parts: SplitResult) -> int | None:
         return None
 
 
-SECTIONS = ("scan", "analyze", "rate", "gemini", "openai", "ollama", "batch", "state", "output")
+SECTIONS = ("scan", "analyze", "local", "rate", "gemini", "openai", "ollama", "batch", "state", "output")
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 

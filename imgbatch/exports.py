@@ -3,7 +3,9 @@
 Every writer takes the stream of export records (the `analyze` record shape, read from
 the checkpoint by report.py) and holds at most one Parquet row group or one sidecar in
 memory. pyarrow and pyexiv2 are optional extras, imported only when their format is
-asked for; a missing one is a usage error naming the pip command.
+asked for; a missing one is a usage error naming the pip command. What every writer
+beside the images shares (the open folders, stems, "still as analysed") is here too, for
+captions.py; the training-set manifests are in datasets.py.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import os
 import re
 import secrets
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -379,8 +381,8 @@ _EMPTY_PACKET = (
     b'<x:xmpmeta xmlns:x="adobe:ns:meta/"></x:xmpmeta><?xpacket end="w"?>'
 )
 # Errors that no other sidecar would escape: stop rather than fail every image alike.
-_SYSTEMIC = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
-_CONTROL = dict.fromkeys(c for c in range(32) if c not in (9, 10, 13))
+SYSTEMIC = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+CONTROL = dict.fromkeys(c for c in range(32) if c not in (9, 10, 13))
 # What may come before a packet: a byte-order mark, white space, an XML declaration
 _PROLOGUE = re.compile(rb"(?:\xef\xbb\xbf)?\s*(?:<\?xml[^>]*\?>\s*)?")
 _PACKET_STARTS = (b"<?xpacket", b"<x:xmpmeta")
@@ -430,7 +432,7 @@ class SidecarSummary:
 
 def _xmp_text(text: str) -> str:
     """`text` as XML can carry it: strict UTF-8, no control characters, trimmed."""
-    return utf8_clean(text).translate(_CONTROL).strip()
+    return utf8_clean(text).translate(CONTROL).strip()
 
 
 def _keywords(result: Record) -> list[str]:
@@ -454,14 +456,19 @@ def _as_list(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def _image_path(rec: Record) -> str:
+def image_path(rec: Record) -> str:
     """The image's real name: `path` has U+FFFD where the name is not UTF-8."""
     raw = rec.get("path_bytes_b64")
     return os.fsdecode(base64.b64decode(raw)) if raw else str(rec["path"])
 
 
-class _Stems:
-    """How many images share each name stem (case-insensitively, as on macOS), for the
+def same_file(st: os.stat_result, rec: Record) -> bool:
+    """Whether the file with stat `st` is still the one `rec` analysed (size and mtime)."""
+    return st.st_size == rec.get("size") and iso_utc(st.st_mtime_ns) == rec.get("mtime")
+
+
+class Stems:
+    """The images that share each name stem (case-insensitively, as on macOS), for the
     folders seen last: a folder's items mostly come together.
 
     Only image extensions count: RAW files are not among them, and `IMG_0001.xmp` beside
@@ -469,24 +476,67 @@ class _Stems:
     tags belong."""
 
     def __init__(self, keep: int = 8) -> None:
-        self._folders: OrderedDict[str, Counter[str]] = OrderedDict()
+        self._folders: OrderedDict[str, dict[str, list[str]]] = OrderedDict()
         self._keep = keep
 
     def count(self, path: str) -> int:
+        """How many images of `path`'s folder share its stem (itself included)."""
+        return len(self.sharing(path))
+
+    def sharing(self, path: str) -> list[str]:
+        """The names of the images of `path`'s folder that share its stem, sorted."""
         folder, name = os.path.split(path)
         stems = self._folders.get(folder)
         if stems is None:
-            stems = Counter()
+            stems = {}
             with suppress(OSError), os.scandir(folder or ".") as entries:
                 for e in entries:
                     if extension_of(e.name) in IMAGE_EXTENSIONS:
-                        stems[os.path.splitext(e.name)[0].casefold()] += 1
+                        stems.setdefault(os.path.splitext(e.name)[0].casefold(), []).append(e.name)
+            for names in stems.values():
+                names.sort()
             self._folders[folder] = stems
             if len(self._folders) > self._keep:
                 self._folders.popitem(last=False)
         else:
             self._folders.move_to_end(folder)
-        return stems[os.path.splitext(name)[0].casefold()]
+        return stems.get(os.path.splitext(name)[0].casefold(), [])
+
+
+class ImageFolders:
+    """The image folders of the last few images, each opened once (`beside.Folder`): a
+    folder's items mostly come together. Unless `dry_run`, the temporary files of an
+    export killed in a folder are removed when it is first opened."""
+
+    def __init__(self, dry_run: bool = False, keep: int = 8) -> None:
+        self._open: OrderedDict[str, beside.Folder] = OrderedDict()
+        self._dry_run = dry_run
+        self._keep = keep
+
+    def get(self, path: str) -> beside.Folder:
+        """The folder `path`, opened (OSError if it cannot be)."""
+        folder = self._open.get(path)
+        if folder is not None:
+            self._open.move_to_end(path)
+            return folder
+        folder = beside.Folder(path)
+        self._open[path] = folder
+        if len(self._open) > self._keep:
+            self._open.popitem(last=False)[1].close()
+        if not self._dry_run:
+            with suppress(OSError):  # an unlistable folder: its files will say why
+                if removed := folder.sweep():
+                    log.info(
+                        "removed %d temporary file(s) of an interrupted export in %s",
+                        removed,
+                        path or ".",
+                    )
+        return folder
+
+    def close(self) -> None:
+        """Close the folders held open."""
+        while self._open:
+            self._open.popitem()[1].close()
 
 
 @dataclass
@@ -524,9 +574,9 @@ class SidecarWriter:
         self.naming = naming
         self.summary = SidecarSummary(dry_run=dry_run)
         self._emit = emit
-        self._stems = _Stems()
+        self._stems = Stems()
         self._root = os.geteuid() == 0  # then sidecars are given to the image's owner
-        self._folders: OrderedDict[str, beside.Folder] = OrderedDict()
+        self._folders = ImageFolders(dry_run)
 
     def sidecar_of(self, image: str) -> str:
         """The sidecar's path: `IMG_0001.JPG.xmp` (darktable, digiKam), or `IMG_0001.xmp`
@@ -545,30 +595,7 @@ class SidecarWriter:
 
     def close(self) -> None:
         """Close the image folders held open."""
-        while self._folders:
-            self._folders.popitem()[1].close()
-
-    def _folder(self, path: str, keep: int = 8) -> beside.Folder:
-        """The image folder `path`, opened once for the folders seen last (a folder's items
-        mostly come together); the temporary files of an export killed there are removed
-        when it is first opened."""
-        folder = self._folders.get(path)
-        if folder is not None:
-            self._folders.move_to_end(path)
-            return folder
-        folder = beside.Folder(path)
-        self._folders[path] = folder
-        if len(self._folders) > keep:
-            self._folders.popitem(last=False)[1].close()
-        if not self.summary.dry_run:
-            with suppress(OSError):  # an unlistable folder: its sidecars will say why
-                if removed := folder.sweep():
-                    log.info(
-                        "removed %d temporary file(s) of an interrupted export in %s",
-                        removed,
-                        path or ".",
-                    )
-        return folder
+        self._folders.close()
 
     def write(self, rec: Record) -> None:
         """The sidecar of one ok record: created, merged, or left as it is."""
@@ -585,14 +612,14 @@ class SidecarWriter:
         if not keywords and not description:
             s.no_keywords += 1
             return
-        image = _image_path(rec)
+        image = image_path(rec)
         folder_path, name = os.path.split(image)
         try:
             # everything beside the image happens in its folder as opened here: a folder
             # path swapped for a symlink later cannot send a write elsewhere
-            folder = self._folder(folder_path)
+            folder = self._folders.get(folder_path)
             st = folder.stat(name)
-            same = st.st_size == rec.get("size") and iso_utc(st.st_mtime_ns) == rec["mtime"]
+            same = same_file(st, rec)
         except OSError:
             same = False
         if not same:
@@ -615,7 +642,7 @@ class SidecarWriter:
             s.failed += 1
             log.warning("skipped %s: %s", sidecar, exc.reason)
         except OSError as exc:
-            if exc.errno in _SYSTEMIC:
+            if exc.errno in SYSTEMIC:
                 raise OutputError(f"cannot write {sidecar}: {exc.strerror or exc}") from None
             s.failed += 1
             log.warning("cannot write %s: %s", sidecar, exc.strerror or exc)

@@ -6,7 +6,9 @@ scanner runs jobs inline, or in worker processes (`--hash-procs`, `workerproto`:
 frames of jobs on stdin, answers on stdout). This module imports only
 xxhash at load time, so a worker starts in ~20 ms. A job's result is finished output:
 the JSON lines of the scan (or FileRecords, for `analyze`), the folder's new cache
-entry or rows, and counters; the main process only orders results and writes.
+entry or rows, and counters; the main process only orders results and writes. Jobs and
+results are plain tuples (the wire form); the scanner turns results into its own types
+(`scanner.receive`) as it gets them.
 
 Cold caches: a file's first read is tried with RWF_NOWAIT; when it would block (the
 content is not in the page cache: a NAS, a spinning disk, a first run), the job opens
@@ -47,7 +49,9 @@ READAHEAD = 32  # files of a folder opened and announced ahead once reads block
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
-_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)  # Linux >= 4.14
+#: the flag of a first read that must not block (RWF_NOWAIT, Linux >= 4.14): it tells a
+#: cold page cache (0: plain reads, no read-ahead). Jobs carry it (Schedule.nowait).
+NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 _WILLNEED: int | None = getattr(os, "POSIX_FADV_WILLNEED", None)
 
 
@@ -61,57 +65,45 @@ class Large:
         self.ext = ext
 
 
+# Jobs and their answers are plain tuples: the worker protocol (`workerproto`) sends
+# them as they are, and the scanner turns answers into its own types on receipt.
+
 #: one folder's part of a job: its path, the names of selected files (in output
 #: order), their extensions, and their hash-cache stamps (None: no cache entry)
 Segment = tuple[str, list[str], list[str], "list[Stamp | None] | None"]
-#: segments, follow symlinks, JSON lines (True) or FileRecords
-Job = tuple[list[Segment], bool, bool]
-#: per segment: output parts (JSON lines as bytes, or FileRecords; Large markers) and
-#: cache rows (name, stamp) of the files read; then counters (see COUNTERS)
-Done = tuple[list[tuple[list["bytes | FileRecord | Large"], list[tuple[str, Stamp]]]], list[int]]
+#: segments, follow symlinks, JSON lines (True) or FileRecords, NOWAIT (or 0)
+Job = tuple[list[Segment], bool, bool, int]
+#: a job's output: JSON lines as bytes, or FileRecords; Large markers in place
+Parts = list["bytes | FileRecord | Large"]
+#: cache rows (name, stamp) of the files read
+Rows = list[tuple[str, Stamp]]
+#: per segment its parts and rows; then counters (see COUNTERS)
+Done = tuple[list[tuple[Parts, Rows]], list[int]]
 COUNTERS = ("files", "errors", "bytes", "bytes_read", "cache_hits", "not_regular")
 FILES, ERRORS, BYTES, BYTES_READ, HITS, NOT_REGULAR = range(6)
 
 #: a folder job: the folder's path and its path relative to ROOT, how to list it, JSON
-#: lines (True) or FileRecords, the hash cache's database (None: no cache), whether the
-#: cache entry must keep every listed name, files done in the job itself (the rest come
-#: back as segments of `split` files, for the scanner to send out)
-FolderJob = tuple[str, str, Listing, bool, "str | None", int, int]
-
-
-class FolderDone:
-    """The answer to a folder job (see `encode` for the way it travels)."""
-
-    __slots__ = (
-        "damaged",
-        "errors",
-        "listed_ok",
-        "parts",
-        "rest",
-        "rows",
-        "skipped_links",
-        "skipped_other",
-        "store",
-        "subfolders",
-        "counts",
-    )
-
-    def __init__(self) -> None:
-        self.errors: list[bytes | FileRecord] = []  # records of entries that failed
-        self.listed_ok = False  # False: the folder could not be listed (one error)
-        self.subfolders: list[Subfolder] = []
-        self.skipped_links = 0
-        self.skipped_other = 0
-        self.parts: list[bytes | FileRecord | Large] = []  # the first files' output
-        self.rows: list[tuple[str, Stamp]] = []  # their cache rows
-        self.rest: list[Segment] = []  # the folder's other files, cut into segments
-        #: what becomes of the folder's hash-cache entry: decided by the job (the new
-        #: entry, or None when it stands as it is), or left to the scanner (a folder done
-        #: in several parts, or with large files): ("open", old entry, names listed,
-        #: clock before listing)
-        self.store: object = None
-        self.counts = [0] * len(COUNTERS)
-        self.damaged = ""  # why the cache entry could not be read, if it could not
+#: lines (True) or FileRecords, the hash cache's database (None: no cache), files done
+#: in the job itself (the rest come back as segments of `split` files, for the scanner
+#: to send out), NOWAIT (or 0)
+FolderJob = tuple[str, str, Listing, bool, "str | None", int, int, int]
+#: what becomes of the folder's hash-cache entry: None (no cache, or it stands as it
+#: is), ("put", the new entry), or left to the scanner (a folder done in several parts,
+#: or with large files): ("open", the old entry, the names listed, the clock before
+#: listing)
+Store = tuple[str, FolderHashes] | tuple[str, FolderHashes | None, frozenset[str], int] | None
+#: the answer to a folder job: listed (False: it could not be, one error), error records
+#: of its entries (or of the folder), subfolders, symlinks and other files skipped, the
+#: first files' parts and rows, the folder's other files cut into segments, Store,
+#: counters, why the cache entry could not be read ("": it could)
+FolderDone = tuple[
+    bool, "list[bytes | FileRecord]", list[Subfolder], int, int, Parts, Rows, list[Segment],
+    Store, list[int], str,
+]  # fmt: skip
+#: a job as sent to a worker: ("F", FolderJob) or ("S", Job); answered ("F", FolderDone)
+#: or ("S", Done)
+AnyJob = tuple[str, "FolderJob | Job"]
+Answer = tuple[str, "FolderDone | Done"]
 
 
 _buffer: memoryview | None = None
@@ -141,16 +133,16 @@ def open_flags(follow: bool) -> int:
 
 
 def digest(
-    fd: int, st: os.stat_result, view: memoryview, nowait: bool = False
+    fd: int, st: os.stat_result, view: memoryview, nowait: int = 0
 ) -> tuple[str, int, os.stat_result, bool]:
     """Hash an open regular file: (xxh3-128 hex digest, bytes read, its stat after the
-    read, whether the first read would have blocked). `nowait`: try the first read
-    without blocking (RWF_NOWAIT), to learn whether the content is in the page cache."""
+    read, whether the first read would have blocked). `nowait` (NOWAIT, or 0: a plain
+    read): the first read's flag, to learn whether the content is in the page cache."""
     size = st.st_size
     blocked = False
-    if nowait and _NOWAIT:
+    if nowait:
         try:
-            n = os.preadv(fd, [view], 0, _NOWAIT)
+            n = os.preadv(fd, [view], 0, nowait)
         except BlockingIOError:
             blocked = True
             n = os.readv(fd, [view])
@@ -232,46 +224,92 @@ class _Opener:
 def run_job(job: Job) -> Done:
     """Run one job (see Job, Done). Files from LARGE_FILE are left in place (Large): the
     scanner hashes them in its threads, after writing what comes before them."""
-    segments, follow, lines = job
+    segments, follow, lines, nowait = job
     counts = [0] * len(COUNTERS)
     view = buffer()
-    return [_segment(seg, follow, lines, counts, view) for seg in segments], counts
+    return [_segment(seg, follow, lines, nowait, counts, view) for seg in segments], counts
+
+
+class _Failed(Exception):
+    """A file that could not be read: why, its stat if known, and bytes read anyway."""
+
+    def __init__(self, message: str, st: os.stat_result | None = None, read: int = 0) -> None:
+        self.message = message
+        self.st = st
+        self.read = read
+
+
+def _read(
+    opener: _Opener, i: int, view: memoryview, nowait: int
+) -> tuple[os.stat_result, str | None, int]:
+    """Open, stat and hash file `i` of a folder: (its stat, its digest, bytes read). The
+    digest is None for a file not hashed here: not a regular file, or a large one.
+    Raises _Failed."""
+    try:
+        fd = opener.open(i)
+    except OSError as exc:
+        raise _Failed(open_error(exc)) from None
+    try:
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise _Failed(errmsg(exc, "cannot stat")) from None
+        if st.st_size >= LARGE_FILE or not stat.S_ISREG(st.st_mode):
+            return st, None, 0
+        try:
+            hexdigest, n, after, blocked = digest(fd, st, view, 0 if opener.cold else nowait)
+        except OSError as exc:
+            raise _Failed(errmsg(exc, "cannot read"), st) from None
+    finally:
+        os.close(fd)
+    if blocked:
+        opener.cold = True
+    size = st.st_size
+    if n != size or after.st_size != size or after.st_mtime_ns != st.st_mtime_ns:
+        raise _Failed("file changed while it was being read", after, n)
+    return st, hexdigest, n
+
+
+def _line_template(prefix: str, lines: bool) -> str | None:
+    """The line of FileRecord.to_json's fast path for the files of folder `prefix`, its
+    part of the path quoted once (JSON escaping is per character); None: every line is
+    made the slow way (FileRecords wanted, or a folder path that needs escaping)."""
+    qprefix = _quote(prefix)[:-1]
+    if not lines or not is_clean(qprefix):
+        return None
+    return (
+        '{"path":' + qprefix.replace("%", "%%") + '%s,"hash":"%s","size":%d,'
+        '"extension":%s,"mtime":"%s.%06dZ","status":"ok"}\n'
+    )
 
 
 def _segment(
-    seg: Segment, follow: bool, lines: bool, counts: list[int], view: memoryview
-) -> tuple[list[bytes | FileRecord | Large], list[tuple[str, Stamp]]]:
+    seg: Segment, follow: bool, lines: bool, nowait: int, counts: list[int], view: memoryview
+) -> tuple[Parts, Rows]:
     """One folder's part of a job. This loop is the scan's hot path: a file answered
-    from the cache costs a stat and a formatted line, so it is written flat."""
+    from the cache costs a stat and a formatted line, so that path is written inline
+    (a file read costs syscalls: `_read`, a call more, is lost in them)."""
     folder, names, exts, stamps = seg
-    parts: list[bytes | FileRecord | Large] = []
-    rows: list[tuple[str, Stamp]] = []
+    parts: Parts = []
+    rows: Rows = []
     if not names:
         return parts, rows
     prefix = folder if folder.endswith("/") else folder + "/"
-    qprefix = _quote(prefix)[:-1]
-    # The line of FileRecord.to_json's fast path, with the folder's part of the path
-    # quoted once (JSON escaping is per character); None: every line the slow way
-    template = None
-    if lines and is_clean(qprefix):
-        template = (
-            '{"path":' + qprefix.replace("%", "%%") + '%s,"hash":"%s","size":%d,'
-            '"extension":%s,"mtime":"%s.%06dZ","status":"ok"}\n'
-        )
+    template = _line_template(prefix, lines)
     text: list[str] = []  # ok lines not yet encoded
     quoted_ext: dict[str, str] = {}
-    quote, iso, clean = _quote, iso_seconds, is_clean
+    quote, iso, clean, read = _quote, iso_seconds, is_clean, _read
     files = hits = nbytes = nread = 0
     opener = _Opener(folder, prefix, names, follow)
     stat_, dir_fd = os.stat, opener.dir_fd
     where = opener.prefix  # "" when names are opened relative to dir_fd
 
-    def emit(rec: FileRecord) -> None:
+    def emit(rec: FileRecord | Large) -> None:
         if lines:
             if text:
                 parts.append(_encode(text))
                 text.clear()
-            parts.append(rec.to_json())
+            parts.append(rec if isinstance(rec, Large) else rec.to_json())
         else:
             parts.append(rec)
 
@@ -302,43 +340,22 @@ def _segment(
                 if opener.cold:
                     opener.read_ahead(i, lambda j: stamps is None or stamps[j] is None)
                 try:
-                    fd = opener.open(i)
-                except OSError as exc:
-                    failed(io_error(prefix + name, open_error(exc)))
+                    st, digested, n = read(opener, i, view, nowait)
+                except _Failed as exc:
+                    nread += exc.read
+                    failed(io_error(prefix + name, exc.message, exc.st))
                     continue
-                try:
-                    try:
-                        st = os.fstat(fd)
-                    except OSError as exc:
-                        msg = errmsg(exc, "cannot stat")
-                        failed(io_error(prefix + name, msg))
-                        continue
-                    if not stat.S_ISREG(st.st_mode):
+                if digested is None:
+                    if stat.S_ISREG(st.st_mode):
+                        emit(Large(name, exts[i]))  # hashed by the scanner's threads
+                    else:
                         counts[NOT_REGULAR] += 1
-                        continue
-                    if st.st_size >= LARGE_FILE:
-                        if text:
-                            parts.append(_encode(text))
-                            text.clear()
-                        parts.append(Large(name, exts[i]))
-                        continue
-                    try:
-                        hexdigest, n, after, blocked = digest(fd, st, view, not opener.cold)
-                    except OSError as exc:
-                        msg = errmsg(exc, "cannot read")
-                        failed(io_error(prefix + name, msg, st))
-                        continue
-                finally:
-                    os.close(fd)
-                if blocked:
-                    opener.cold = True
-                nread += n
-                size = st.st_size
-                if n != size or after.st_size != size or after.st_mtime_ns != st.st_mtime_ns:
-                    msg = "file changed while it was being read"
-                    failed(io_error(prefix + name, msg, after))
                     continue
-                rows.append((name, (st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns, hexdigest)))
+                hexdigest = digested
+                nread += n
+                rows.append(
+                    (name, (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, hexdigest))
+                )
             # an ok record: from the cache, or just read
             size = st.st_size
             files += 1
@@ -375,56 +392,50 @@ def _encode(text: list[str]) -> bytes:
     return "".join(text).encode("utf-8")
 
 
-#: a job as sent to a worker: ("F", FolderJob) or ("S", Job)
-AnyJob = tuple[str, "FolderJob | Job"]
-
-
-def run(job: AnyJob) -> FolderDone | Done:
-    """Run a folder job or a segment job."""
+def run(job: AnyJob) -> Answer:
+    """Run a folder job or a segment job: its answer, tagged as the job was."""
     kind, body = job
     if kind == "F":
-        return run_folder(body)  # type: ignore[arg-type]
-    return run_job(body)  # type: ignore[arg-type]
+        return kind, run_folder(body)  # type: ignore[arg-type]
+    return kind, run_job(body)  # type: ignore[arg-type]
 
 
 def run_folder(job: FolderJob) -> FolderDone:
     """List a folder, look its files up in the hash cache, and hash the first `first`
     of them (the rest are returned as segments of `split` files)."""
-    path, rel, listing, lines, db, first, split = job
-    done = FolderDone()
+    path, rel, listing, lines, db, first, split, nowait = job
+    counts = [0] * len(COUNTERS)
     try:
         found = list_folder(path, rel, listing, db is not None)
     except OSError as exc:
         rec = io_error(path, errmsg(exc, "cannot list folder"))
-        done.errors.append(rec.to_json() if lines else rec)
-        done.counts[ERRORS] += 1
-        return done
-    done.listed_ok = True
-    done.errors = [r.to_json() for r in found.errors] if lines else list(found.errors)
-    done.counts[ERRORS] += len(found.errors)
-    done.subfolders = found.subfolders
-    done.skipped_links, done.skipped_other = found.skipped_links, found.skipped_other
+        counts[ERRORS] += 1
+        return False, [rec.to_json() if lines else rec], [], 0, 0, [], [], [], None, counts, ""
+    errors: list[bytes | FileRecord] = (
+        [r.to_json() for r in found.errors] if lines else list(found.errors)
+    )
+    counts[ERRORS] += len(errors)
     names, exts = found.names, found.exts
     old: FolderHashes | None = None
+    damaged = ""
     if db is not None:
-        old, done.damaged = read_entry(db, rel)
+        old, damaged = read_entry(db, rel)
     stamps = [old.get(n) for n in names] if old else None
     follow = listing[0]
     seg: Segment = (path, names[:first], exts[:first], stamps[:first] if stamps else None)
-    done.parts, done.rows = _segment(seg, follow, lines, done.counts, buffer())
-    for k in range(first, len(names), split):
-        done.rest.append(
-            (
-                path,
-                names[k : k + split],
-                exts[k : k + split],
-                stamps[k : k + split] if stamps else None,
-            )
-        )
+    parts, rows = _segment(seg, follow, lines, nowait, counts, buffer())
+    rest: list[Segment] = [
+        (path, names[k : k + split], exts[k : k + split], stamps[k : k + split] if stamps else None)
+        for k in range(first, len(names), split)
+    ]
+    store: Store = None
     if db is None:
-        done.store = None
-    elif done.rest or any(isinstance(p, Large) for p in done.parts):
-        done.store = ("open", old, found.listed, found.listed_ns)
+        pass
+    elif rest or any(isinstance(p, Large) for p in parts):
+        store = ("open", old, found.listed, found.listed_ns)
     else:
-        done.store = merge_entry(old, found.listed, dict(done.rows), found.listed_ns)
-    return done
+        entry = merge_entry(old, found.listed, dict(rows), found.listed_ns)
+        if entry is not None:
+            store = ("put", entry)
+    skipped = found.skipped_links, found.skipped_other
+    return True, errors, found.subfolders, *skipped, parts, rows, rest, store, counts, damaged

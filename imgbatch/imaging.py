@@ -29,7 +29,6 @@ __all__ = [
     "decoder_available",
     "decoder_missing",
     "encode_for_upload",
-    "estimate_tokens",
     "fitted_size",
     "heif_available",
     "prepare",
@@ -115,6 +114,7 @@ class PreparedImage:
     format: str  # as Pillow names it ("JPEG", "PNG", "WEBP", "GIF", "TIFF"...), MPO as JPEG
     mode: str  # the original pixel mode: "RGB", "RGBA", "P", "L", "I;16"...
     exif: ExifInfo
+    path: str = ""  # the file decoded: a second reader (OCR) decodes it at full size
 
 
 def prepare(
@@ -168,7 +168,7 @@ def prepare(
         width, height = height, width
     # Nothing of the file's metadata (EXIF, GPS, ICC, XMP, comments) travels further.
     small.info = {}
-    return PreparedImage(small, width, height, fmt, mode, exif)
+    return PreparedImage(small, width, height, fmt, mode, exif, os.fspath(path))
 
 
 def encode_for_upload(
@@ -191,39 +191,12 @@ def encode_for_upload(
     return buf.getvalue(), _UPLOAD_MIME[name]
 
 
-def upload_and_tokens(
-    prep: PreparedImage,
-    fmt: str = "JPEG",
-    quality: int = 85,
-    media_resolution: str | None = None,
-    extra_tokens: int = 0,
-) -> tuple[tuple[bytes, str], int]:
-    """The upload (bytes, mime) of a prepared image and its estimated input tokens (plus
-    `extra_tokens` for the prompt): what a remote provider's worker-side encoder returns."""
-    w, h = prep.image.size
-    return encode_for_upload(prep, fmt, quality), estimate_tokens(
-        w, h, media_resolution
-    ) + extra_tokens
-
-
-def estimate_tokens(width: int, height: int, media_resolution: str | None = None) -> int:
-    """Gemini 2.x input tokens for an image of this size (the size that is uploaded).
-
-    Both sides <= 384 px: 258 tokens; larger images are tiled at 768x768, 258 tokens per
-    tile; media_resolution "low" is a flat 64. Other resolutions ("medium", "high",
-    "unspecified") are estimated with the tiling rule.
-    """
-    if width < 1 or height < 1:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    if media_resolution is not None:
-        level = media_resolution.lower().removeprefix("media_resolution_")
-        if level not in ("low", "medium", "high", "unspecified"):
-            raise ValueError(f"unknown media_resolution {media_resolution!r}")
-        if level == "low":
-            return 64
-    if width <= 384 and height <= 384:
-        return 258
-    return math.ceil(width / 768) * math.ceil(height / 768) * 258
+def upload_and_size(
+    prep: PreparedImage, fmt: str = "JPEG", quality: int = 85
+) -> tuple[tuple[bytes, str], tuple[int, int]]:
+    """The upload (bytes, mime) of a prepared image and its size, from which the driver
+    estimates its tokens: what a remote provider's worker-side encoder returns."""
+    return encode_for_upload(prep, fmt, quality), prep.image.size
 
 
 def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -392,24 +365,26 @@ def avif_available() -> bool:
 
 
 _heif_lock = threading.Lock()
-_heif_registered = False
+_heif_registered: object = None  # the pillow_heif module whose opener Pillow has
 
 
 def _register_heif() -> bool:
     """Register pillow-heif's opener once it imports; return whether it is registered.
 
-    A failed import is tried again next time (it costs a path search, and only files
-    that are HEIF pay it): a long-lived process may see the extra installed meanwhile.
+    The import is asked each time: a failed one is tried again (it costs a path search,
+    and only files that are HEIF pay it), as a long-lived process may see the extra
+    installed meanwhile; a module already imported costs a dictionary look-up, and its
+    opener is registered once.
     """
     global _heif_registered
     with _heif_lock:
-        if not _heif_registered:
-            try:
-                import pillow_heif  # optional extra: imgbatch[heif]
-            except ImportError:
-                return False
+        try:
+            import pillow_heif  # optional extra: imgbatch[heif]
+        except ImportError:
+            return False
+        if _heif_registered is not pillow_heif:
             pillow_heif.register_heif_opener()
-            _heif_registered = True
+            _heif_registered = pillow_heif
         return True
 
 

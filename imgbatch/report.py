@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from imgbatch import exports
+from imgbatch import captions, datasets, exports
 from imgbatch.checkpoint import Checkpoint
 from imgbatch.config import Settings, results_dir
 from imgbatch.errors import OutputError, UsageError
@@ -192,22 +192,30 @@ def items(
             chosen = sorted(later, key=lambda item: item[:2])
         else:
             chosen = heapq.nsmallest(limit, later, key=lambda item: item[:2])
-    for rel_dir, name, (content, code, _, size, mtime_ns, message) in chosen:
-        status_ = "ok" if code is None else "error"
-        path = os.path.join(root, rel_dir, name)  # an empty rel_dir adds nothing
-        rec = FileRecord(path, size, mtime_ns, content).fields()
-        rec["exists"] = os.path.lexists(path)
-        rec["status"] = status_
-        stored = cp.result(fp, content) if content else None
-        rec["provider"] = (stored or last).get("provider")
-        rec["model"] = (stored or last).get("model")
-        rec["input_tokens"] = stored.get("input_tokens") if stored else None
-        rec["output_tokens"] = stored.get("output_tokens") if stored else None
-        if code is None:
-            rec["result"] = stored.get("result") if stored else None
-        else:
-            rec["error"] = {"code": code, "message": message or ""}
-        yield rec
+    for rel_dir, name, state in chosen:
+        yield record(cp, root, last, rel_dir, name, state)
+
+
+def record(
+    cp: Checkpoint, root: str, run: dict[str, Any], rel_dir: str, name: str, state: Any
+) -> dict[str, Any]:
+    """One stored item as its export record: `state` is its ItemState under `run`'s
+    fingerprint (`items`, and `search` for its hits)."""
+    content, code, _, size, mtime_ns, message = state
+    path = os.path.join(root, rel_dir, name)  # an empty rel_dir adds nothing
+    rec = FileRecord(path, size, mtime_ns, content).fields()
+    rec["exists"] = os.path.lexists(path)
+    rec["status"] = "ok" if code is None else "error"
+    stored = cp.result(run["fingerprint"], content) if content else None
+    rec["provider"] = (stored or run).get("provider")
+    rec["model"] = (stored or run).get("model")
+    rec["input_tokens"] = stored.get("input_tokens") if stored else None
+    rec["output_tokens"] = stored.get("output_tokens") if stored else None
+    if code is None:
+        rec["result"] = stored.get("result") if stored else None
+    else:
+        rec["error"] = {"code": code, "message": message or ""}
+    return rec
 
 
 def _results(results: Path | None) -> Path:
@@ -221,22 +229,42 @@ def export(
     out: IO[bytes],
     status_filter: str | None = None,
     results: Path | None = None,
+    ls_root_url: str | None = None,
 ) -> int:
-    """Write every stored result as JSONL, CSV or Parquet to `output` (atomically) or
-    `out`; returns how many records. Parquet needs `output`.
+    """Write every stored result as JSONL, CSV or Parquet, or the ok ones as a Hugging
+    Face `metadata.jsonl` (hf) or Label Studio tasks (labelstudio; `ls_root_url`: see
+    datasets.LabelStudioWriter), to `output` (atomically) or `out`; returns how many
+    records. Parquet and hf need `output`; hf, a ROOT inside its folder.
 
     `results` is the shared results store's folder (default: the user's).
     """
-    if fmt not in ("jsonl", "csv", "parquet"):
-        raise UsageError(f"unknown export format {fmt!r}: use jsonl, csv, parquet or xmp")
+    if fmt not in ("jsonl", "csv", "parquet", "hf", "labelstudio"):
+        raise UsageError(
+            f"unknown export format {fmt!r}: use jsonl, csv, parquet, xmp, captions, hf "
+            "or labelstudio"
+        )
     if fmt == "parquet":
         exports.require("parquet")  # before any work: a missing extra is the error to report
         if output is None:
             raise UsageError("--format parquet needs --output FILE: Parquet is not a stream")
+    if fmt == "hf" and output is None:
+        raise UsageError("--format hf needs --output DIR/metadata.jsonl, DIR holding ROOT")
     with open_checkpoint(state) as cp, open_results(results) as store:
         cp.results = store
+        manifest: datasets.HfWriter | datasets.LabelStudioWriter | None = None
+        if fmt in ("hf", "labelstudio"):
+            root = cp.root()
+            if root is None:
+                raise UsageError(f"nothing was analysed with the checkpoint in {state}")
+            # before anything is written: a ROOT outside the folder of hf's output
+            if fmt == "hf":
+                manifest = datasets.HfWriter(root, str(output))
+            else:
+                manifest = datasets.LabelStudioWriter(root, ls_root_url)
 
         def write(fh: IO[bytes]) -> int:
+            if manifest is not None:
+                return manifest.write_all(items(cp, "ok"), fh).written
             records = items(cp, status_filter)
             if fmt == "jsonl":
                 return exports.write_jsonl(records, fh)
@@ -271,6 +299,22 @@ def export_sidecars(
     tags or a description (see exports.SidecarWriter). With `dry_run`, write nothing and
     give `emit` one JSON line per sidecar that would change."""
     writer = exports.SidecarWriter(emit, naming, dry_run)  # first: a missing extra, a bad naming
+    with open_checkpoint(state) as cp, open_results(results) as store:
+        cp.results = store
+        return writer.write_all(items(cp, "ok"))
+
+
+def export_captions(
+    state: Path,
+    emit: Callable[[bytes], None],
+    options: dict[str, Any],
+    results: Path | None = None,
+) -> captions.CaptionSummary:
+    """Write, replace or extend a caption file beside every image with a stored ok
+    result (see captions.CaptionWriter, whose keyword arguments `options` holds). With
+    `dry_run` among them, write nothing and give `emit` one JSON line per caption that
+    would change."""
+    writer = captions.CaptionWriter(emit, **options)  # first: a bad option
     with open_checkpoint(state) as cp, open_results(results) as store:
         cp.results = store
         return writer.write_all(items(cp, "ok"))

@@ -46,7 +46,7 @@ from imgbatch.config import Settings
 from imgbatch.cpus import SpareCores, cores
 from imgbatch.errors import ErrorCode, UsageError
 from imgbatch.hashcache import FolderHashes, HashCache, Stamp
-from imgbatch.hashjob import CHUNK, LARGE_FILE, Done, Large, Segment
+from imgbatch.hashjob import CHUNK, LARGE_FILE, Large, Parts, Rows
 from imgbatch.listing import IMAGE_EXTENSIONS
 from imgbatch.output import JsonlSink, Progress
 from imgbatch.records import FileRecord, error_record
@@ -95,6 +95,9 @@ class Schedule:
     start_workers: Callable[[int], bool] | None = None
     #: makes the pool of `n` worker processes (None: `Workers(n)`)
     workers: Callable[[int], Workers] | None = None
+    #: the flag of a file's first read, which must not block (RWF_NOWAIT): when it
+    #: would, the page cache is cold and the next files are read ahead (0: plain reads)
+    nowait: int = hashjob.NOWAIT
 
 
 _SKIP_LINK, _SKIP_OTHER, _SKIP_VISITED = "symlink", "not a regular file", "folder already visited"
@@ -145,19 +148,126 @@ class _Folder:
     exts: list[str]  # their extensions
 
 
+# -- the answers of jobs, as the walk keeps them (see receive) --------------------------
+
+
+@dataclass(slots=True)
+class JobCounts:
+    """A job's counters (hashjob.COUNTERS, in that order)."""
+
+    files: int
+    errors: int
+    bytes: int
+    bytes_read: int
+    cache_hits: int
+    not_regular: int
+
+
+@dataclass(slots=True)
+class FolderPart:
+    """A further part of a folder listed before: a segment job's files, in output order,
+    their extensions and hash-cache stamps (None: no cache entry)."""
+
+    path: str
+    names: list[str]
+    exts: list[str]
+    stamps: list[Stamp | None] | None
+
+    def segment(self) -> hashjob.Segment:
+        """The part as a job carries it."""
+        return self.path, self.names, self.exts, self.stamps
+
+
+@dataclass(frozen=True, slots=True)
+class NewEntry:
+    """A folder's new hash-cache entry, decided by its job (stored once it is written)."""
+
+    hashes: FolderHashes
+
+
+@dataclass(frozen=True, slots=True)
+class LeftOpen:
+    """A folder's hash-cache entry left to the scanner (the folder is done in several
+    parts, or has large files): the entry as it was, the names listed, the clock before
+    listing; merged with the hashes of its files once they are all written."""
+
+    old: FolderHashes | None
+    listed: frozenset[str]
+    listed_ns: int
+
+    def merged(self, hashes: FolderHashes) -> FolderHashes | None:
+        """The new entry (None: the old one stands)."""
+        return hashcache.merge_entry(self.old, self.listed, hashes, self.listed_ns)
+
+
+@dataclass(slots=True)
+class FolderResult:
+    """The answer to a folder job (hashjob.FolderDone)."""
+
+    listed_ok: bool  # False: the folder could not be listed (one error)
+    errors: list[bytes | FileRecord]  # records of entries that failed (or of the folder)
+    subfolders: list[listing.Subfolder]
+    skipped_links: int
+    skipped_other: int
+    parts: Parts  # the first files' output
+    rows: Rows  # their cache rows
+    rest: list[FolderPart]  # the folder's other files, cut into parts
+    #: what becomes of the folder's cache entry (None: nothing to store: no cache, or
+    #: the entry stands as it is)
+    store: NewEntry | LeftOpen | None
+    counts: JobCounts
+    damaged: str  # why the cache entry could not be read, if it could not
+
+
+@dataclass(slots=True)
+class PartResult:
+    """The answer to a segment job of one part (hashjob.Done)."""
+
+    parts: Parts
+    rows: Rows
+    counts: JobCounts
+
+
+def receive(answer: hashjob.Answer) -> FolderResult | PartResult:
+    """A job's answer (run here, or decoded from a worker) in the walk's own types."""
+    kind, body = answer
+    if kind == "S":
+        [(parts, rows)], counts = body  # type: ignore[misc]
+        return PartResult(parts, rows, JobCounts(*counts))
+    ok, errors, subfolders, links, other, parts, rows, rest, store, counts, damaged = body  # type: ignore[misc]
+    return FolderResult(
+        ok,
+        errors,
+        subfolders,
+        links,
+        other,
+        parts,
+        rows,
+        [FolderPart(*seg) for seg in rest],
+        _store(store),
+        JobCounts(*counts),
+        damaged,
+    )
+
+
+def _store(store: hashjob.Store) -> NewEntry | LeftOpen | None:
+    if store is None:
+        return None
+    if len(store) == 2:  # ("put", entry)
+        return NewEntry(store[1])
+    _, old, listed, listed_ns = store
+    return LeftOpen(old, listed, listed_ns)
+
+
 class _Open:
-    """A folder done in several parts (or with large files): its hash-cache entry as it
-    was, what was listed, and the rows hashed so far, until its last part is written."""
+    """A folder done in several parts (or with large files): its cache entry left open,
+    and the rows hashed so far, until its last part is written."""
 
-    __slots__ = ("hashes", "listed", "listed_ns", "old", "parts", "rel")
+    __slots__ = ("entry", "hashes", "parts", "rel")
 
-    def __init__(
-        self, rel: str, old: FolderHashes | None, listed: frozenset[str], listed_ns: int, parts: int
-    ) -> None:
+    def __init__(self, rel: str, entry: LeftOpen, parts: int) -> None:
         self.rel = rel
-        self.old = old
-        self.listed = listed
-        self.listed_ns = listed_ns
+        self.entry = entry
         self.parts = parts  # parts not yet written
         self.hashes: FolderHashes = {}
 
@@ -165,21 +275,20 @@ class _Open:
 class _Node:
     """A job of the walk: a folder to list (`seg` None), or a part of one listed before
     (`seg`); sent to a worker (`ticket`), run (`done`), and once taken off the stack, its
-    output parts (`parts`, written from `part` on) and cache rows."""
+    output parts (`parts`, written from `part` on)."""
 
-    __slots__ = ("done", "opened", "part", "parts", "path", "rel", "rows", "seg", "ticket")
+    __slots__ = ("done", "opened", "part", "parts", "path", "rel", "seg", "ticket")
 
     def __init__(
-        self, path: str, rel: str, seg: Segment | None = None, opened: _Open | None = None
+        self, path: str, rel: str, seg: FolderPart | None = None, opened: _Open | None = None
     ) -> None:
         self.path = path
         self.rel = rel
         self.seg = seg
         self.opened = opened
         self.ticket: Ticket | None = None
-        self.done: hashjob.FolderDone | Done | None = None
+        self.done: FolderResult | PartResult | None = None
         self.parts: list[bytes | FileRecord | Large | _Pending] = []
-        self.rows: list[tuple[str, Stamp]] = []
         self.part = 0
 
 
@@ -429,9 +538,11 @@ class _Walk:
             self.close()
 
     def job_of(self, node: _Node, first: int, split: int) -> hashjob.AnyJob:
+        nowait = self.schedule.nowait
         if node.seg is not None:
-            return "S", ([node.seg], self.follow, self.lines)
-        return "F", (node.path, node.rel, self.listing, self.lines, self.db, first, split)
+            return "S", ([node.seg.segment()], self.follow, self.lines, nowait)
+        job = (node.path, node.rel, self.listing, self.lines, self.db, first, split, nowait)
+        return "F", job
 
     def send_ahead(self) -> None:
         """Send the next jobs in order (the top of the stack) to the workers."""
@@ -447,14 +558,14 @@ class _Walk:
                 node.ticket = workers.submit(self.job_of(node, files, files))
                 self.sent += 1
 
-    def get(self, node: _Node) -> hashjob.FolderDone | Done:
+    def get(self, node: _Node) -> FolderResult | PartResult:
         """The node's result: from its worker (waiting for it), or run here."""
         if node.ticket is not None:
             self.sent -= 1
             if node.done is None and self.workers is not None:
                 self.scanner._waiting()
                 try:
-                    node.done = self.workers.result(node.ticket)
+                    node.done = receive(self.workers.result(node.ticket))
                 except WorkerLost as exc:
                     log.warning("a hashing process %s; hashing in this process", exc)
                     self.workers.close()
@@ -469,30 +580,27 @@ class _Walk:
             first = min(self.ramp, job_files)
             if node.seg is None:
                 self.ramp *= 2
-            node.done = hashjob.run(self.job_of(node, first, job_files))
+            node.done = receive(hashjob.run(self.job_of(node, first, job_files)))
         return node.done
 
     def take(self, node: _Node) -> None:
         """Take the next node off the stack: what comes after it goes on the stack,
         its output into the window (its large files to the hashing threads)."""
         done = self.get(node)
-        if isinstance(done, hashjob.FolderDone):
+        if isinstance(done, FolderResult):
             node.parts = [*done.errors, *done.parts]
-            node.rows = done.rows
-            if isinstance(done.store, tuple):  # a folder in parts, or with large files
-                _, old, listed, listed_ns = done.store
-                node.opened = _Open(node.rel, old, listed, listed_ns, 1 + len(done.rest))
+            if isinstance(done.store, LeftOpen):  # a folder in parts, or with large files
+                node.opened = _Open(node.rel, done.store, 1 + len(done.rest))
                 self.unstored[id(node.opened)] = node.opened
             if node.ticket is None:
-                self.inline_files += done.counts[hashjob.FILES]
+                self.inline_files += done.counts.files
             subfolders = [
                 _Node(p, r) for p, r in self.scanner._unvisited(done.subfolders, self.visited)
             ]
             self.todo.extend(reversed(subfolders))
-            self.todo.extend(_Node(g[0], "", g, node.opened) for g in reversed(done.rest))
+            self.todo.extend(_Node(g.path, "", g, node.opened) for g in reversed(done.rest))
         else:
-            [(parts, node.rows)], _ = done
-            node.parts = list(parts)
+            node.parts = list(done.parts)
             if node.ticket is None:
                 self.inline_files += len(node.parts)
         pool = self.pool
@@ -507,16 +615,15 @@ class _Walk:
         """The node's output is written: count it, and store what it hashed."""
         done = node.done
         assert done is not None
-        stats, cache = self.stats, self.cache
-        counts = done.counts if isinstance(done, hashjob.FolderDone) else done[1]
-        stats.files += counts[hashjob.FILES]
-        stats.errors += counts[hashjob.ERRORS]
-        stats.bytes += counts[hashjob.BYTES]
-        stats.bytes_read += counts[hashjob.BYTES_READ]
-        stats.cache_hits += counts[hashjob.HITS]
-        if counts[hashjob.NOT_REGULAR]:
-            stats.skipped[_SKIP_OTHER] += counts[hashjob.NOT_REGULAR]
-        if isinstance(done, hashjob.FolderDone):
+        stats, cache, counts = self.stats, self.cache, done.counts
+        stats.files += counts.files
+        stats.errors += counts.errors
+        stats.bytes += counts.bytes
+        stats.bytes_read += counts.bytes_read
+        stats.cache_hits += counts.cache_hits
+        if counts.not_regular:
+            stats.skipped[_SKIP_OTHER] += counts.not_regular
+        if isinstance(done, FolderResult):
             stats.folders += done.listed_ok
             if done.skipped_links:
                 stats.skipped[_SKIP_LINK] += done.skipped_links
@@ -525,12 +632,12 @@ class _Walk:
             if cache is not None:
                 if done.damaged:
                     cache.unreadable(done.damaged)
-                if isinstance(done.store, dict):
-                    cache.put(node.rel, done.store)
+                if isinstance(done.store, NewEntry):
+                    cache.put(node.rel, done.store.hashes)
         node.done = None
         node.parts = []
         if node.opened is not None:
-            node.opened.hashes.update(node.rows)
+            node.opened.hashes.update(done.rows)
             node.opened.parts -= 1
             if node.opened.parts == 0:
                 self.store(node.opened)
@@ -539,7 +646,7 @@ class _Walk:
         """Store the cache entry of a folder done in parts (all of them written)."""
         assert self.cache is not None
         self.unstored.pop(id(opened), None)
-        entry = hashcache.merge_entry(opened.old, opened.listed, opened.hashes, opened.listed_ns)
+        entry = opened.entry.merged(opened.hashes)
         if entry is not None:
             self.cache.put(opened.rel, entry)
 
@@ -609,29 +716,21 @@ class _Walk:
 
     def keep_hashed(self, cache: HashCache) -> None:
         """Store the entries of every folder hashed, in whole or in part (a stop)."""
-        taken = [(node, node.rows) for node in self.window if node.done is not None]
-        ahead = [(node, _rows(node.done)) for node in self.todo if node.done is not None]
-        for node, rows in taken + ahead:
+        for node in [*self.window, *self.todo]:
             done = node.done
-            if isinstance(done, hashjob.FolderDone):
-                if isinstance(done.store, dict):
-                    cache.put(node.rel, done.store)
-                elif isinstance(done.store, tuple) and node.opened is None:
-                    _, old, listed, listed_ns = done.store
-                    entry = hashcache.merge_entry(old, listed, dict(rows), listed_ns)
+            if done is None:
+                continue
+            if isinstance(done, FolderResult):
+                if isinstance(done.store, NewEntry):
+                    cache.put(node.rel, done.store.hashes)
+                elif isinstance(done.store, LeftOpen) and node.opened is None:
+                    entry = done.store.merged(dict(done.rows))
                     if entry is not None:
                         cache.put(node.rel, entry)
             if node.opened is not None:
-                node.opened.hashes.update(rows)
+                node.opened.hashes.update(done.rows)
         for opened in list(self.unstored.values()):
             self.store(opened)
-
-
-def _rows(done: hashjob.FolderDone | Done) -> list[tuple[str, Stamp]]:
-    """The cache rows of a job's result."""
-    if isinstance(done, hashjob.FolderDone):
-        return done.rows
-    return [row for _, rows in done[0] for row in rows]
 
 
 def _join(folder: str, name: str) -> str:
@@ -670,7 +769,7 @@ class Ticket:
 
     def __init__(self, worker: int) -> None:
         self.worker = worker
-        self.answer: hashjob.FolderDone | Done | None = None  # read before its turn
+        self.answer: hashjob.Answer | None = None  # read before its turn
 
 
 #: the worker's command: imports this very imgbatch and xxhash, whatever the working
@@ -763,7 +862,7 @@ class Workers:
         self._queued[w].append(ticket)
         return ticket
 
-    def result(self, ticket: Ticket) -> hashjob.FolderDone | Done:
+    def result(self, ticket: Ticket) -> hashjob.Answer:
         """The answer to `ticket`. A worker answers its jobs in the order they were
         sent: the answers to its earlier jobs are read first, and kept in their tickets."""
         if ticket.answer is not None:

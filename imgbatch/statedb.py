@@ -77,7 +77,7 @@ MODE_PICKLE = 4  # diskcache's default for anything else: refused here
 MODE_JSON = 5  # ours: JSON text (ASCII bytes)
 
 #: the entries of a state folder imgbatch keeps (and so checks); folders are walked
-STATE_ENTRIES = ("root", "lock", "checkpoint", "hashcache", "batch", MARK)
+STATE_ENTRIES = ("root", "lock", "checkpoint", "hashcache", "batch", "search", "phashes.db", MARK)
 #: the entries of a diskcache folder (the results store)
 STORE_ENTRIES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", STORE_MARK)
 

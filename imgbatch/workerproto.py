@@ -2,9 +2,10 @@
 
 A worker is `python -S -c "...serve()"` (see scanner.Workers): it reads length-prefixed
 frames of jobs on stdin (`hashjob.AnyJob`, tuples) and answers each on stdout, in
-order. On the wire everything is plain tuples and lists (marshal is fast and runs no
-code); `encode` and `decode` convert at the boundary, so that on both sides a job's
-answer is a `hashjob.FolderDone` or `Done` with FileRecords and `Large` markers.
+order. Jobs and answers are the plain tuples of `hashjob` (marshal is fast and runs no
+code); `encode` and `decode` turn the FileRecords and `Large` markers among an answer's
+parts into tuples and back, so that on both sides an answer is what `hashjob.run`
+returned. The scanner turns it into its own types (scanner.receive).
 It imports only xxhash (through hashjob) at load time, so a worker starts in ~20 ms.
 """
 
@@ -14,7 +15,7 @@ import marshal
 import os
 import sys
 
-from imgbatch.hashjob import Done, FolderDone, Large, run
+from imgbatch.hashjob import Answer, Large, run
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -49,28 +50,33 @@ def write_frame(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def encode(done: FolderDone | Done) -> bytes:
+#: where a folder job's answer (hashjob.FolderDone) holds its records and parts
+_ERRORS_AT, _PARTS_AT = 1, 5
+
+
+def encode(answer: Answer) -> bytes:
     """A job's answer as marshal data: JSON lines travel as bytes, FileRecords and Large
-    markers as tagged tuples."""
-    if isinstance(done, FolderDone):
-        state = [getattr(done, k) for k in FolderDone.__slots__]
-        for k in ("errors", "parts"):
-            state[FolderDone.__slots__.index(k)] = _plain(getattr(done, k))
-        return marshal.dumps(("F", state))
-    segments, counts = done
+    markers as tagged tuples, the rest as it is."""
+    kind, body = answer
+    if kind == "F":
+        fields: list[object] = list(body)
+        fields[_ERRORS_AT] = _plain(fields[_ERRORS_AT])  # type: ignore[arg-type]
+        fields[_PARTS_AT] = _plain(fields[_PARTS_AT])  # type: ignore[arg-type]
+        return marshal.dumps(("F", tuple(fields)))  # type: ignore[arg-type]
+    segments, counts = body  # type: ignore[misc]
     return marshal.dumps(("S", ([(_plain(parts), rows) for parts, rows in segments], counts)))
 
 
-def decode(data: bytes) -> FolderDone | Done:
-    """The answer `encode` sent."""
+def decode(data: bytes) -> Answer:
+    """The answer `encode` sent, as the job gave it."""
     kind, body = marshal.loads(data)
     if kind == "F":
-        done = FolderDone()
-        for k, v in zip(FolderDone.__slots__, body, strict=True):
-            setattr(done, k, _parts(v) if k in ("errors", "parts") else v)
-        return done
+        fields = list(body)
+        fields[_ERRORS_AT] = _parts(fields[_ERRORS_AT])
+        fields[_PARTS_AT] = _parts(fields[_PARTS_AT])
+        return "F", tuple(fields)
     segments, counts = body
-    return [(_parts(parts), rows) for parts, rows in segments], counts
+    return "S", ([(_parts(parts), rows) for parts, rows in segments], counts)
 
 
 def _plain(parts: list[bytes | FileRecord | Large]) -> list[object]:

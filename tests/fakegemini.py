@@ -74,17 +74,16 @@ import json
 import math
 import random
 import re
-import socket
-import threading
 import time
-import traceback
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tests.fakegemini_batch import FakeBatchService
+from tests.fakehttp import Action, FakeHTTPServer, Handler, Record, Reply, pick_field
+
+if TYPE_CHECKING:
+    from tests.fakegemini_batch import FakeBatchService
 
 __all__ = [
     "DEFAULT_SCHEMA",
@@ -114,7 +113,6 @@ DEFAULT_SCHEMA: dict[str, Any] = {
 }
 
 _ROUTE = re.compile(r"^/(v1|v1beta|v1alpha)/(?:models/)?([^/:]+):generateContent$")
-_POLL = 0.02  # seconds between stop-event checks while sleeping
 _MINUTE_QUOTA_ID = "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"
 _DAY_QUOTA_ID = "GenerateRequestsPerDayPerProjectPerModel-FreeTier"
 _QUOTA_METRIC = "generativelanguage.googleapis.com/generate_content_free_tier_requests"
@@ -191,14 +189,12 @@ class RecordedImage:
 
 
 @dataclass
-class RecordedRequest:
-    """What the server saw and did for one request. ``api_key`` is kept (tests compare it)
-    but never shown by ``repr``."""
+class RecordedRequest(Record):
+    """What the server saw and did for one request (``path`` without the query string,
+    which may carry the key). ``api_key`` is kept (tests compare it) but never shown by
+    ``repr``. ``outcome``: ok, quota_minute, quota_day, fault, hang, malformed, blocked,
+    dropped, bad_key, no_key, forbidden, bad_request, too_large, not_found, bug."""
 
-    index: int
-    time: float  # the server clock (time.monotonic by default) when the request arrived
-    method: str
-    path: str  # without the query string, which may carry the key
     api_version: str | None = None
     model: str | None = None
     api_key: str | None = field(default=None, repr=False)
@@ -217,11 +213,6 @@ class RecordedRequest:
     server_timeout: str | None = None  # the X-Server-Timeout header the SDK sends
     body_size: int = 0
     prompt_tokens: int = 0
-    status: int | None = None  # HTTP status answered; None while pending or if never answered
-    outcome: str = "pending"  # ok, quota_minute, quota_day, fault, hang, malformed, blocked,
-    # dropped, bad_key, no_key, forbidden, bad_request, too_large, not_found, bug
-    response_text: str | None = None  # the text part answered, for ok/malformed
-    finished: float | None = None  # server clock when the answer was written
     route: str = "generate"  # or a Batch / Files API route (see tests/fakegemini_batch.py)
 
 
@@ -261,15 +252,6 @@ def image_tokens(width: int | None, height: int | None, media_resolution: str | 
     if width is None or height is None or (width <= 384 and height <= 384):
         return 258
     return 258 * math.ceil(width / 768) * math.ceil(height / 768)
-
-
-def _pick(d: Mapping[str, Any], camel: str) -> tuple[str | None, Any]:
-    """Look a field up under its camelCase or snake_case name: (name found, value)."""
-    snake = re.sub(r"(?<!^)([A-Z])", r"_\1", camel).lower()
-    for name in (camel, snake):
-        if name in d:
-            return name, d[name]
-    return None, None
 
 
 def _duration(seconds: float) -> str:
@@ -499,93 +481,23 @@ _TUPLE_FIELDS = {"fault_statuses"}
 _DICT_FIELDS = {"projects", "project_quotas", "project_day_quotas"}
 
 
-@dataclass
-class _Action:
-    kind: str  # fault, hang, malformed, block, drop
-    status: int = 500
-    body: bytes | None = None
-    retry_delay: str | None = None
-    quota_id: str | None = None
-    form: str = "prompt"
-    reason: str = "SAFETY"
-
-
-@dataclass
-class _Reply:
-    status: int | None  # None: close the connection without answering
-    body: bytes = b""
-    content_type: str = "application/json; charset=UTF-8"
-    outcome: str = "ok"
-    hang: bool = False
-    text: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-
-
 class _BadRequest(Exception):
     def __init__(self, status: int, message: str, outcome: str) -> None:
         super().__init__(message)
         self.status, self.message, self.outcome = status, message, outcome
 
 
-# --------------------------------------------------------------------------- HTTP plumbing
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128  # the SDK pools up to 100 connections; the default 5 drops SYNs
-    fake: FakeGemini
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        t = threading.Thread(
-            target=self.process_request_thread,
-            args=(request, client_address),
-            name=f"fakegemini-{self.server_address[1]}-conn",
-            daemon=True,
-        )
-        self.fake._track_thread(t)
-        t.start()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # client went away mid-answer: expected with timeouts
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, like Google's front end
-    timeout = 120  # idle keep-alive connections end by themselves eventually
-    # One send() per answer, no Nagle: headers and body written separately would otherwise
-    # meet the client's delayed ACK and cost ~40 ms per request.
-    wbufsize = 1 << 16
-    disable_nagle_algorithm = True
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.fake._track_conn(self.connection, True)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.fake._track_conn(self.connection, False)
-
-    def do_POST(self) -> None:
-        self.server.fake._handle(self)
-
-    def do_GET(self) -> None:
-        self.server.fake._handle(self)
-
-    def do_DELETE(self) -> None:
-        self.server.fake._handle(self)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # the request line may carry ?key=: never print it
-
-
 # --------------------------------------------------------------------------- the server
 
 
-class FakeGemini:
+class FakeGemini(FakeHTTPServer[RecordedRequest]):
     """A local stand-in for ``generativelanguage.googleapis.com`` (see the module doc)."""
+
+    name = "fakegemini"
+    json_type = "application/json; charset=UTF-8"
+    extra_headers = {"Vary": "Origin, X-Origin, Referer"}
+    hang_body = json.dumps(_error_body(504)).encode()
+    bug_body = json.dumps(_error_body(500, "fake server bug")).encode()
 
     def __init__(
         self,
@@ -623,26 +535,13 @@ class FakeGemini:
         ``reset_quotas``); ``project_quotas`` / ``project_day_quotas`` override them per
         project. Rates are fractions of requests, drawn from ``random.Random(seed)``.
         ``clock`` drives the quota windows and the record times."""
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        super().__init__(host=host, port=port, clock=clock)
         self._behaviour = _Behaviour()
         self._rng = random.Random(seed)
-        self._clock = clock
-        self._host, self._port = host, port
-        self._script: collections.deque[_Action] = collections.deque()
         self._windows: dict[str, collections.deque[float]] = collections.defaultdict(
             collections.deque
         )
         self._day_counts: collections.Counter[str] = collections.Counter()
-        self._records: list[RecordedRequest] = []
-        self._errors: list[str] = []
-        self._in_flight = 0
-        self._max_in_flight = 0
-        self._stop = threading.Event()
-        self._httpd: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self._conns: set[socket.socket] = set()
-        self._threads: list[threading.Thread] = []
         self.configure(
             keys=keys,
             forbidden_keys=forbidden_keys,
@@ -666,76 +565,10 @@ class FakeGemini:
             responder=responder,
             before_answer=before_answer,
         )
+        from tests.fakegemini_batch import FakeBatchService  # it builds on this module
+
         #: the Batch and Files APIs (tests/fakegemini_batch.py)
-        self.batch = FakeBatchService(self)
-
-    # ---------------------------------------------------------------- lifecycle
-
-    def start(self) -> FakeGemini:
-        if self._httpd is not None:
-            raise RuntimeError("FakeGemini already started")
-        self._stop.clear()
-        httpd = _Server((self._host, self._port), _Handler)
-        httpd.fake = self
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever,
-            kwargs={"poll_interval": 0.01},
-            name=f"fakegemini-{httpd.server_address[1]}",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving, cut open connections (hung answers end at once), join threads."""
-        httpd, self._httpd = self._httpd, None
-        if httpd is None:
-            return
-        self._stop.set()
-        httpd.shutdown()
-        with self._lock:
-            conns = list(self._conns)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        httpd.server_close()
-        deadline = time.monotonic() + timeout
-        for t in [self._thread, *self._threads]:
-            if t is not None and t is not threading.current_thread():
-                t.join(max(0.0, deadline - time.monotonic()))
-        self._thread = None
-        with self._lock:
-            self._threads = [t for t in self._threads if t.is_alive()]
-
-    def __enter__(self) -> FakeGemini:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT`` (no trailing slash), for ``HttpOptions(base_url=...)``."""
-        if self._httpd is None:
-            raise RuntimeError("FakeGemini is not running")
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    @property
-    def running(self) -> bool:
-        return self._httpd is not None
-
-    @property
-    def alive_threads(self) -> list[threading.Thread]:
-        """Server and connection threads still alive (empty after ``stop``)."""
-        with self._lock:
-            threads = [t for t in self._threads if t.is_alive()]
-        if self._thread is not None and self._thread.is_alive():
-            threads.append(self._thread)
-        return threads
+        self.batch: FakeBatchService = FakeBatchService(self)
 
     # ---------------------------------------------------------------- behaviour setters
 
@@ -804,20 +637,17 @@ class FakeGemini:
         retry_delay: str | None = None,
         quota_id: str | None = None,
         body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         """The next ``n`` accepted requests get ``status`` with Google's error body. A 429
         with ``retry_delay`` (e.g. "2s") or ``quota_id`` carries QuotaFailure + RetryInfo
         details; a plain 429 has none. ``body`` replaces the body verbatim (text/html), like
-        a proxy's error page."""
-        self._queue(n, _Action("fault", status, body, retry_delay, quota_id))
-
-    def hang_next(self, n: int = 1) -> None:
-        """The next ``n`` accepted requests get no answer for ``hang_seconds`` (then 504)."""
-        self._queue(n, _Action("hang"))
-
-    def malformed_next(self, n: int = 1) -> None:
-        """The next ``n`` accepted requests get a 200 whose text is not valid JSON."""
-        self._queue(n, _Action("malformed"))
+        a proxy's error page; ``headers`` are added."""
+        self._queue(
+            n,
+            Action("fault", status, body, dict(headers or {}),
+                   {"retry_delay": retry_delay, "quota_id": quota_id}),
+        )  # fmt: skip
 
     def block_next(self, n: int = 1, form: str = "prompt", reason: str = "SAFETY") -> None:
         """The next ``n`` accepted requests are blocked: ``form="prompt"`` answers no
@@ -825,108 +655,18 @@ class FakeGemini:
         candidate with ``finishReason`` = reason and no content."""
         if form not in ("prompt", "candidate"):
             raise ValueError("form is 'prompt' or 'candidate'")
-        self._queue(n, _Action("block", form=form, reason=reason))
+        self._queue(n, Action("block", options={"form": form, "reason": reason}))
 
-    def drop_next(self, n: int = 1) -> None:
-        """The next ``n`` accepted requests see their connection closed without an answer."""
-        self._queue(n, _Action("drop"))
+    # ---------------------------------------------------------------- requests
 
-    def clear_script(self) -> None:
-        with self._lock:
-            self._script.clear()
+    def _new_record(self, index: int, now: float, method: str, path: str) -> RecordedRequest:
+        return RecordedRequest(index, now, method, urllib.parse.urlsplit(path).path)
 
-    def _queue(self, n: int, action: _Action) -> None:
-        with self._lock:
-            self._script.extend(dataclasses.replace(action) for _ in range(n))
+    def _timing(self) -> tuple[float, float, Callable[[RecordedRequest], None] | None]:
+        b = self._behaviour
+        return b.latency, b.hang_seconds, b.before_answer
 
-    # ---------------------------------------------------------------- observation
-
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        """Every request so far, in arrival order (a copy of the list; records are live)."""
-        with self._lock:
-            return list(self._records)
-
-    @property
-    def last_request(self) -> RecordedRequest:
-        with self._lock:
-            if not self._records:
-                raise LookupError("no request received yet")
-            return self._records[-1]
-
-    def count_by_status(self) -> dict[int | None, int]:
-        """HTTP status -> number of requests (None: not answered, yet or ever)."""
-        with self._lock:
-            return dict(collections.Counter(r.status for r in self._records))
-
-    def count_by_outcome(self) -> dict[str, int]:
-        with self._lock:
-            return dict(collections.Counter(r.outcome for r in self._records))
-
-    def clear_requests(self) -> None:
-        with self._lock:
-            self._records.clear()
-            self._max_in_flight = self._in_flight
-
-    @property
-    def in_flight(self) -> int:
-        """Requests being handled right now (latency and hangs included)."""
-        with self._lock:
-            return self._in_flight
-
-    @property
-    def max_in_flight(self) -> int:
-        """The most requests handled at once since start (or ``clear_requests``)."""
-        with self._lock:
-            return self._max_in_flight
-
-    @property
-    def errors(self) -> list[str]:
-        """Tracebacks of bugs in the fake itself (each also answered 500); should be []."""
-        with self._lock:
-            return list(self._errors)
-
-    def wait_for_requests(self, n: int, timeout: float = 5.0) -> bool:
-        """Block until at least ``n`` requests have arrived; False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: len(self._records) >= n, timeout)
-
-    # ---------------------------------------------------------------- internals
-
-    def _track_conn(self, conn: socket.socket, add: bool) -> None:
-        with self._lock:
-            if add:
-                self._conns.add(conn)
-            else:
-                self._conns.discard(conn)
-
-    def _track_thread(self, t: threading.Thread) -> None:
-        with self._lock:
-            self._threads = [x for x in self._threads if x.is_alive()]
-            self._threads.append(t)
-
-    def _sleep(self, seconds: float) -> bool:
-        """Sleep unless stopping; False if the server is stopping."""
-        return not self._stop.wait(seconds) if seconds > 0 else not self._stop.is_set()
-
-    def _handle(self, h: _Handler) -> None:
-        split = urllib.parse.urlsplit(h.path)
-        now = self._clock()
-        with self._cond:
-            rec = RecordedRequest(len(self._records), now, h.command, split.path)
-            self._records.append(rec)
-            self._in_flight += 1
-            self._max_in_flight = max(self._max_in_flight, self._in_flight)
-            self._cond.notify_all()
-        try:
-            reply = self._process(h, rec, split)
-        except Exception:
-            with self._lock:
-                self._errors.append(traceback.format_exc())
-            reply = self._json(500, _error_body(500, "fake server bug"), "bug")
-        self._send(h, rec, reply)
-
-    def _process(self, h: _Handler, rec: RecordedRequest, split: Any) -> _Reply:
+    def _process(self, h: Handler, rec: RecordedRequest, split: Any) -> Reply:
         route = _ROUTE.match(split.path)
         if route:
             rec.api_version, rec.model = route.group(1), route.group(2)
@@ -991,31 +731,18 @@ class FakeGemini:
         return reply
 
     def _batch_reply(
-        self, batch: tuple[str, tuple[str, ...]], rec: RecordedRequest, split: Any, h: _Handler,
+        self, batch: tuple[str, tuple[str, ...]], rec: RecordedRequest, split: Any, h: Handler,
         raw: bytes,
-    ) -> _Reply:  # fmt: skip
+    ) -> Reply:  # fmt: skip
         status, body, outcome, headers = self.batch.handle(
             batch[0], batch[1], rec, split.query, h.headers, raw
         )
         if isinstance(body, bytes):
             kind = "application/octet-stream" if outcome == "file_download" else "text/plain"
-            return _Reply(status, body, kind, outcome, headers=headers)
+            return Reply(status, body, kind, outcome, headers=headers)
         reply = self._json(status, body, outcome)
         reply.headers = headers
         return reply
-
-    @staticmethod
-    def _read_body(h: _Handler, length: int, keep: bool) -> bytes:
-        chunks: list[bytes] = []
-        left = length
-        while left > 0:
-            chunk = h.rfile.read(min(left, 1 << 20))
-            if not chunk:
-                break
-            left -= len(chunk)
-            if keep:
-                chunks.append(chunk)
-        return b"".join(chunks)
 
     def _parse(self, rec: RecordedRequest, raw: bytes) -> None:
         try:
@@ -1024,20 +751,20 @@ class FakeGemini:
             raise _BadRequest(400, f"Invalid JSON payload received. {exc}", "bad_request") from None
         if not isinstance(body, dict):
             raise _BadRequest(400, "Invalid JSON payload received.", "bad_request")
-        _, config = _pick(body, "generationConfig")
+        _, config = pick_field(body, "generationConfig")
         config = config if isinstance(config, dict) else {}
         rec.generation_config = config
         for camel in ("responseSchema", "responseJsonSchema"):
-            name, value = _pick(config, camel)
+            name, value = pick_field(config, camel)
             if name is not None:
                 rec.schema_field, rec.schema = name, value
                 break
-        rec.response_mime_type = _pick(config, "responseMimeType")[1]
-        rec.temperature = _pick(config, "temperature")[1]
-        rec.max_output_tokens = _pick(config, "maxOutputTokens")[1]
-        rec.media_resolution = _pick(config, "mediaResolution")[1]
+        rec.response_mime_type = pick_field(config, "responseMimeType")[1]
+        rec.temperature = pick_field(config, "temperature")[1]
+        rec.max_output_tokens = pick_field(config, "maxOutputTokens")[1]
+        rec.media_resolution = pick_field(config, "mediaResolution")[1]
         texts: list[str] = []
-        _, contents = _pick(body, "contents")
+        _, contents = pick_field(body, "contents")
         if isinstance(contents, dict):
             contents = [contents]
         if not isinstance(contents, list) or not contents:
@@ -1050,11 +777,11 @@ class FakeGemini:
                     continue
                 if isinstance(part.get("text"), str):
                     texts.append(part["text"])
-                _, inline = _pick(part, "inlineData")
+                _, inline = pick_field(part, "inlineData")
                 if isinstance(inline, dict):
                     rec.images.append(self._image(inline, f"contents[{ci}].parts[{pi}]"))
         rec.prompt = "\n".join(texts)
-        _, system = _pick(body, "systemInstruction")
+        _, system = pick_field(body, "systemInstruction")
         if isinstance(system, dict):
             rec.system_instruction = "\n".join(
                 p["text"] for p in system.get("parts", []) if isinstance(p, dict) and "text" in p
@@ -1066,8 +793,8 @@ class FakeGemini:
 
     @staticmethod
     def _image(inline: Mapping[str, Any], where: str) -> RecordedImage:
-        _, mime = _pick(inline, "mimeType")
-        _, data = _pick(inline, "data")
+        _, mime = pick_field(inline, "mimeType")
+        _, data = pick_field(inline, "data")
         if not isinstance(data, str):
             raise _BadRequest(400, f"Invalid value at '{where}.inline_data.data': missing data",
                               "bad_request")  # fmt: skip
@@ -1088,7 +815,7 @@ class FakeGemini:
             pass
         return image
 
-    def _decide(self, rec: RecordedRequest) -> _Reply | None:
+    def _decide(self, rec: RecordedRequest) -> Reply | None:
         """Quotas, script, random faults (called with the lock held); None: answer happily."""
         b = self._behaviour
         now = self._clock()
@@ -1120,52 +847,55 @@ class FakeGemini:
         window.append(now)
         self._day_counts[project] += 1
 
-        action = self._script.popleft() if self._script else None
-        if action is None:
-            draw = self._rng.random()
-            for kind, rate in (
-                ("fault", b.fault_rate),
-                ("hang", b.hang_rate),
-                ("malformed", b.malformed_rate),
-                ("block", b.block_rate),
-            ):
-                if draw < rate:
-                    action = _Action(kind, form=b.block_form, reason=b.block_reason)
-                    if kind == "fault":
-                        action.status = self._rng.choice(b.fault_statuses)
-                    break
-                draw -= rate
-        if action is None:
-            return None
+        if self._script:
+            return self._next_scripted(rec)
+        draw = self._rng.random()
+        for kind, rate in (
+            ("fault", b.fault_rate),
+            ("hang", b.hang_rate),
+            ("malformed", b.malformed_rate),
+            ("block", b.block_rate),
+        ):
+            if draw < rate:
+                status = self._rng.choice(b.fault_statuses) if kind == "fault" else 500
+                options = {"form": b.block_form, "reason": b.block_reason}
+                return self._action_reply(rec, Action(kind, status, options=options))
+            draw -= rate
+        return None
+
+    def _scripted(self, rec: RecordedRequest, action: Action) -> Reply:
+        """A fault, a malformed answer or a block, as Google answers them."""
         if action.kind == "fault":
             if action.body is not None:
-                return _Reply(action.status, action.body, "text/html; charset=UTF-8", "fault")
-            if action.status == 429 and (action.retry_delay or action.quota_id):
-                body = _quota_body(rec.model, action.quota_id or _MINUTE_QUOTA_ID, None,
-                                   action.retry_delay or "1s")  # fmt: skip
+                reply = Reply(action.status, action.body, "text/html; charset=UTF-8", "fault")
             else:
-                body = _error_body(action.status)
-            return self._json(action.status, body, "fault")
-        if action.kind == "hang":
-            return _Reply(504, json.dumps(_error_body(504)).encode(), outcome="hang", hang=True)
-        if action.kind == "drop":
-            return _Reply(None, outcome="dropped")
+                retry_delay = action.options.get("retry_delay")
+                quota_id = action.options.get("quota_id")
+                if action.status == 429 and (retry_delay or quota_id):
+                    body = _quota_body(rec.model, quota_id or _MINUTE_QUOTA_ID, None,
+                                       retry_delay or "1s")  # fmt: skip
+                else:
+                    body = _error_body(action.status)
+                reply = self._json(action.status, body, "fault")
+            reply.headers.update(action.headers)
+            return reply
         if action.kind == "malformed":
             text = '{"description": "A photo of a cat sitting on'  # cut short: invalid JSON
             return self._answer(rec, _candidate(text), text, "malformed")
-        if action.form == "prompt":
+        if action.kind != "block":
+            raise ValueError(f"unknown scripted action {action.kind!r}")
+        reason = action.options["reason"]
+        if action.options["form"] == "prompt":
             payload: dict[str, Any] = {
-                "promptFeedback": {"blockReason": action.reason, "safetyRatings": _RATINGS}
+                "promptFeedback": {"blockReason": reason, "safetyRatings": _RATINGS}
             }
         else:
             payload = {
-                "candidates": [
-                    {"finishReason": action.reason, "index": 0, "safetyRatings": _RATINGS}
-                ]
+                "candidates": [{"finishReason": reason, "index": 0, "safetyRatings": _RATINGS}]
             }
         return self._answer(rec, payload, None, "blocked")
 
-    def _happy(self, rec: RecordedRequest) -> _Reply:
+    def _happy(self, rec: RecordedRequest) -> Reply:
         with self._lock:
             responder = self._behaviour.responder
         text: str | None = None
@@ -1181,7 +911,7 @@ class FakeGemini:
 
     def _answer(
         self, rec: RecordedRequest, payload: dict[str, Any], text: str | None, outcome: str
-    ) -> _Reply:
+    ) -> Reply:
         out_tokens = max(1, len(text) // 4) if text else 0
         image_part = sum(image_tokens(i.width, i.height, rec.media_resolution) for i in rec.images)
         usage: dict[str, Any] = {
@@ -1203,51 +933,6 @@ class FakeGemini:
         reply = self._json(200, payload, outcome)
         reply.text = text
         return reply
-
-    @staticmethod
-    def _json(status: int, body: Mapping[str, Any], outcome: str) -> _Reply:
-        return _Reply(status, json.dumps(body).encode(), outcome=outcome)
-
-    def _send(self, h: _Handler, rec: RecordedRequest, reply: _Reply) -> None:
-        """Wait (latency, hang), then answer; the request leaves ``in_flight`` just before
-        its answer is written, so a client holding an answer never sees itself counted."""
-        answering = False
-        try:
-            with self._lock:
-                latency = self._behaviour.latency
-                hang_seconds = self._behaviour.hang_seconds
-                before_answer = self._behaviour.before_answer
-                rec.outcome = reply.outcome
-                rec.response_text = reply.text
-            if before_answer is not None:
-                before_answer(rec)
-            awake = self._sleep(latency)
-            if awake and reply.hang:
-                awake = self._sleep(hang_seconds)
-            if not awake or reply.status is None:
-                h.close_connection = True  # stopping, or a scripted drop: no answer at all
-                return
-            with self._lock:
-                rec.status = reply.status
-                rec.finished = self._clock()
-                self._in_flight -= 1
-                answering = True
-        finally:
-            if not answering:
-                with self._lock:
-                    self._in_flight -= 1
-        try:
-            h.send_response(reply.status)
-            h.send_header("Content-Type", reply.content_type)
-            h.send_header("Content-Length", str(len(reply.body)))
-            h.send_header("Vary", "Origin, X-Origin, Referer")
-            for name, value in reply.headers.items():
-                h.send_header(name, value)
-            h.end_headers()
-            h.wfile.write(reply.body)
-            h.wfile.flush()
-        except OSError:
-            h.close_connection = True  # the client gave up (timeout): nothing to do
 
 
 _RATINGS = [

@@ -55,8 +55,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tests.fakegemini import (
+    RecordedRequest,
+    _BadRequest,
+    _candidate,
+    _error_body,
+    _quota_body,
+)
+from tests.fakehttp import pick_field
+
 if TYPE_CHECKING:
-    from tests.fakegemini import FakeGemini, RecordedRequest
+    from tests.fakegemini import FakeGemini
 
 __all__ = ["BatchPlan", "FakeBatchJob", "FakeBatchService", "StoredFile", "GRPC_STATUS"]
 
@@ -198,14 +207,10 @@ def _stamp() -> str:
 
 
 def _pick(d: Mapping[str, Any], camel: str) -> Any:
-    snake = re.sub(r"(?<!^)([A-Z])", r"_\1", camel).lower()
-    return d.get(camel, d.get(snake))
+    return pick_field(d, camel)[1]
 
 
-def _error(code: int, message: str) -> dict[str, Any]:
-    return {
-        "error": {"code": code, "message": message, "status": _HTTP_STATUS.get(code, "UNKNOWN")}
-    }
+_error = _error_body  # Google's error body, as generateContent's
 
 
 class FakeBatchService:
@@ -330,8 +335,6 @@ class FakeBatchService:
             else:
                 return None
         if fault.status == 429 and (fault.retry_delay or fault.quota_id):
-            from tests.fakegemini import _quota_body  # the same body as generateContent's
-
             quota = fault.quota_id or "BatchRequestsPerMinutePerProject"
             body = _quota_body(None, quota, None, fault.retry_delay or "1s")
         else:
@@ -471,8 +474,6 @@ class FakeBatchService:
 
     def _answer_lines(self, job: FakeBatchJob, lines: list[dict[str, Any]]) -> None:
         """Every line's answer, as generateContent would give it (or as planned)."""
-        from tests.fakegemini import RecordedRequest, _BadRequest
-
         fake = self._fake
         script = list(job.plan.lines)
         for i, line in enumerate(lines):
@@ -506,8 +507,6 @@ class FakeBatchService:
                                      "blocked")  # fmt: skip
             elif planned == "malformed":
                 text = '{"description": "cut sh'
-                from tests.fakegemini import _candidate
-
                 reply = fake._answer(rec, _candidate(text), text, "malformed")
             else:
                 reply = fake._happy(rec)

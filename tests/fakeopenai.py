@@ -55,22 +55,19 @@ import io
 import json
 import math
 import re
-import socket
-import threading
 import time
-import traceback
-from collections.abc import Callable, Iterable, Mapping
+import urllib.parse
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from tests.fakegemini import decode_base64_any, minimal_instance
+from tests.fakehttp import Action, FakeHTTPServer, Handler, Record, Reply
 
 __all__ = ["DIALECTS", "FakeOpenAI", "RecordedImage", "RecordedRequest"]
 
 DIALECTS = ("openai", "ollama", "llamacpp")
 Responder = Callable[["RecordedRequest"], "str | dict[str, Any] | None"]
-_POLL = 0.02  # seconds between stop checks while sleeping
 _DATA_URL = re.compile(r"data:([\w/+.-]+);base64,(.*)", re.DOTALL)
 _TAGS = ("outdoor", "indoor", "portrait", "landscape", "closeup", "urban", "nature", "night")
 _MOODS = ("calm", "cheerful", "moody", "serene", "playful")
@@ -100,14 +97,11 @@ class RecordedImage:
 
 
 @dataclass
-class RecordedRequest:
+class RecordedRequest(Record):
     """What the server saw and did for one request. ``api_key`` is kept (tests compare
-    it) but never shown by ``repr``."""
+    it) but never shown by ``repr``. ``outcome``: ok, fault, quota, hang, malformed,
+    dropped, refused, loading, bad_key, bad_request, bad_format, not_found, bug."""
 
-    index: int
-    time: float  # time.monotonic() at arrival
-    method: str
-    path: str
     api_key: str | None = field(default=None, repr=False)  # the bearer token, if any
     model: str | None = None
     images: list[RecordedImage] = field(default_factory=list)
@@ -120,87 +114,20 @@ class RecordedRequest:
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     body: dict[str, Any] = field(default_factory=dict, repr=False)
-    status: int | None = None  # answered; None while pending or if never answered
-    outcome: str = "pending"  # ok, fault, quota, hang, malformed, dropped, refused,
-    # loading, bad_key, bad_request, bad_format, not_found, bug
-    response_text: str | None = None  # the content answered, for ok/malformed
-    finished: float | None = None
-
-
-@dataclass
-class _Action:
-    kind: str  # fault, hang, malformed, drop, refuse
-    status: int = 500
-    body: Any = None  # a dict (sent as JSON) or bytes (sent as text/html)
-    headers: dict[str, str] = field(default_factory=dict)
-    where: str = "content"  # malformed: "content" (the model's JSON) or "body" (HTTP's)
-
-
-@dataclass
-class _Reply:
-    status: int | None  # None: close the connection without answering
-    body: bytes = b""
-    content_type: str = "application/json"
-    outcome: str = "ok"
-    headers: dict[str, str] = field(default_factory=dict)
-    hang: bool = False
-    text: str | None = None
 
 
 class _Bad(Exception):
-    def __init__(self, reply: _Reply) -> None:
+    def __init__(self, reply: Reply) -> None:
         super().__init__(reply.outcome)
         self.reply = reply
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-    fake: FakeOpenAI
+class FakeOpenAI(FakeHTTPServer[RecordedRequest]):
+    """A local stand-in for an OpenAI-compatible server (see the module doc); ``url``
+    (``http://127.0.0.1:PORT``) is what OLLAMA_HOST would name."""
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        t = threading.Thread(
-            target=self.process_request_thread, args=(request, client_address), daemon=True
-        )
-        with self.fake._lock:
-            self.fake._threads.append(t)
-        t.start()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # the client went away mid-answer: expected with timeouts
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = 120
-    wbufsize = 1 << 16  # one send() per answer (see fakegemini: delayed ACKs)
-    disable_nagle_algorithm = True
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        with self.server.fake._lock:
-            self.server.fake._conns.add(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            with self.server.fake._lock:
-                self.server.fake._conns.discard(self.connection)
-
-    def do_POST(self) -> None:
-        self.server.fake._handle(self)
-
-    def do_GET(self) -> None:
-        self.server.fake._handle(self)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-class FakeOpenAI:
-    """A local stand-in for an OpenAI-compatible server (see the module doc)."""
+    name = "fakeopenai"
+    bug_body = b'{"error": {"message": "fake bug"}}'
 
     def __init__(
         self,
@@ -221,77 +148,15 @@ class FakeOpenAI:
         path before ``/v1`` (a proxy's, e.g. ``/token/SECRET``), part of ``base_url``."""
         if dialect not in DIALECTS:
             raise ValueError(f"dialect must be one of {DIALECTS}")
+        super().__init__(host=host, latency=latency, hang_seconds=hang_seconds)
         self.dialect = dialect
-        self._lock = threading.RLock()  # answers are built with it held, and take it
         self._keys = None if keys is None else frozenset(keys)
         self._models = None if models is None else frozenset(models)
         self._quota = quota
-        self._latency = latency
-        self._hang_seconds = hang_seconds
         self._responder = responder
-        self._host = host
         self._prefix = prefix.rstrip("/")
         self._loading_until = 0.0
         self._window: collections.deque[float] = collections.deque()
-        self._script: collections.deque[_Action] = collections.deque()
-        self._records: list[RecordedRequest] = []
-        self._errors: list[str] = []
-        self._in_flight = 0
-        self._max_in_flight = 0
-        self._stop = threading.Event()
-        self._httpd: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self._conns: set[socket.socket] = set()
-        self._threads: list[threading.Thread] = []
-
-    # ---------------------------------------------------------------- lifecycle
-
-    def start(self) -> FakeOpenAI:
-        self._stop.clear()
-        httpd = _Server((self._host, 0), _Handler)
-        httpd.fake = self
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving, cut open connections (hung answers end at once), join threads."""
-        httpd, self._httpd = self._httpd, None
-        if httpd is None:
-            return
-        self._stop.set()
-        httpd.shutdown()
-        with self._lock:
-            conns = list(self._conns)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        httpd.server_close()
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            threads = [self._thread, *self._threads]
-        for t in threads:
-            if t is not None:
-                t.join(max(0.0, deadline - time.monotonic()))
-
-    def __enter__(self) -> FakeOpenAI:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT``: what OLLAMA_HOST would name."""
-        if self._httpd is None:
-            raise RuntimeError("FakeOpenAI is not running")
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
 
     @property
     def base_url(self) -> str:
@@ -299,10 +164,6 @@ class FakeOpenAI:
         return self.url + self._prefix + "/v1"
 
     # ---------------------------------------------------------------- behaviour
-
-    def set_latency(self, seconds: float) -> None:
-        with self._lock:
-            self._latency = seconds
 
     def set_quota(self, quota: tuple[int, float] | None) -> None:
         with self._lock:
@@ -318,98 +179,23 @@ class FakeOpenAI:
         with self._lock:
             self._loading_until = time.monotonic() + seconds
 
-    def fail_next(
-        self,
-        n: int = 1,
-        status: int = 500,
-        *,
-        body: Any = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        """The next n requests get `status`: `body` a dict (JSON), bytes (an HTML page)
-        or None (the dialect's error for that status), with `headers` added."""
-        self._queue(n, _Action("fault", status, body, dict(headers or {})))
-
-    def hang_next(self, n: int = 1) -> None:
-        """The next n requests get no answer for `hang_seconds` (then a 504)."""
-        self._queue(n, _Action("hang"))
-
     def malformed_next(self, n: int = 1, where: str = "content") -> None:
         """The next n answers are cut short: the model's JSON ("content") or the HTTP
         body itself ("body")."""
-        self._queue(n, _Action("malformed", where=where))
-
-    def drop_next(self, n: int = 1) -> None:
-        """The next n requests: the connection is closed without an answer."""
-        self._queue(n, _Action("drop"))
+        self._queue(n, Action("malformed", options={"where": where}))
 
     def refuse_next(self, n: int = 1, message: str = "I can't help with that.") -> None:
         """The next n answers are a refusal (`message.refusal`, OpenAI's structured
         outputs)."""
-        self._queue(n, _Action("refuse", body=message))
-
-    def _queue(self, n: int, action: _Action) -> None:
-        with self._lock:
-            self._script.extend([action] * n)
-
-    # ---------------------------------------------------------------- inspection
-
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        with self._lock:
-            return list(self._records)
-
-    @property
-    def last_request(self) -> RecordedRequest:
-        with self._lock:
-            return self._records[-1]
-
-    def count_by_status(self) -> dict[int | None, int]:
-        return dict(collections.Counter(r.status for r in self.requests))
-
-    def count_by_outcome(self) -> dict[str, int]:
-        return dict(collections.Counter(r.outcome for r in self.requests))
-
-    def clear_requests(self) -> None:
-        with self._lock:
-            self._records.clear()
-            self._max_in_flight = self._in_flight
-
-    @property
-    def max_in_flight(self) -> int:
-        """The most requests the server held at once."""
-        with self._lock:
-            return self._max_in_flight
-
-    @property
-    def errors(self) -> list[str]:
-        """Tracebacks of the server's own failures (a test should see none)."""
-        with self._lock:
-            return list(self._errors)
+        self._queue(n, Action("refuse", body=message))
 
     # ---------------------------------------------------------------- requests
 
-    def _sleep(self, seconds: float) -> bool:
-        """Sleep unless stopping; False when stopping cut it short."""
-        return not self._stop.wait(seconds) if seconds > 0 else not self._stop.is_set()
+    def _new_record(self, index: int, now: float, method: str, path: str) -> RecordedRequest:
+        return RecordedRequest(index, now, method, path)
 
-    def _handle(self, h: _Handler) -> None:
-        with self._lock:
-            rec = RecordedRequest(len(self._records), time.monotonic(), h.command, h.path)
-            self._records.append(rec)
-            self._in_flight += 1
-            self._max_in_flight = max(self._max_in_flight, self._in_flight)
-        try:
-            reply = self._process(h, rec)
-        except Exception:
-            with self._lock:
-                self._errors.append(traceback.format_exc())
-            reply = _Reply(500, b'{"error": {"message": "fake bug"}}', outcome="bug")
-        self._send(h, rec, reply)
-
-    def _process(self, h: _Handler, rec: RecordedRequest) -> _Reply:
-        length = int(h.headers.get("Content-Length") or 0)
-        raw = h.rfile.read(length) if length else b""
+    def _process(self, h: Handler, rec: RecordedRequest, split: urllib.parse.SplitResult) -> Reply:
+        raw = self._read_body(h, int(h.headers.get("Content-Length") or 0))
         auth = h.headers.get("Authorization") or ""
         rec.api_key = auth[7:] if auth.startswith("Bearer ") else (auth or None)
         try:
@@ -418,7 +204,7 @@ class FakeOpenAI:
             if loading:
                 return self._error(503, "Loading model", "unavailable_error", "loading")
             route = self._prefix + "/v1/chat/completions"
-            if h.command != "POST" or h.path.split("?")[0].rstrip("/") != route:
+            if h.command != "POST" or split.path.rstrip("/") != route:
                 return self._no_route(h)
             self._check_key(rec)
             self._parse(rec, raw)
@@ -443,9 +229,9 @@ class FakeOpenAI:
         if self.dialect == "llamacpp" and self._keys is not None and key not in self._keys:
             raise _Bad(self._error(401, "Invalid API Key", "authentication_error", "bad_key"))
 
-    def _no_route(self, h: _Handler) -> _Reply:
+    def _no_route(self, h: Handler) -> Reply:
         if self.dialect == "ollama":
-            return _Reply(404, b"404 page not found", "text/plain", "not_found")
+            return Reply(404, b"404 page not found", "text/plain", "not_found")
         if self.dialect == "llamacpp":
             return self._error(404, "File Not Found", "not_found_error", "not_found")
         message = f"Invalid URL ({h.command} {h.path.removeprefix('/v1')})"
@@ -542,7 +328,7 @@ class FakeOpenAI:
                 ) from None
         return image
 
-    def _decide(self, rec: RecordedRequest) -> _Reply | None:
+    def _decide(self, rec: RecordedRequest) -> Reply | None:
         """Quota and script (with the lock held); None: answer happily."""
         now = time.monotonic()
         if self._quota is not None:
@@ -562,14 +348,15 @@ class FakeOpenAI:
                 reply.headers.update(self._limit_headers(0, wait))
                 return reply
             self._window.append(now)
-        action = self._script.popleft() if self._script else None
-        if action is None:
-            return None
+        return self._next_scripted(rec)
+
+    def _scripted(self, rec: RecordedRequest, action: Action) -> Reply:
+        """A fault, a malformed answer or a refusal, in the dialect's shape."""
         if action.kind == "fault":
             if isinstance(action.body, bytes):
-                reply = _Reply(action.status, action.body, "text/html", "fault")
+                reply = Reply(action.status, action.body, "text/html", "fault")
             elif isinstance(action.body, dict):
-                reply = _Reply(action.status, json.dumps(action.body).encode(), outcome="fault")
+                reply = Reply(action.status, json.dumps(action.body).encode(), outcome="fault")
             else:
                 reply = self._error(
                     action.status, _MESSAGES.get(action.status, "error"), "server_error", "fault"
@@ -580,19 +367,17 @@ class FakeOpenAI:
                     )
             reply.headers.update(action.headers)
             return reply
-        if action.kind == "hang":
-            return _Reply(504, b'{"error": {"message": "timeout"}}', outcome="hang", hang=True)
-        if action.kind == "drop":
-            return _Reply(None, outcome="dropped")
         if action.kind == "refuse":
             return self._completion(rec, None, "refused", refusal=str(action.body))
-        if action.where == "body":
-            return _Reply(
+        if action.kind != "malformed":
+            raise ValueError(f"unknown scripted action {action.kind!r}")
+        if action.options.get("where") == "body":
+            return Reply(
                 200, b'{"id": "chatcmpl-x", "choices": [{"message": {"con', outcome="malformed"
             )
         return self._completion(rec, '{"description": "A photo of a cat sitting on', "malformed")
 
-    def _happy(self, rec: RecordedRequest) -> _Reply:
+    def _happy(self, rec: RecordedRequest) -> Reply:
         with self._lock:
             responder = self._responder
         text: str | None = None
@@ -607,7 +392,7 @@ class FakeOpenAI:
 
     def _completion(
         self, rec: RecordedRequest, text: str | None, outcome: str, refusal: str | None = None
-    ) -> _Reply:
+    ) -> Reply:
         prompt_tokens = len(rec.prompt) // 4 + sum(_image_tokens(i) for i in rec.images)
         out_tokens = max(1, len(text) // 4) if text else 0
         message: dict[str, Any] = {"role": "assistant", "content": text}
@@ -627,7 +412,7 @@ class FakeOpenAI:
                 "total_tokens": prompt_tokens + out_tokens,
             },
         }
-        reply = _Reply(200, json.dumps(body).encode(), outcome=outcome, text=text)
+        reply = Reply(200, json.dumps(body).encode(), outcome=outcome, text=text)
         if self.dialect == "openai":
             with self._lock:
                 used = len(self._window)
@@ -655,7 +440,7 @@ class FakeOpenAI:
         kind: str,
         outcome: str = "bad_request",
         code: str | None = None,
-    ) -> _Reply:
+    ) -> Reply:
         """An error in the dialect's shape: OpenAI's and Ollama's string (or null) code,
         llama.cpp's integer one."""
         error: dict[str, Any] = {"message": message, "type": kind}
@@ -663,33 +448,7 @@ class FakeOpenAI:
             error = {"code": status, **error}
         else:
             error.update(param=None, code=code)
-        return _Reply(status, json.dumps({"error": error}).encode(), outcome=outcome)
-
-    def _send(self, h: _Handler, rec: RecordedRequest, reply: _Reply) -> None:
-        with self._lock:
-            latency, hang = self._latency, self._hang_seconds
-            rec.outcome, rec.response_text = reply.outcome, reply.text
-        awake = self._sleep(latency)
-        if awake and reply.hang:
-            awake = self._sleep(hang)
-        with self._lock:
-            self._in_flight -= 1
-            if awake and reply.status is not None:
-                rec.status, rec.finished = reply.status, time.monotonic()
-        if not awake or reply.status is None:
-            h.close_connection = True  # stopping, or a scripted drop: no answer at all
-            return
-        try:
-            h.send_response(reply.status)
-            h.send_header("Content-Type", reply.content_type)
-            h.send_header("Content-Length", str(len(reply.body)))
-            for name, value in reply.headers.items():
-                h.send_header(name, value)
-            h.end_headers()
-            h.wfile.write(reply.body)
-            h.wfile.flush()
-        except OSError:
-            h.close_connection = True  # the client gave up (a timeout)
+        return Reply(status, json.dumps({"error": error}).encode(), outcome=outcome)
 
 
 _MESSAGES = {

@@ -45,7 +45,9 @@ class FakeRemote:
     def fingerprint(self) -> dict[str, Any]:
         return {"model": self.model, "max_side": self.max_side}
 
-    def estimate_tokens(self, image: PreparedImage) -> int:
+    prompt_tokens = 0
+
+    def estimate_tokens(self, width: int, height: int) -> int:
         return 258
 
     def encode(self, image: PreparedImage) -> PreparedImage:

@@ -15,6 +15,7 @@ import pytest
 import skimage
 from PIL import Image
 
+from imgbatch import statedb
 from imgbatch.checkpoint import Checkpoint
 from tests.conftest import REPO, make_image, run_and_kill, run_cli, the_state_folder
 
@@ -153,8 +154,11 @@ def test_another_run_holding_the_lock_gives_exit_code_3(photos: Path, tmp_path: 
 
 
 def test_an_unusable_checkpoint_gives_exit_code_5(photos: Path, tmp_path: Path) -> None:
-    with Checkpoint(tmp_path / "state") as cp:
-        cp._db.set(b"format", 999)
+    with Checkpoint(tmp_path / "state"):
+        pass
+    # as a later imgbatch would leave it (the layout in checkpoint.py's docstring)
+    with statedb.open_cache(tmp_path / "state" / "checkpoint") as db:
+        db.set(b"format", 999)
     res = run_cli(["analyze", "--checkpoint", tmp_path / "state", photos])
     assert res.rc == 5 and "format version 999" in res.stderr
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from imgbatch.providers.gemini import image_tokens
 from tests.conftest import CliResult, make_image, run_cli, the_state_folder
 from tests.fakegemini import FakeGemini
 
@@ -422,3 +423,34 @@ def test_sigkill_at_random_moments_against_the_server_loses_nothing(tmp_path: Pa
     status = run_cli(["runs", root, "--json"])
     states = [json.loads(line)["state"] for line in status.stdout.splitlines()]
     assert states == ["COMPLETED"] + ["ABORTED"] * kills
+
+
+# --- token estimate (Gemini's rule: gemini.image_tokens) ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "resolution", "tokens"),
+    [
+        ((384, 384), None, 258),  # small: one flat price
+        ((100, 50), None, 258),
+        ((385, 100), None, 258),  # one 768x768 tile
+        ((768, 576), None, 258),
+        ((769, 576), None, 516),  # two tiles
+        ((1536, 1536), None, 1032),
+        ((2000, 1000), None, 1548),  # 3 x 2 tiles
+        ((2000, 1000), "low", 64),
+        ((2000, 1000), "MEDIA_RESOLUTION_LOW", 64),
+        ((2000, 1000), "medium", 1548),
+    ],
+)
+def test_estimate_tokens_follows_gemini_2_rules(
+    size: tuple[int, int], resolution: str | None, tokens: int
+) -> None:
+    assert image_tokens(*size, media_resolution=resolution) == tokens
+
+
+def test_estimate_tokens_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        image_tokens(0, 10)
+    with pytest.raises(ValueError):
+        image_tokens(10, 10, "ultra")

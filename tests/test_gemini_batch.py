@@ -300,7 +300,7 @@ def test_requests_files_are_split_under_the_size_cap(server: FakeGemini, photos:
     from imgbatch.checkpoint import Checkpoint
     from imgbatch.config import Settings
     from imgbatch.output import JsonlSink
-    from imgbatch.pipeline import RunOptions
+    from imgbatch.pipeline import RunContext, RunOptions
     from imgbatch.pipeline.batch import BatchRun
     from imgbatch.providers.gemini import GeminiProvider
 
@@ -310,10 +310,8 @@ def test_requests_files_are_split_under_the_size_cap(server: FakeGemini, photos:
     with out.open("wb") as fh, Checkpoint(photos.parent / "state") as cp:
         cp.lock("analyze")
         sink = JsonlSink(fh)
-        run = BatchRun(
-            str(photos), settings, RunOptions(batch=True), provider, cp, sink,
-            max_file_bytes=25_000,
-        )  # fmt: skip
+        ctx = RunContext(str(photos), settings, RunOptions(batch=True), provider, cp, sink)
+        run = BatchRun(ctx, max_file_bytes=25_000)
         summary = run.run()
         sink.close()
     provider.close()

@@ -286,7 +286,7 @@ def test_the_key_never_appears_in_output_logs_or_checkpoint(
 def test_the_generic_openai_key_goes_to_openai_only(
     server: FakeOpenAI, photos: Path, tmp_path: Path
 ) -> None:
-    from imgbatch.providers.openai import OpenAIProvider
+    from imgbatch.providers.openai import NO_KEY, OpenAIProvider
 
     env = {"OPENAI_API_KEY": GENERIC_KEY, "IMGBATCH_OPENAI_API_KEY": ""}
     res = analyze(server, photos, "--limit", "1", key="", env=env)
@@ -294,7 +294,9 @@ def test_the_generic_openai_key_goes_to_openai_only(
     assert {r.api_key for r in server.requests} == {"imgbatch-no-key"}
     settings = Settings(provider="openai")  # OpenAI's own URL: the generic key is used
     provider = OpenAIProvider(settings, env={"OPENAI_API_KEY": GENERIC_KEY})
-    assert [e.client.api_key for e in provider._endpoints] == [GENERIC_KEY]
+    [official] = settings.openai_base_url  # https://api.openai.com/v1
+    assert provider.key_for(official, {"OPENAI_API_KEY": GENERIC_KEY}) == GENERIC_KEY
+    assert provider.key_for(server.base_url, {"OPENAI_API_KEY": GENERIC_KEY}) == NO_KEY
     provider.close()
     with pytest.raises(ConfigError, match="no OpenAI API key"):
         OpenAIProvider(settings, env={})

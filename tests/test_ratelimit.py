@@ -136,7 +136,7 @@ def test_a_slot_booked_before_a_pause_is_booked_again_after_it() -> None:
             return super().wait(timeout)
 
     lim = AdaptiveLimiter(60, clock=clock, stop=PauseWhileSleeping(clock))
-    lim._next = 1.0  # this thread's slot is 1 s away
+    lim.acquire()  # goes at once; this thread's next slot is 1 s (and the margin) away
     lim.acquire()
     assert clock.now >= 5.0  # it did not go out inside the pause
 
@@ -165,10 +165,10 @@ def test_a_pause_that_starts_while_a_request_waits_is_bounded_too() -> None:
             return super().wait(timeout)
 
     lim = AdaptiveLimiter(60, clock=clock, stop=PauseWhileSleeping(clock))
-    lim._next = 1.0  # this thread's slot is 1 s away
+    lim.acquire()  # goes at once; this thread's next slot is 1 s (and the margin) away
     with pytest.raises(WaitTooLong):
         lim.acquire(max_pause=600)
-    assert clock.now == pytest.approx(1.0)
+    assert clock.now == pytest.approx(1.0 * (1 + MARGIN))
 
 
 def test_a_bare_429_slows_down_a_little_and_pauses_nobody() -> None:

@@ -44,7 +44,9 @@ class HostileModel:
     def fingerprint(self) -> dict[str, Any]:
         return {"model": self.model}
 
-    def estimate_tokens(self, image: PreparedImage) -> int:
+    prompt_tokens = 0
+
+    def estimate_tokens(self, width: int, height: int) -> int:
         return 0
 
     def encode(self, image: PreparedImage) -> PreparedImage:

@@ -124,8 +124,12 @@ def make_tree(root: Path, folders: int = 3, files: int = 40) -> None:
             (root / f"d{d}" / f"{i:03d}.jpg").write_bytes(rng.randbytes(rng.randint(0, 9000)))
 
 
-def scan_lines(root: Path, **settings: Any) -> bytes:
-    return b"".join(Scanner(str(root), Settings(**settings)).lines())
+def scan_lines(root: Path, schedule: Schedule | None = None, **settings: Any) -> bytes:
+    return b"".join(Scanner(str(root), Settings(**settings), schedule=schedule).lines())
+
+
+#: the flag of a read that must not block (RWF_NOWAIT): the fake preadv below sees it
+NOWAIT = getattr(os, "RWF_NOWAIT", 8)
 
 
 def test_reads_that_would_block_open_the_next_files_ahead_and_say_so_to_the_kernel(
@@ -141,10 +145,10 @@ def test_reads_that_would_block_open_the_next_files_ahead_and_say_so_to_the_kern
             raise BlockingIOError(errno.EAGAIN, "would block")
         return real_preadv(fd, buffers, offset)
 
-    monkeypatch.setattr(hashjob, "_NOWAIT", 8)
     monkeypatch.setattr(os, "preadv", cold_preadv)
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: advised.append(advice))
-    assert scan_lines(tmp_path) == warm
+    assert scan_lines(tmp_path, Schedule(nowait=0)) == warm and not advised  # plain reads
+    assert scan_lines(tmp_path, Schedule(nowait=NOWAIT)) == warm
     assert advised and set(advised) == {os.POSIX_FADV_WILLNEED}
     assert len(advised) > 100  # most files were announced before their turn
 
@@ -169,10 +173,9 @@ def test_a_file_opened_ahead_that_fails_is_reported_in_its_turn(
             raise BlockingIOError(errno.EAGAIN, "would block")
         return real_preadv(fd, buffers, offset)
 
-    monkeypatch.setattr(hashjob, "_NOWAIT", 8)
     monkeypatch.setattr(os, "preadv", cold_preadv)
     monkeypatch.setattr(os, "open", open_fails_for_c)
-    job: hashjob.Job = ([(str(tmp_path), names, [".jpg"] * 4, None)], False, False)
+    job: hashjob.Job = ([(str(tmp_path), names, [".jpg"] * 4, None)], False, False, NOWAIT)
     [(parts, rows)], counts = hashjob.run_job(job)
     # a's read would block: when b's turn comes, c and d are opened ahead of it
     assert opened[1:] == ["a.jpg", "c.jpg", "d.jpg", "b.jpg"]

@@ -19,11 +19,12 @@ from typing import Any
 import pytest
 import xxhash
 
+from imgbatch import statedb
 from imgbatch.checkpoint import Checkpoint
 from imgbatch.config import Settings
 from imgbatch.imaging import PreparedImage
 from imgbatch.output import JsonlSink
-from imgbatch.pipeline import Pipeline, RunOptions
+from imgbatch.pipeline import Pipeline, RunContext, RunOptions
 from imgbatch.providers.base import Analysis
 from tests.conftest import REPO, make_image, run_cli, settle
 
@@ -258,9 +259,11 @@ def test_a_format_1_checkpoint_is_migrated_and_nothing_is_requested_again(
     assert res.records == [] and calls(log) == []  # every item was done: nothing to do
     with Checkpoint(state, create=False) as cp:
         assert cp.format == 3
-        keys = list(cp._db.iterkeys())
-        assert keys and all(isinstance(k, bytes) for k in keys)  # plain data only
-        assert not [k for k in keys if k.startswith(b"result")]
+    db = statedb.ReadOnlyCache(state / "checkpoint")  # the layout on disk, as stored
+    keys = list(db.iterkeys())
+    db.close()
+    assert keys and all(isinstance(k, bytes) for k in keys)  # plain data only
+    assert not [k for k in keys if k.startswith(b"result")]
     # the results now serve any tree with the same content, with no request
     shutil.copytree(legacy_tree / "photos", tmp_path / "copy")
     copy = analyze(tmp_path / "copy", "--provider", "fake", env=fake(log))
@@ -294,7 +297,9 @@ class Writer:
     def fingerprint(self) -> dict[str, Any]:
         return {"model": "writer-1"}
 
-    def estimate_tokens(self, image: PreparedImage) -> int:
+    prompt_tokens = 0
+
+    def estimate_tokens(self, width: int, height: int) -> int:
         return 0
 
     def encode(self, image: PreparedImage) -> PreparedImage:
@@ -337,7 +342,8 @@ def test_the_library_commits_an_item_only_after_its_line_is_out(tmp_path: Path) 
     settings = Settings(workers=1)
     with out.open("wb") as fh, WatchedCheckpoint(state, out) as cp:
         sink = JsonlSink(fh.fileno())  # the library default: 100 lines per write
-        Pipeline(str(tmp_path / "root"), settings, RunOptions(), Writer(), cp, sink).run()
+        ctx = RunContext(str(tmp_path / "root"), settings, RunOptions(), Writer(), cp, sink)
+        Pipeline(ctx).run()
         sink.close()
         assert cp.checked == 150 and cp.violations == []
     assert len(out.read_text().splitlines()) == 150

@@ -7,18 +7,21 @@
   flight, work);
 - `execute`: decoding and analysis with retries, run by an engine;
 - `record`: write the line, then commit the item, then the run record;
-- `run`: `Pipeline` (the loop) and `analyze_root` (provider, state, lock).
+- `run`: `Pipeline` (the loop) and `analyze_root` (provider, state, lock);
+- `stages`: `RunContext` (what a run is given) and what a live run and `--batch` share.
 """
 
 from imgbatch.pipeline.items import CONTENT_ERRORS, Outcome, RunOptions, WorkItem
 from imgbatch.pipeline.record import MAX_TAGS, RunSummary, summary_lines
 from imgbatch.pipeline.run import Pipeline, analyze_root
+from imgbatch.pipeline.stages import RunContext
 
 __all__ = [
     "CONTENT_ERRORS",
     "MAX_TAGS",
     "Outcome",
     "Pipeline",
+    "RunContext",
     "RunOptions",
     "RunSummary",
     "WorkItem",

@@ -69,7 +69,7 @@ def dask_setup(worker: Any) -> None:
 
 def prepare_on_worker(path: str, content_hash: str, max_side: int, encoder: Any) -> Any:
     """Decode (and encode, given the provider's key-free `encoder`) one file on a worker:
-    returns (upload, tokens), (PreparedImage, None) without an encoder, or an Outcome
+    returns (upload, its size), (PreparedImage, None) without an encoder, or an Outcome
     when the file cannot be decoded."""
     from imgbatch.imaging import prepare
 
@@ -186,12 +186,14 @@ class DaskEngine:
         prepared.add_done_callback(send)
         return outcome
 
-    def _send(self, item: WorkItem, prepared: tuple[Any, int | None], start: float) -> Outcome:
-        body, tokens = prepared
-        if tokens is None:  # the provider has no worker-side encoder: encode here
-            tokens = self.provider.estimate_tokens(body)
+    def _send(
+        self, item: WorkItem, prepared: tuple[Any, tuple[int, int] | None], start: float
+    ) -> Outcome:
+        body, size = prepared
+        if size is None:  # the provider has no worker-side encoder: encode here
+            size = body.image.size
             body = self.provider.encode(body)
-        return self.analyzer.send(item, body, tokens, start)
+        return self.analyzer.send(item, body, self.analyzer.tokens(*size), start)
 
     def _request_pool(self) -> ThreadPoolExecutor:
         if self._requests is None:

@@ -127,7 +127,7 @@ class Analyzer:
         start = time.monotonic()
         try:
             image = prepare(item.rec.path, self.settings.max_side, expect_hash=item.rec.hash)
-            tokens = self.provider.estimate_tokens(image)
+            tokens = self.tokens(*image.image.size)
             # encoded once, before a slot is taken: nothing slow between slot and send
             body = self.provider.encode(image)
         except ItemError as exc:
@@ -135,6 +135,11 @@ class Analyzer:
         except Exception as exc:  # a decoder or provider bug must not kill the run
             return self._unexpected(item, exc, 0)
         return self.send(item, body, tokens, start)
+
+    def tokens(self, width: int, height: int) -> int:
+        """A request's estimated input tokens for an upload of this size: the image by the
+        provider's rule, and its prompt (what the limiter counts against `tpm`)."""
+        return self.provider.estimate_tokens(width, height) + self.provider.prompt_tokens
 
     def send(self, item: WorkItem, body: Any, tokens: int, start: float) -> Outcome:
         """Send an encoded item to the provider, with retries."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
-from imgbatch.errors import ErrorCode
+from imgbatch.errors import ContentChanged, ErrorCode, ItemError
 from imgbatch.records import FileRecord
+
+log = logging.getLogger("imgbatch")
 
 #: errors caused by the content itself: stored by hash, so duplicates share them
 CONTENT_ERRORS = frozenset({ErrorCode.BAD_IMAGE.value, ErrorCode.BLOCKED.value})
@@ -86,3 +89,15 @@ class Outcome:
             message=message,
             **more,
         )
+
+
+def item_failure(item: WorkItem, exc: Exception, doing: str, **more: Any) -> Outcome:
+    """The guard around an item's decoding, encoding and request: what it raised, as its
+    outcome. An ItemError is the item's own (a ContentChanged: `changed`, nothing true
+    to store); anything else is a decoder or provider bug, which must not kill the run:
+    AI_ERROR, with the traceback in the debug log. `more`: further Outcome fields."""
+    if isinstance(exc, ItemError):
+        changed = isinstance(exc, ContentChanged)
+        return Outcome.failed(exc.code, exc.message, changed=changed, **more)
+    log.debug("unexpected error %s %s", doing, item.rec.path, exc_info=exc)
+    return Outcome.failed(ErrorCode.AI_ERROR, f"unexpected error: {type(exc).__name__}", **more)

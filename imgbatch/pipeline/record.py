@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,16 +282,17 @@ class Recorder:
         self.sink.write(json_line(out))
 
     def would_send(
-        self, item: WorkItem, max_side: int, media_resolution: str | None, remote: bool
+        self, item: WorkItem, max_side: int, estimate: Callable[[int, int], int], remote: bool
     ) -> None:
-        """A dry run's line: what would be sent and its estimated input tokens (the
-        image's header only is read)."""
-        from imgbatch.imaging import estimate_tokens, fitted_size
+        """A dry run's line: what would be sent and its estimated input tokens, by the
+        provider's own rule (`estimate`: Provider.estimate_tokens; the image's header only
+        is read)."""
+        from imgbatch.imaging import fitted_size
 
         out = item.rec.fields()
         try:
             w, h = fitted_size(item.rec.path, max_side)
-            tokens = estimate_tokens(w, h, media_resolution)
+            tokens = estimate(w, h)
         except ItemError as exc:
             out.update(status="error", error={"code": exc.code.value, "message": exc.message})
             tokens = 0

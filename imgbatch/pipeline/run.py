@@ -21,13 +21,10 @@ from imgbatch.errors import FatalError, ImgbatchError, UsageError
 from imgbatch.hashcache import HashCache
 from imgbatch.output import JsonlSink, Progress
 from imgbatch.pipeline.batch import BatchRun
-from imgbatch.pipeline.execute import Abandoned, Analyzer, Engine, Limiter, make_engine
+from imgbatch.pipeline.execute import Abandoned, Analyzer, Engine, make_engine
 from imgbatch.pipeline.items import Outcome, RunOptions, WorkItem
-from imgbatch.pipeline.plan import Action
 from imgbatch.pipeline.record import RunSummary, summary_lines
-from imgbatch.pipeline.stages import RunStages
-from imgbatch.providers.base import Provider
-from imgbatch.records import FileRecord
+from imgbatch.pipeline.stages import RunContext, RunStages
 from imgbatch.results import ResultStore
 from imgbatch.scanner import check_root
 
@@ -38,50 +35,18 @@ class Pipeline(RunStages):
     """One `analyze` run over ROOT. Library API: build it, call `run()`.
 
     Args:
-        root: the folder to analyse.
-        settings: all settings (scan filters, workers, executor, max side, retries).
-        options: fresh / retry-failed / emit-all / limit / dry run.
-        provider: the analysing provider (see providers.base.create).
-        checkpoint: where items, results and runs are recorded (locked by the caller).
-        sink: where output lines go, one per item.
-        hash_cache: the scanner's hash cache, or None.
-        limiter: taken before every request of a remote provider.
-        progress: updated as items finish.
-        stop: set it (e.g. from a signal handler) to stop taking new items; in-flight
-            items then get `settings.grace` seconds, or the event's own `grace`
-            attribute when it has one that is not None.
+        ctx: what the run is given (see `RunContext`).
         engine: runs the work; default: the one `settings.executor` names.
     """
 
-    def __init__(
-        self,
-        root: str,
-        settings: Settings,
-        options: RunOptions,
-        provider: Provider,
-        checkpoint: Checkpoint,
-        sink: JsonlSink,
-        hash_cache: HashCache | None = None,
-        limiter: Limiter | None = None,
-        progress: Progress | None = None,
-        stop: threading.Event | None = None,
-        engine: Engine | None = None,
-    ) -> None:
+    def __init__(self, ctx: RunContext, engine: Engine | None = None) -> None:
         super().__init__(
-            root,
-            settings,
-            options,
-            provider,
-            checkpoint,
-            sink,
-            hash_cache,
-            progress,
-            stop,
-            record_run=not options.dry_run,  # a dry run writes nothing
-            remote=provider.remote,
+            ctx,
+            record_run=not ctx.options.dry_run,  # a dry run writes nothing
+            remote=ctx.provider.remote,
         )
-        self.summary.executor = settings.executor
-        self.analyzer = Analyzer(settings, provider, limiter, self.stop)
+        self.summary.executor = ctx.settings.executor
+        self.analyzer = Analyzer(ctx.settings, ctx.provider, ctx.limiter, self.stop)
         self._engine = engine
         self._pending: dict[Future[Outcome], WorkItem] = {}
         self._finished: deque[Future[Outcome]] = deque()  # pending ones that ended
@@ -107,7 +72,7 @@ class Pipeline(RunStages):
             for scanned in self.scanner:
                 if self.stop.is_set() or self._fatal is not None:
                     break
-                self._take(scanned)
+                self.take(scanned)
                 if limit is not None and s.counts["processed"] >= limit:
                     break
                 while self._in_flight() >= max_in_flight and not self.stop.is_set():
@@ -159,27 +124,8 @@ class Pipeline(RunStages):
         """Work running or queued, plus copies waiting for it."""
         return len(self._pending) + self.planner.joined()
 
-    def _take(self, scanned: FileRecord) -> None:
-        """Plan one scanned file, then act on the decision."""
-        d = self.planner.decide(scanned)
-        if d.action is Action.SKIP or d.action is Action.JOIN:
-            return
-        assert d.item is not None
-        if d.action is Action.WORK:
-            self._submit(d.item)
-        elif d.action is Action.EMIT:
-            assert d.outcome is not None
-            self.recorder.emit(d.item, d.outcome, d.cached)
-        elif d.action is Action.REEMIT:
-            assert d.outcome is not None
-            self.recorder.write(d.item, d.outcome, True)
-        else:  # Action.DRY
-            s = self.settings
-            self.recorder.would_send(
-                d.item, s.max_side, s.gemini_media_resolution or None, self.provider.remote
-            )
-
-    def _submit(self, item: WorkItem) -> None:
+    def _work(self, item: WorkItem) -> None:
+        """Send an item to the engine."""
         assert self._engine is not None
         fut = self._engine.submit(item)
         self._pending[fut] = item
@@ -200,22 +146,17 @@ class Pipeline(RunStages):
             try:
                 outcome = fut.result()
             except Abandoned:
-                self.planner.settle(item, None)
+                self.drop(item)
                 continue
             except ImgbatchError as exc:  # run-level: stop intake, record nothing for it
                 self._stop_run(exc)
-                self.planner.settle(item, None)
+                self.drop(item)
                 continue
             except Exception as exc:  # the engine itself failed (a lost cluster)
                 self._stop_run(self._engine_failure(exc))
-                self.planner.settle(item, None)
+                self.drop(item)
                 continue
-            self.recorder.emit(item, outcome, cached=False)
-            copies, retry = self.planner.settle(item, outcome)
-            for copy in copies:
-                self.recorder.emit(copy, outcome, cached=True)
-            if retry is not None:  # the item failed for itself: the next copy tries
-                self._submit(retry)
+            self.settle(item, outcome)
         self.recorder.in_flight = len(self._pending)
 
     def _engine_failure(self, exc: Exception) -> ImgbatchError:
@@ -282,6 +223,12 @@ def analyze_root(
             if name == "local"
             else " (an API key is configured)",
         )
+    if settings.local_ocr and name != "local":  # OCR is the offline analyzer's
+        log.warning(
+            "--ocr is for the offline analyzer: %s ignores it (its answer's \"text\" "
+            "holds the legible text it reads)",
+            name,
+        )
     if options.batch and name != "gemini":
         raise UsageError(f"--batch needs the gemini provider (the Gemini Batch API), not {name}")
     check_root(root)  # before anything is created
@@ -308,7 +255,7 @@ def analyze_root(
             try:
                 # --batch: Gemini Batch API jobs (a dry run is the same either way)
                 batch = options.batch and not options.dry_run
-                pipeline = (BatchRun if batch else Pipeline)(
+                ctx = RunContext(
                     root,
                     settings,
                     options,
@@ -320,9 +267,14 @@ def analyze_root(
                     progress,
                     stop,
                 )
+                pipeline = BatchRun(ctx) if batch else Pipeline(ctx)
                 counting = _count_beside(root, settings, pipeline.summary)
                 try:
                     summary = pipeline.run()
+                    if not options.dry_run:  # `search` then answers at once (issue 22.1)
+                        from imgbatch.searchindex import refresh
+
+                        refresh(state, checkpoint)
                 except ImgbatchError:  # a run-level stop: still say what was done
                     for line in summary_lines(pipeline.summary, pipeline.scanner.stats.seen):
                         log.info("%s", line)

@@ -64,8 +64,14 @@ class Provider(Protocol):
         """Every setting that changes a result (model, prompt, schema, max side, ...)."""
         ...
 
-    def estimate_tokens(self, image: PreparedImage) -> int:
-        """Input tokens a request for this image will cost (0 for a local provider)."""
+    def estimate_tokens(self, width: int, height: int) -> int:
+        """Input tokens of an image uploaded at this size, by this provider's own rule (0
+        for a local provider): a dry run's estimate; a request costs `prompt_tokens` more."""
+        ...
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Input tokens of what every request sends beside the image (the prompt)."""
         ...
 
     def encode(self, image: PreparedImage) -> Any:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import re
 import threading
 from collections.abc import Callable, Mapping
@@ -40,7 +41,7 @@ from imgbatch.errors import (
     ItemError,
     QuotaExhaustedError,
 )
-from imgbatch.imaging import PreparedImage, encode_for_upload, estimate_tokens, upload_and_tokens
+from imgbatch.imaging import PreparedImage, encode_for_upload, upload_and_size
 from imgbatch.providers.base import Analysis, Failover, url_secrets
 from imgbatch.providers.pool import DAILY_QUOTA, REJECTED, KeyPool, OnEmpty
 from imgbatch.providers.prompt import (
@@ -82,6 +83,26 @@ _MEDIA = {
     "medium": "MEDIA_RESOLUTION_MEDIUM",
     "high": "MEDIA_RESOLUTION_HIGH",
 }
+
+
+def image_tokens(width: int, height: int, media_resolution: str | None = None) -> int:
+    """Gemini 2.x input tokens for an image of this size (the size that is uploaded).
+
+    Both sides <= 384 px: 258 tokens; larger images are tiled at 768x768, 258 tokens per
+    tile; media_resolution "low" is a flat 64. Other resolutions ("medium", "high",
+    "unspecified") are estimated with the tiling rule.
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if media_resolution is not None:
+        level = media_resolution.lower().removeprefix("media_resolution_")
+        if level not in ("low", "medium", "high", "unspecified"):
+            raise ValueError(f"unknown media_resolution {media_resolution!r}")
+        if level == "low":
+            return 64
+    if width <= 384 and height <= 384:
+        return 258
+    return math.ceil(width / 768) * math.ceil(height / 768) * 258
 
 
 def _parse_duration(text: Any) -> float | None:
@@ -167,12 +188,15 @@ class GeminiProvider:
             "upload": [s.upload_format, s.upload_quality],
         }
 
-    def estimate_tokens(self, image: PreparedImage) -> int:
-        w, h = image.image.size
-        return (
-            estimate_tokens(w, h, self.settings.gemini_media_resolution or None)
-            + len(self.prompt) // 4
-        )
+    def estimate_tokens(self, width: int, height: int) -> int:
+        """Input tokens of an image uploaded at this size: `image_tokens`, at the run's
+        media resolution."""
+        return image_tokens(width, height, self.settings.gemini_media_resolution or None)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's input tokens, estimated (4 characters a token)."""
+        return len(self.prompt) // 4
 
     # -- requests ------------------------------------------------------------------
 
@@ -209,17 +233,18 @@ class GeminiProvider:
         fmt = "WEBP" if self.settings.upload_format == "webp" else "JPEG"
         return encode_for_upload(image, fmt, self.settings.upload_quality)
 
-    def upload_encoder(self) -> Callable[[PreparedImage], tuple[tuple[bytes, str], int]]:
-        """What a Dask worker runs to make the upload and count its tokens: key-free and
-        picklable (a partial of imaging's functions), so only the ~70 KB upload travels
-        back to the driver, which sends it through its limiter and key pool."""
+    def upload_encoder(
+        self,
+    ) -> Callable[[PreparedImage], tuple[tuple[bytes, str], tuple[int, int]]]:
+        """What a Dask worker runs to make the upload and measure it: key-free and
+        picklable (a partial of imaging's function), so only the ~70 KB upload and its
+        size travel back to the driver, which estimates its tokens and sends it through
+        its limiter and key pool."""
         s = self.settings
         return functools.partial(
-            upload_and_tokens,
+            upload_and_size,
             fmt="WEBP" if s.upload_format == "webp" else "JPEG",
             quality=s.upload_quality,
-            media_resolution=s.gemini_media_resolution or None,
-            extra_tokens=len(self.prompt) // 4,
         )
 
     def analyze(self, encoded: tuple[bytes, str]) -> Analysis:

@@ -271,7 +271,7 @@ class OpenAIProvider:
         self.detail: str = self._setting("detail")
         self.timeout: float = self._setting("timeout")
         urls = self._base_urls(env)
-        keys = [self._key(url, env) for url in urls]
+        keys = [self.key_for(url, env) for url in urls]
         # keys, and what in a URL may be a credential (a server may echo its path)
         secrets = {k for k in keys if k and k != NO_KEY}
         secrets.update(s for url in urls for s in url_secrets(url))
@@ -319,10 +319,11 @@ class OpenAIProvider:
             raise ConfigError(f"no endpoint: set --base-url or [{self.section}] base_url")
         return list(dict.fromkeys(out))
 
-    def _key(self, url: str, env: Mapping[str, str]) -> str:
-        """The key sent to `url`: imgbatch's own (IMGBATCH_OPENAI_API_KEY, [openai]
-        api_key) to any endpoint; the generic OPENAI_API_KEY only to OpenAI's own API, so
-        a key set for other tools never reaches another server."""
+    def key_for(self, url: str, env: Mapping[str, str]) -> str:
+        """The key sent to `url` (NO_KEY: none), given the environment `env`: imgbatch's
+        own (IMGBATCH_OPENAI_API_KEY, [openai] api_key) to any endpoint; the generic
+        OPENAI_API_KEY only to OpenAI's own API, so a key set for other tools never
+        reaches another server."""
         key = self.settings.openai_api_key.strip()
         if key:
             return key
@@ -381,9 +382,15 @@ class OpenAIProvider:
             return None
         return endpoint_identity(e.url for e in self._endpoints)
 
-    def estimate_tokens(self, image: PreparedImage) -> int:
-        w, h = image.image.size
-        return image_tokens(w, h, self.detail) + len(self.prompt) // 4
+    def estimate_tokens(self, width: int, height: int) -> int:
+        """Input tokens of an image uploaded at this size: OpenAI's rule (`image_tokens`)
+        at the run's detail; other servers' models are estimated by it too."""
+        return image_tokens(width, height, self.detail)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's input tokens, estimated (4 characters a token)."""
+        return len(self.prompt) // 4
 
     # -- requests ------------------------------------------------------------------
 
@@ -670,7 +677,8 @@ class OllamaProvider(OpenAIProvider):
             urls = [ollama_url(host) if host else OLLAMA_URL]
         return self._checked_urls(urls)
 
-    def _key(self, url: str, env: Mapping[str, str]) -> str:
+    def key_for(self, url: str, env: Mapping[str, str]) -> str:
+        """No key: see OpenAIProvider.key_for."""
         return NO_KEY  # Ollama asks for none; no configured key is ever sent to it
 
     def _endpoint_identity(self) -> str | None:

@@ -354,6 +354,39 @@ class Api:
         run = self._run(request)
         return _json(await run_in_threadpool(run.status))
 
+    async def search(self, request: Request) -> Response:
+        """GET /api/search: `imgbatch search`'s records, in its order (issue 22.1)."""
+        from imgbatch import api
+
+        q = request.query_params
+        root = q.get("root") or ""
+        if not root or len(root) > 4096:
+            raise Problem(422, "root is required: the folder that was analysed")
+        real = allowed_root(root, self.allowed)
+        if real is None:
+            raise Problem(403, f"{root} is not under a folder this server allows (--allow-root)")
+        words = q.get("q") or ""
+        limit = _int_param(q.get("limit"), "limit", 20, 1, MAX_PAGE)
+        try:
+            hits = await run_in_threadpool(
+                lambda: api.search(
+                    real,
+                    words,
+                    tag=q.getlist("tag"),
+                    color=q.getlist("color"),
+                    after=q.get("after") or None,
+                    before=q.get("before") or None,
+                    status=q.get("status") or None,
+                    limit=limit,
+                    config=self.runs.config,
+                )
+            )
+        except UsageError as exc:  # a malformed query, a ROOT never analysed
+            raise Problem(422, str(exc)) from None
+        except ImgbatchError as exc:
+            raise Problem(500, str(exc)) from None
+        return _json({"hits": hits})
+
     async def cancel(self, request: Request) -> Response:
         run = self._run(request)
         if not await run_in_threadpool(run.cancel):
@@ -486,6 +519,7 @@ def create_app(runs: Runs, allowed: list[str], hosts: frozenset[str] | None, tok
     routes = [
         Route("/", _route(api.page), methods=["GET"]),
         Route("/static/{name}", _route(api.asset), methods=["GET"]),
+        Route("/api/search", _route(api.search), methods=["GET"]),
         Route("/api/runs", _route(api.list_runs), methods=["GET"]),
         Route("/api/runs", _route(api.start), methods=["POST"]),
         Route("/api/runs/{run_id}", _route(api.get), methods=["GET"]),

@@ -1,0 +1,241 @@
+"""`imgbatch search`: the query language, the filters and the ranking over ROOT's index.
+
+A query is words (AND-ed), ``"quoted phrases"``, ``prefix*`` and ``-word`` (or
+``-"phrase"``) exclusions. It is parsed here into terms and the FTS5 MATCH expression is
+built from them, each term quoted: FTS5's own syntax (NEAR, AND/OR/NOT, ``col:``,
+parentheses, ``^``) is never passed through, so such words are searched as words. A
+malformed query (an unterminated quote, nothing but exclusions, too long) is a
+UsageError of one line.
+
+Ranking goes through `rank`, one ordered list of (doc id, score) per ranking: full text
+(FTS5's bm25, higher is better) today; a semantic ranking can be fused with it there.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from imgbatch import report, searchindex
+from imgbatch.errors import UsageError
+from imgbatch.records import json_line
+from imgbatch.searchindex import SEP
+
+MAX_QUERY = 1000  # characters
+MAX_TERMS = 64
+DEFAULT_LIMIT = 20
+#: bm25 weights of searchindex.COLUMNS: path, description, tags, objects, text, colors
+WEIGHTS = (0.5, 1.0, 2.0, 1.5, 1.0, 0.5)
+_WORD = re.compile(r"[^\W_]")  # what the unicode61 tokenizer keeps (letters, digits)
+_SPACE = re.compile(r"[\s\x00-\x1f\x7f]+")
+
+
+@dataclass(frozen=True)
+class Term:
+    """A word or phrase of a query (searched as FTS5 tokenizes it), maybe a prefix."""
+
+    text: str
+    prefix: bool = False
+
+    def fts(self) -> str:
+        """The term as a quoted FTS5 string (a phrase when it holds several tokens)."""
+        return '"' + self.text.replace('"', '""') + '"' + ("*" if self.prefix else "")
+
+
+@dataclass(frozen=True)
+class Query:
+    """A parsed query: the terms to find (all of them) and those to exclude."""
+
+    include: tuple[Term, ...] = ()
+    exclude: tuple[Term, ...] = ()
+
+    def match(self) -> str | None:
+        """The FTS5 MATCH expression, or None for no words (filters alone)."""
+        if not self.include:
+            return None
+        expr = "(" + " AND ".join(t.fts() for t in self.include) + ")"
+        return expr + "".join(f" NOT {t.fts()}" for t in self.exclude)
+
+
+def parse(text: str) -> Query:
+    """Parse a query (see the module's docstring); UsageError when malformed."""
+    if len(text) > MAX_QUERY:
+        raise UsageError(f"the query is longer than {MAX_QUERY:,} characters")
+    text = _SPACE.sub(" ", text)  # control characters (NUL included) separate words
+    include: list[Term] = []
+    exclude: list[Term] = []
+    i, n = 0, len(text)
+    while i < n:
+        if text[i] == " ":
+            i += 1
+            continue
+        negative = text[i] == "-"
+        if negative:
+            i += 1
+            if i == n or text[i] == " ":
+                continue  # a lone "-" excludes nothing
+        if text[i] == '"':
+            end = text.find('"', i + 1)
+            if end < 0:
+                raise UsageError(
+                    'the query has an unterminated " (a phrase needs its closing quote)'
+                )
+            word, i = text[i + 1 : end], end + 1
+        else:
+            end = i
+            while end < n and text[end] not in ' "':
+                end += 1
+            word, i = text[i:end], end
+        prefix = False
+        if i < n and text[i] == "*":  # "phrase"*
+            prefix, i = True, i + 1
+        if word.endswith("*"):
+            prefix, word = True, word.rstrip("*")
+        if not _WORD.search(word):
+            continue  # punctuation only (`*`, `&&`): no token to look for
+        (exclude if negative else include).append(Term(word, prefix))
+    if len(include) + len(exclude) > MAX_TERMS:
+        raise UsageError(f"the query has more than {MAX_TERMS} words")
+    if exclude and not include:
+        raise UsageError("the query only excludes (-word): give at least one word to look for")
+    return Query(tuple(include), tuple(exclude))
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What a hit must also be: every tag, every colour, captured in [after, before)."""
+
+    tags: tuple[str, ...] = ()
+    colors: tuple[str, ...] = ()
+    after: float | None = None
+    before: float | None = None
+    status: str | None = None
+
+    def sql(self) -> tuple[str, list[Any]]:
+        """The WHERE conditions on `d` (docs) and their parameters."""
+        where: list[str] = ["1"]
+        args: list[Any] = []
+        for column, values in (("tags", self.tags), ("colors", self.colors)):
+            for value in values:
+                where.append(f"instr(d.{column}, ?) > 0")
+                args.append(SEP + value.casefold() + SEP)
+        if self.after is not None:
+            where.append("d.taken >= ?")
+            args.append(self.after)
+        if self.before is not None:
+            where.append("d.taken < ?")
+            args.append(self.before)
+        if self.status is not None:
+            where.append("d.status = ?")
+            args.append(self.status)
+        return " AND ".join(where), args
+
+
+def local_date(text: str | None, flag: str) -> float | None:
+    """A YYYY-MM-DD date as the POSIX time of its local midnight."""
+    if text is None:
+        return None
+    try:
+        day = datetime.strptime(text, "%Y-%m-%d")
+    except (ValueError, TypeError):
+        raise UsageError(f"{flag} takes a date YYYY-MM-DD, not {text!r}") from None
+    return time.mktime(day.timetuple())
+
+
+def filters(
+    tags: Iterable[str] = (),
+    colors: Iterable[str] = (),
+    after: str | None = None,
+    before: str | None = None,
+    status: str | None = None,
+) -> Filters:
+    """Filters from the command's options; UsageError for a bad value."""
+    if status not in (None, "ok", "error"):
+        raise UsageError("--status must be ok or error")
+    for flag, values in (("--tag", tags), ("--color", colors)):
+        for value in values:
+            if not isinstance(value, str) or not value.strip() or SEP in value:
+                raise UsageError(f"{flag} takes a non-empty name, not {value!r}")
+    return Filters(
+        tuple(t.strip() for t in tags),
+        tuple(c.strip() for c in colors),
+        local_date(after, "--after"),
+        local_date(before, "--before"),
+        status,
+    )
+
+
+def rank(
+    con: sqlite3.Connection, query: Query, where: Filters, limit: int
+) -> list[tuple[int, float]]:
+    """The full-text ranking: (doc id, score) best first, at most `limit` (ties by path).
+    Without words, every doc that passes the filters, by path, with score 0."""
+    condition, args = where.sql()
+    match = query.match()
+    if match is None:
+        sql = f"SELECT d.id, 0.0 FROM docs d WHERE {condition} ORDER BY d.folder, d.name LIMIT ?"
+        return [(i, s) for i, s in con.execute(sql, [*args, limit])]
+    weights = ", ".join(map(str, WEIGHTS))
+    sql = (
+        f"SELECT d.id, -bm25(fts, {weights}) AS score FROM fts JOIN docs d ON d.id = fts.rowid"
+        f" WHERE fts MATCH ? AND {condition} ORDER BY score DESC, d.folder, d.name LIMIT ?"
+    )
+    try:
+        return [(i, s) for i, s in con.execute(sql, [match, *args, limit])]
+    except sqlite3.OperationalError as exc:  # never expected: every term is quoted
+        raise UsageError(f"cannot search for that query ({exc})") from None
+
+
+def search(
+    state: Path,
+    words: str | Iterable[str],
+    where: Filters | None = None,
+    limit: int = DEFAULT_LIMIT,
+    results: Path | None = None,
+) -> list[dict[str, Any]]:
+    """The stored records (of the last run's settings, as `export` gives them) that match,
+    best first, each with its `score` (higher is better). Reads the checkpoint without
+    the lock and writes only the index (see searchindex)."""
+    query = parse(words if isinstance(words, str) else " ".join(words))
+    where = where or Filters()
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise UsageError(f"--limit must be a whole number of at least 1, not {limit!r}")
+    if query.match() is None and where == Filters():
+        raise UsageError("give words to look for, or a filter (--tag, --color, --after, ...)")
+    with report.open_checkpoint(state) as cp, report.open_results(results) as store:
+        cp.results = store
+        run, root = searchindex.last_run(cp), cp.root()
+        if run is None or root is None:
+            raise UsageError(f"nothing was analysed into {state} yet: run `imgbatch analyze`")
+        with searchindex.open_index(state, cp, run["fingerprint"]) as con:
+            hits = rank(con, query, where, limit)
+            out = []
+            for doc_id, score in hits:
+                row = con.execute(
+                    "SELECT folder, name, state FROM docs WHERE id = ?", (doc_id,)
+                ).fetchone()
+                state_ = tuple(json.loads(row[2]))
+                rel_dir, name = os.fsdecode(bytes(row[0])), os.fsdecode(bytes(row[1]))
+                rec = report.record(cp, root, run, rel_dir, name, state_)
+                rec["score"] = round(score, 6)
+                out.append(rec)
+            return out
+
+
+def output_line(hit: dict[str, Any], fmt: str = "jsonl", null: bool = False) -> bytes:
+    """A hit as `search` prints it: its JSON line, or (``paths``) its path's own bytes
+    ended by a newline or (`null`) a NUL, as `find -print0`."""
+    if fmt == "jsonl":
+        return json_line(hit)
+    raw = hit.get("path_bytes_b64")
+    path = base64.b64decode(raw) if isinstance(raw, str) else str(hit["path"]).encode()
+    return path + (b"\0" if null else b"\n")
