@@ -8,122 +8,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
-import traceback
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Annotated, Any, cast
 
 import typer
 
 from imgbatch import cli_options as o
+from imgbatch import cli_runtime as runtime
 from imgbatch.cli_options import OutputOpt, StateRoot
 from imgbatch.config import results_dir, state_dir
-from imgbatch.errors import ExitCode, ImgbatchError, UsageError, WaitInterrupted
-from imgbatch.output import JsonlSink, OutputClosed, Progress, SinkFile, setup_logging
-from imgbatch.signals import Interrupted, Signals, must_exit_now
+from imgbatch.errors import ExitCode, UsageError
+from imgbatch.output import Progress, SinkFile
+from imgbatch.signals import Interrupted
 
 log = logging.getLogger("imgbatch")
 
-_APP_SETTINGS: dict[str, Any] = {
-    "name": "imgbatch",
-    "help": "Hash and analyse huge image folders, resumably, as JSON Lines on stdout.",
-    "no_args_is_help": True,
-    "add_completion": False,
-    "pretty_exceptions_enable": False,
-}
-app = typer.Typer(**_APP_SETTINGS)
+app = typer.Typer(**runtime.APP_SETTINGS)
 
 _WALK = "all_files include_hidden follow_symlinks exclude"  # of a walk (scan, analyze)
-
-
-def _exit(code: int) -> None:
-    """Exit with `code`, without joining threads still blocked in a request."""
-    if must_exit_now():
-        os._exit(code)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def _command(cmd: o.Shared) -> Iterator[Signals]:
-    """Run a command body: every failure becomes one stderr line and an exit code.
-
-    Yields the signal handling: SIGINT/SIGTERM end the command with 130/143 (a command
-    with a graceful stop sets `graceful`).
-    """
-    if cmd.log_format not in ("text", "json"):
-        setup_logging()
-        log.error("error: --log-format must be text or json")
-        raise typer.Exit(int(ExitCode.USAGE))
-    setup_logging(cmd.verbose, cmd.quiet, cmd.log_format)
-    debug = cmd.verbose or os.environ.get("IMGBATCH_DEBUG") == "1"
-    signals = Signals(graceful=False).install()
-    try:
-        yield signals
-    except WaitInterrupted as exc:  # a stop before anything was done (waiting for the lock)
-        log.error("%s", exc)
-        raise typer.Exit(signals.exit_code or int(exc.exit_code)) from None
-    except ImgbatchError as exc:
-        if debug:
-            traceback.print_exc()
-        log.error("error: %s", exc)
-        raise typer.Exit(int(exc.exit_code)) from None
-    except OutputClosed:
-        raise typer.Exit(int(ExitCode.OK)) from None
-    except Interrupted as exc:
-        log.error("interrupted")
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        raise typer.Exit(int(ExitCode.SIGINT)) from None
-    except (typer.Exit, typer.Abort, typer.TyperException):
-        raise  # typer's own exits and usage errors
-    except Exception as exc:  # a bug, or a failure nothing above knew to expect
-        if debug:
-            traceback.print_exc()
-        log.error("error: %s", _unexpected(exc))
-        raise typer.Exit(int(ExitCode.FATAL)) from None
-
-
-def _unexpected(exc: BaseException) -> str:
-    """One line for an exception nobody expected: its type and message."""
-    message = " ".join(str(exc).split())
-    return f"unexpected {type(exc).__name__}" + (f": {message}" if message else "")
-
-
-@contextmanager
-def _stdout() -> Iterator[JsonlSink]:
-    """stdout for a command's data: a closed pipe raises OutputClosed (a quiet exit 0),
-    a failing one OutputError (exit 5). Nothing goes through sys.stdout, so the
-    interpreter's exit flush has nothing left to fail on."""
-    sink = JsonlSink(flush_every=100)
-    try:
-        yield sink
-    except BaseException:
-        _close_quietly(sink.close)
-        raise
-    sink.close()
-
-
-def _print(lines: Iterable[str]) -> None:
-    """Text lines to stdout (through _stdout)."""
-    with _stdout() as out:
-        for line in lines:
-            # surrogateescape: a file name that is not UTF-8 comes out as its own bytes
-            out.write(line.encode("utf-8", "surrogateescape") + b"\n")
-
-
-def _finish(lines: list[str], code: int, signals: Signals | None = None) -> None:
-    """Log a run's summary lines and exit with its code (returning on 0); after a
-    graceful stop, with the signal's."""
-    for line in lines:
-        log.info("%s", line)
-    if signals is not None and signals.exit_code is not None:
-        _exit(signals.exit_code)
-    if code:
-        raise typer.Exit(code)
 
 
 @app.callback()
@@ -143,8 +45,8 @@ def scan(
     from imgbatch import api
 
     cmd = o.Shared.pop(options)
-    with _command(cmd):
-        _finish(*api.run_scan(root, cmd.load(), show_progress=not cmd.quiet))
+    with runtime.command(cmd):
+        runtime.finish(*api.run_scan(root, cmd.load(), show_progress=not cmd.quiet))
 
 
 @app.command()
@@ -164,7 +66,7 @@ def analyze(
     from imgbatch import api
 
     cmd = o.Shared.pop(options)
-    with _command(cmd) as signals:
+    with runtime.command(cmd) as signals:
         lines, code = api.run_analyze(
             root,
             cmd.load(),
@@ -172,7 +74,29 @@ def analyze(
             show_progress=not cmd.quiet,
             **{n: options.pop(n) for n in o.RUN_OPTIONS},
         )
-        _finish(lines, code, signals)
+        runtime.finish(lines, code, signals)
+
+
+@app.command()
+@o.command_options(
+    "provider workers executor dask_scheduler max_side max_attempts grace local_ocr "
+    "model base_url prompt prompt_file schema temperature max_output_tokens "
+    f"media_resolution detail timeout rpm tpm max_wait {_WALK} checkpoint log_every"
+)
+def watch(
+    root: Annotated[str, typer.Argument(help="Folder to watch.", show_default=False)],
+    settle: o.Settle = 5.0,
+    poll: o.Poll = False,
+    **options: Any,
+) -> None:
+    """Analyse ROOT as analyze does, then every image created or changed under it once
+    settled, until stopped (pip install 'imgbatch[watch]')."""
+    from imgbatch import watch
+
+    cmd = o.Shared.pop(options)
+    with runtime.command(cmd) as signals:
+        run = watch.run(root, cmd.load(), signals, settle=settle, poll=poll, show_progress=False)
+        runtime.finish(*run, signals)
 
 
 def _state(root: str | None, cmd: o.Shared) -> Path:
@@ -194,7 +118,7 @@ def status(
     from imgbatch import report
 
     cmd = o.Shared.pop(options)
-    with _command(cmd):
+    with runtime.command(cmd):
         state = _state(root, cmd)
         current = report.status(state)
         if current is None:
@@ -202,7 +126,9 @@ def status(
             return
         if follow:
             current = _follow(state, current)
-        _print([json.dumps(current, sort_keys=True)] if json_ else report.status_lines(current))
+        runtime.print_lines(
+            [json.dumps(current, sort_keys=True)] if json_ else report.status_lines(current)
+        )
 
 
 def _follow(state: Path, current: dict[str, Any]) -> dict[str, Any]:
@@ -231,12 +157,12 @@ def runs(
     from imgbatch import report
 
     cmd = o.Shared.pop(options)
-    with _command(cmd):
+    with runtime.command(cmd):
         history = report.runs(_state(root, cmd), limit)
         if json_:
-            _print(json.dumps(run, sort_keys=True) for run in history)
+            runtime.print_lines(json.dumps(run, sort_keys=True) for run in history)
         else:
-            _print([report.RUNS_HEADER, *map(report.run_line, history)])
+            runtime.print_lines([report.RUNS_HEADER, *map(report.run_line, history)])
 
 
 @app.command()
@@ -260,7 +186,7 @@ def export(
     from imgbatch import report
 
     cmd = o.Shared.pop(options)
-    with _command(cmd):
+    with runtime.command(cmd):
         captioning = {
             "caption_naming": caption_naming,
             "caption_from": caption_from,
@@ -270,7 +196,7 @@ def export(
         of_format = {"xmp_naming": xmp_naming, "ls_root_url": ls_root_url, **captioning}
         o.check_export(format, output, status_, dry_run, **of_format)
         state, results = _state(root, cmd), results_dir(cmd.load())
-        with _stdout() as out:
+        with runtime.stdout() as out:
             if format == "xmp":
                 naming = xmp_naming or "full"
                 made = report.export_sidecars(state, out.write, naming, dry_run, results)
@@ -286,13 +212,13 @@ def export(
                 n = report.export(state, format, output, sink, status_, results, ls_root_url)
         if format in ("xmp", "captions"):
             line, failed = beside
-            _finish([line], int(ExitCode.ITEM_FAILURES) if failed else 0)
+            runtime.finish([line], int(ExitCode.ITEM_FAILURES) if failed else 0)
         else:
             log.info("exported %s records%s", f"{n:,}", f" to {output}" if output else "")
 
 
 @app.command()
-@o.command_options("checkpoint")
+@o.command_options("checkpoint base_url timeout")
 def search(
     root: Annotated[str, typer.Argument(help="The ROOT that was analysed.", show_default=False)],
     query: o.SearchQuery = None,
@@ -304,21 +230,24 @@ def search(
     limit: o.SearchLimit = 20,
     format: o.SearchFormat = "jsonl",
     null: o.SearchNull = False,
+    semantic: o.Semantic = False,
+    hybrid: o.Hybrid = False,
     **options: Any,
 ) -> None:
-    """Find stored results (of the last run's settings) by their words: one JSON line per
-    hit, best first; exit 1 when nothing matches."""
+    """Find stored results (of the last run's settings) by their words (or meaning:
+    --semantic, --hybrid): one JSON line per hit, best first; exit 1 when nothing matches."""
     from imgbatch import searching
 
     cmd = o.Shared.pop(options)
-    with _command(cmd):
+    with runtime.command(cmd):
         if format not in ("jsonl", "paths") or (null and format != "paths"):
             raise UsageError("--format is jsonl or paths; -0 goes with --format paths")
         where = searching.filters(tag or (), color or (), after, before, status_)
         loaded = cmd.load()
         state, results = state_dir(root, loaded), results_dir(loaded)
-        hits = searching.search(state, query or [], where, limit, results)
-        with _stdout() as out:
+        mode = "hybrid" if hybrid else "semantic" if semantic else "text"
+        hits = searching.search(state, query or [], where, limit, results, mode, loaded)
+        with runtime.stdout() as out:
             for hit in hits:
                 out.write(searching.output_line(hit, format, null))
         if not hits:
@@ -337,13 +266,38 @@ def html_report(
     from imgbatch.web.report import write_report
 
     cmd = o.Shared.pop(options)
-    with _command(cmd):
+    with runtime.command(cmd):
         state, results = _state(root, cmd), results_dir(cmd.load())
-        with _stdout() as out:
+        with runtime.stdout() as out:
             sink = cast("IO[bytes]", SinkFile(out))
             made = write_report(state, results, output, sink, max_thumbnails)
         where = f", written to {output}" if output else ""
-        _finish([f"report of {made.items:,} items, {made.thumbnails:,} with a thumbnail{where}"], 0)
+        runtime.finish(
+            [f"report of {made.items:,} items, {made.thumbnails:,} with a thumbnail{where}"], 0
+        )
+
+
+@app.command()
+@o.command_options("provider base_url timeout rpm max_attempts checkpoint")
+def index(
+    root: Annotated[str, typer.Argument(help="The ROOT that was analysed.", show_default=False)],
+    embeddings: o.Embeddings = False,
+    embedding_model: o.EmbeddingModel = None,
+    per_request: o.PerRequest = 100,
+    **options: Any,
+) -> None:
+    """Embed the stored results (of the last run's settings) for `search --semantic`."""
+    from imgbatch import embeddings as embedder
+
+    cmd = o.Shared.pop(options)
+    with runtime.command(cmd):
+        if not embeddings:
+            raise UsageError("give --embeddings (the index to build)")
+        loaded = cmd.load()
+        model, done = embedder.index(
+            state_dir(root, loaded), results_dir(loaded), loaded, None, embedding_model, per_request
+        )
+        runtime.finish([done.line(model)], int(ExitCode.ITEM_FAILURES) if done.failed else 0)
 
 
 @app.command()
@@ -358,11 +312,11 @@ def dupes(
     from imgbatch import dupes as finder
 
     cmd = o.Shared.pop(options)
-    with _command(cmd):
+    with runtime.command(cmd):
         loaded = cmd.load()
         found = finder.find(_state(root, cmd), results_dir(loaded), distance, loaded.max_side)
-        _print(json.dumps(group, ensure_ascii=False) for group in found.groups)
-        _finish(found.lines(), 0)
+        runtime.print_lines(json.dumps(group, ensure_ascii=False) for group in found.groups)
+        runtime.finish(found.lines(), 0)
 
 
 @app.command()
@@ -381,7 +335,7 @@ def serve(
     from imgbatch.web import load_server
 
     cmd = o.Shared.pop(options)
-    with _command(cmd):
+    with runtime.command(cmd):
         cmd.load()  # a bad config file is an error now, not at the first run
         try:
             load_server().serve(
@@ -391,7 +345,7 @@ def serve(
             # the runs had their grace; a request thread stuck in a hanging model server
             # must not hold the exit (the kernel releases the locks)
             log.error("interrupted")
-            _exit(exc.exit_code)
+            runtime.exit_now(exc.exit_code)
 
 
 @app.command()
@@ -407,7 +361,7 @@ def prune(
     from imgbatch import report
 
     cmd = o.Shared.pop(options)
-    with _command(cmd):
+    with runtime.command(cmd):
         state = _state(root, cmd)
         if forget_batch is not None:
             job = report.forget_batch(state, forget_batch, wait)
@@ -422,71 +376,6 @@ def prune(
         log.info("pruned %s records of files that no longer exist", f"{n:,}")
 
 
-def _close_quietly(close: Callable[[], None]) -> None:
-    try:
-        close()
-    except (OutputClosed, ImgbatchError, OSError):
-        pass  # already failing: the first error is the one to report
-
-
-def _app_for(argv: list[str]) -> typer.Typer:
-    """The app that runs `argv`: for `imgbatch COMMAND ...`, one with COMMAND alone
-    (typer reads the signature of every registered command before it parses anything,
-    ~40 ms of a re-scan that takes a few hundred); else the whole app (help, errors)."""
-    name = argv[1] if len(argv) > 1 else ""
-    chosen = [
-        info
-        for info in app.registered_commands
-        if name == (info.name or getattr(info.callback, "__name__", "").replace("_", "-"))
-    ]
-    if not chosen:
-        return app
-    one = typer.Typer(**_APP_SETTINGS)
-    one.registered_callback = app.registered_callback
-    one.registered_commands = chosen
-    return one
-
-
-def _query_last(argv: list[str]) -> list[str]:
-    """`imgbatch search ROOT red -car`: a word starting with "-" that is no option of
-    `search` is a query word (an exclusion), so the words go after a "--" in their order,
-    the options before it (click would otherwise take `-car` for an unknown option)."""
-    if len(argv) < 3 or argv[1] != "search" or "--" in argv:
-        return argv
-    command = typer.main.get_command(_app_for(argv))
-    params = getattr(command, "commands", {}).get("search", command).params
-    takes_value = {
-        name: not getattr(p, "is_flag", False) and not getattr(p, "count", False)
-        for p in params
-        if p.param_type_name == "option"
-        for name in (*p.opts, *p.secondary_opts)
-    }
-    takes_value["--help"] = False  # click's own, not among the parameters
-    options: list[str] = []
-    words: list[str] = []
-    rest = iter(argv[2:])
-    for token in rest:
-        name = token.split("=", 1)[0]
-        if name in takes_value:
-            options.append(token)
-            if takes_value[name] and "=" not in token:
-                options.append(next(rest, ""))
-        else:
-            words.append(token)
-    return [argv[0], argv[1], *options, "--", *words]
-
-
 def main() -> None:
     """Console-script entry point."""
-    try:
-        sys.argv = _query_last(sys.argv)
-        _app_for(sys.argv)()
-    except KeyboardInterrupt:  # before a command's own handler is in place
-        sys.exit(int(ExitCode.SIGINT))
-    except Interrupted as exc:  # after it (a signal while the process ends)
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # outside a command's own handler (start-up, option parsing)
-        if os.environ.get("IMGBATCH_DEBUG") == "1":
-            traceback.print_exc()
-        sys.stderr.write(f"imgbatch: error: {_unexpected(exc)}\n")
-        sys.exit(int(ExitCode.FATAL))
+    runtime.main(app)
