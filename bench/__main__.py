@@ -12,7 +12,7 @@ import time
 from bench.common import IMGBATCH, Table, child_env, generation_seconds, log
 
 # each has BENCHMARKS: {name: function(table, quick)}
-MODULES = ["scan", "analyze", "gemini", "gemini_batch", "openai", "dask", "dupes", "search"]
+MODULES = ["scan", "analyze", "gemini", "gemini_batch", "openai", "dask", "dupes", "search", "ocr"]
 
 
 def main(argv: list[str] | None = None) -> int:

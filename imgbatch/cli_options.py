@@ -365,6 +365,23 @@ Distance = Annotated[
     ),
 ]
 PRUNE_WAIT = _switch("--wait", "Wait for a run holding the lock.")
+Settle = Annotated[
+    float,
+    typer.Option(
+        "--settle",
+        help="watch: analyse a file once its size and mtime stayed the same this long "
+        "(seconds), so a file being copied is never read half-written.",
+        min=0,
+    ),
+]
+Poll = Annotated[
+    bool,
+    typer.Option(
+        "--poll",
+        help="watch: poll ROOT instead of inotify (network shares; it falls back to "
+        "polling by itself when the inotify watch limit is reached).",
+    ),
+]
 ForgetBatch = Annotated[
     str | None,
     typer.Option(
@@ -410,6 +427,36 @@ SearchFormat = Annotated[
 ]
 SearchNull = Annotated[
     bool, typer.Option("-0", "--null", help="With --format paths: NUL after each path.")
+]
+Semantic = Annotated[
+    bool,
+    typer.Option(
+        "--semantic",
+        help="Rank by meaning: cosine with the query's embedding (needs `imgbatch index "
+        "ROOT --embeddings` first).",
+    ),
+]
+Hybrid = Annotated[
+    bool,
+    typer.Option(
+        "--hybrid", help="Fuse the full-text and semantic rankings (reciprocal rank fusion)."
+    ),
+]
+Embeddings = Annotated[
+    bool,
+    typer.Option("--embeddings", help="Embed each stored result's text for `search --semantic`."),
+]
+EmbeddingModel = Annotated[
+    str | None,
+    _opt(
+        "--embedding-model",
+        metavar="M",
+        help="The embedding model (default: gemini-embedding-001, text-embedding-3-small "
+        "for openai, nomic-embed-text for ollama).",
+    ),
+]
+PerRequest = Annotated[
+    int, typer.Option("--per-request", help="Texts embedded per request at most.", min=1)
 ]
 
 

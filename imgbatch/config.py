@@ -29,6 +29,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 
 OPENAI_URL = "https://api.openai.com/v1"
+#: Anthropic's API root as its SDK takes it (no /v1)
+ANTHROPIC_URL = "https://api.anthropic.com"
 
 
 def _s(default: Any, section: str, help: str, secret: bool = False) -> Any:
@@ -61,8 +63,8 @@ class Settings:
     provider: str = _s(
         "auto",
         "analyze",
-        "auto | local | gemini | openai | ollama; auto picks gemini only when a key is "
-        "configured for imgbatch, and never openai or ollama",
+        "auto | local | gemini | openai | ollama | anthropic; auto picks gemini only when a "
+        "key is configured for imgbatch, and never openai, ollama or anthropic",
     )
     workers: int = _s(4, "analyze", "threads analysing images (dask: local worker processes)")
     executor: str = _s(
@@ -130,6 +132,22 @@ class Settings:
     ollama_max_output_tokens: int = _s(1024, "ollama", "cap on answer tokens")
     ollama_detail: str = _s("", "ollama", "image detail: low | high | auto; '' = not sent")
     ollama_timeout: float = _s(300.0, "ollama", "seconds per request (a model may load first)")
+    # [anthropic]: Claude through Anthropic's Messages API
+    anthropic_base_url: str = _s(
+        ANTHROPIC_URL, "anthropic", "API root as the SDK takes it (no /v1)"
+    )
+    anthropic_api_key: str = _s(
+        "", "anthropic", "API key ('' = ANTHROPIC_API_KEY for Anthropic's own URL)", secret=True
+    )
+    anthropic_model: str = _s("claude-haiku-4-5", "anthropic", "model name")
+    anthropic_prompt: str = _s("", "anthropic", "prompt; '' = the built-in one")
+    anthropic_prompt_file: str = _s("", "anthropic", "file holding the prompt")
+    anthropic_schema: str = _s("", "anthropic", "JSON Schema file replacing the built-in schema")
+    anthropic_temperature: float = _s(
+        0.2, "anthropic", "sampling temperature (ignored, with a warning, where the API takes none)"
+    )
+    anthropic_max_output_tokens: int = _s(1024, "anthropic", "cap on answer tokens")
+    anthropic_timeout: float = _s(60.0, "anthropic", "seconds per request")
     # [batch]: analyze --batch, the Gemini Batch API
     batch_max_requests: int = _s(10_000, "batch", "requests per batch job at most")
     batch_max_pending: int = _s(
@@ -196,7 +214,19 @@ def _port(parts: SplitResult) -> int | None:
         return None
 
 
-SECTIONS = ("scan", "analyze", "local", "rate", "gemini", "openai", "ollama", "batch", "state", "output")
+SECTIONS = (
+    "scan",
+    "analyze",
+    "local",
+    "rate",
+    "gemini",
+    "openai",
+    "ollama",
+    "anthropic",
+    "batch",
+    "state",
+    "output",
+)
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
@@ -214,7 +244,7 @@ def env_var(name: str) -> str:
 
 _BY_FILE_KEY = {file_key(name): name for name in _FIELDS}
 
-PROVIDERS = ("gemini", "openai", "ollama")  # the providers with settings of their own
+PROVIDERS = ("gemini", "openai", "ollama", "anthropic")  # the providers with settings of their own
 
 
 def provider_settings(name: str) -> list[str]:
@@ -357,7 +387,7 @@ def _validate(s: Settings) -> None:
         raise ConfigError("rpm, tpm and max_wait must be at least 0")
     if s.gemini_media_resolution not in ("", "low", "medium", "high"):
         raise ConfigError("gemini media_resolution must be low, medium or high")
-    if min(s.gemini_timeout, s.openai_timeout, s.ollama_timeout) <= 0:
+    if min(s.gemini_timeout, s.openai_timeout, s.ollama_timeout, s.anthropic_timeout) <= 0:
         raise ConfigError("timeout must be positive")
     for section in ("openai", "ollama"):
         if getattr(s, f"{section}_detail") not in ("", "low", "high", "auto"):

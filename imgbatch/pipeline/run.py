@@ -1,4 +1,4 @@
-"""The loop that ties plan, execute and record over one ROOT, and `analyze_root`.
+"""The loop that ties plan, the engine and record over one ROOT, and `analyze_root`.
 
 The driver keeps the scan, the plan, the checkpoint, the limiter and stdout; only the
 work itself goes to the engine. The stream is never materialised: the scanner is lazy,
@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from imgbatch.checkpoint import Checkpoint, claim_root
@@ -20,11 +20,13 @@ from imgbatch.config import Settings, results_dir, state_dir
 from imgbatch.errors import FatalError, ImgbatchError, UsageError
 from imgbatch.hashcache import HashCache
 from imgbatch.output import JsonlSink, Progress
+from imgbatch.pipeline.analyzer import Abandoned, Analyzer
 from imgbatch.pipeline.batch import BatchRun
-from imgbatch.pipeline.execute import Abandoned, Analyzer, Engine, make_engine
+from imgbatch.pipeline.engines import Engine, make_engine
 from imgbatch.pipeline.items import Outcome, RunOptions, WorkItem
 from imgbatch.pipeline.record import RunSummary, summary_lines
 from imgbatch.pipeline.stages import RunContext, RunStages
+from imgbatch.records import FileRecord
 from imgbatch.results import ResultStore
 from imgbatch.scanner import check_root
 
@@ -69,7 +71,7 @@ class Pipeline(RunStages):
                 if not self.settings.in_flight:  # as many as the engine needs to keep busy
                     max_in_flight = max(max_in_flight, engine.capacity())
             self._engine = engine
-            for scanned in self.scanner:
+            for scanned in self.records():
                 if self.stop.is_set() or self._fatal is not None:
                     break
                 self.take(scanned)
@@ -112,6 +114,11 @@ class Pipeline(RunStages):
         if self._fatal is not None:
             raise self._fatal
         return s
+
+    def records(self) -> Iterable[FileRecord]:
+        """The files the run takes, in order: ROOT's walk (`watch.WatchRun` goes on with
+        the files that change after it)."""
+        return self.scanner
 
     def _grace(self) -> float:
         """Seconds in-flight items get once the run stops: the `grace` of a stop that
@@ -205,10 +212,13 @@ def analyze_root(
     stop: threading.Event | None = None,
     env: Mapping[str, str] | None = None,
     wait: bool = False,
+    make: Callable[[RunContext], Pipeline] = Pipeline,
+    command: str = "analyze",
 ) -> tuple[RunSummary, int]:
     """`imgbatch analyze`: choose the provider, open and lock the state, run.
 
-    Returns the run summary and the number of files scanned.
+    `make` builds the live run (`imgbatch watch`: a `watch.WatchRun`); `command` names
+    the lock's holder. Returns the run summary and the number of files scanned.
     """
     from imgbatch.providers import base
 
@@ -246,7 +256,7 @@ def analyze_root(
             Checkpoint(state, results=results) as checkpoint,
         ):
             # holding the lock migrates an earlier imgbatch's checkpoint (once, in place)
-            checkpoint.lock("analyze", wait=wait, stop=stop)
+            checkpoint.lock(command, wait=wait, stop=stop)
             # a dry run records nothing: it checks the root
             claim_root(state, os.path.abspath(root), record=not options.dry_run)
             if checkpoint.mark_dead_runs():
@@ -267,7 +277,7 @@ def analyze_root(
                     progress,
                     stop,
                 )
-                pipeline = BatchRun(ctx) if batch else Pipeline(ctx)
+                pipeline = BatchRun(ctx) if batch else make(ctx)
                 counting = _count_beside(root, settings, pipeline.summary)
                 try:
                     summary = pipeline.run()
