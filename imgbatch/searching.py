@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from imgbatch import report, searchindex
+from imgbatch.config import Settings, results_dir
 from imgbatch.errors import UsageError
 from imgbatch.records import json_line
 from imgbatch.searchindex import SEP
@@ -33,6 +34,8 @@ from imgbatch.searchindex import SEP
 MAX_QUERY = 1000  # characters
 MAX_TERMS = 64
 DEFAULT_LIMIT = 20
+RRF_K = 60  # reciprocal rank fusion's constant (`fuse`)
+ALL = 1 << 62  # a limit that is none: every hit of a ranking, for fusion
 #: bm25 weights of searchindex.COLUMNS: path, description, tags, objects, text, colors
 WEIGHTS = (0.5, 1.0, 2.0, 1.5, 1.0, 0.5)
 _WORD = re.compile(r"[^\W_]")  # what the unicode61 tokenizer keeps (letters, digits)
@@ -195,29 +198,95 @@ def rank(
         raise UsageError(f"cannot search for that query ({exc})") from None
 
 
+def rank_semantic(
+    con: sqlite3.Connection,
+    vector: tuple[Any, list[float]],
+    fp: str,
+    where: Filters,
+    results: Path | None,
+) -> list[tuple[int, float]]:
+    """The semantic ranking: (doc id, cosine) of every embedded doc that passes the
+    filters, best first (no cut-off)."""
+    import numpy as np
+
+    from imgbatch import vectors
+
+    model, query = vector
+    condition, args = where.sql()
+    folder = results or results_dir(Settings(results=os.environ.get("IMGBATCH_RESULTS", "")))
+    with vectors.VectorStore(folder) as store:
+        known = store.rows(model.id, fp)
+        ids: list[int] = []
+        rows: list[int] = []
+        sql = f"SELECT d.id, json_extract(d.state, '$[0]') FROM docs d WHERE {condition}"
+        for doc_id, content in con.execute(sql, args):
+            row = known.get(content)
+            if row is not None:
+                ids.append(doc_id)
+                rows.append(row)
+        matrix = store.matrix(model.id)
+        if matrix.shape[1] != len(query):
+            return []  # no vectors yet (or of another length: never this model's)
+        best = vectors.top(
+            matrix, np.asarray(rows, dtype=np.int64), vectors.unit(query)[0], len(rows)
+        )
+    return [(ids[i], score) for i, score in best]
+
+
+def fuse(rankings: Iterable[list[tuple[int, float]]], k: int = RRF_K) -> list[tuple[int, float]]:
+    """Reciprocal rank fusion: each doc scores the sum of 1 / (k + its rank) over the
+    rankings it is in (ranks from 1), best first; ties in the order first seen."""
+    scores: dict[int, float] = {}
+    for ranking in rankings:
+        for position, (doc_id, _) in enumerate(ranking, 1):
+            scores[doc_id] = scores.get(doc_id, 0.0) + 1.0 / (k + position)
+    return sorted(scores.items(), key=lambda item: -item[1])
+
+
 def search(
     state: Path,
     words: str | Iterable[str],
     where: Filters | None = None,
     limit: int = DEFAULT_LIMIT,
     results: Path | None = None,
+    mode: str = "text",
+    settings: Settings | None = None,
 ) -> list[dict[str, Any]]:
     """The stored records (of the last run's settings, as `export` gives them) that match,
     best first, each with its `score` (higher is better). Reads the checkpoint without
-    the lock and writes only the index (see searchindex)."""
-    query = parse(words if isinstance(words, str) else " ".join(words))
+    the lock and writes only the index (see searchindex). `mode` "semantic" ranks the
+    embedded results by cosine with the query's vector (embedded with ROOT's embedding
+    model, `settings` giving its endpoint and key), "hybrid" fuses that ranking with the
+    full-text one (`fuse`)."""
+    text = words if isinstance(words, str) else " ".join(words)
+    if mode not in ("text", "semantic", "hybrid"):
+        raise UsageError(f"the search mode is text, semantic or hybrid, not {mode!r}")
+    # a semantic query is meaning, not syntax: its text is embedded as it is
+    query = parse(text) if mode != "semantic" else Query()
     where = where or Filters()
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise UsageError(f"--limit must be a whole number of at least 1, not {limit!r}")
-    if query.match() is None and where == Filters():
+    if mode != "text" and not text.strip():
+        raise UsageError(f"--{mode} needs words to look for")
+    if query.match() is None and where == Filters() and mode == "text":
         raise UsageError("give words to look for, or a filter (--tag, --color, --after, ...)")
+    vector: tuple[Any, list[float]] | None = None
+    if mode != "text":
+        from imgbatch import embeddings
+
+        vector = embeddings.query_vector(state, settings or Settings(), text)
     with report.open_checkpoint(state) as cp, report.open_results(results) as store:
         cp.results = store
         run, root = searchindex.last_run(cp), cp.root()
         if run is None or root is None:
             raise UsageError(f"nothing was analysed into {state} yet: run `imgbatch analyze`")
         with searchindex.open_index(state, cp, run["fingerprint"]) as con:
-            hits = rank(con, query, where, limit)
+            if vector is None:
+                hits = rank(con, query, where, limit)
+            else:
+                close = rank_semantic(con, vector, run["fingerprint"], where, results)
+                hits = close if mode == "semantic" else fuse([rank(con, query, where, ALL), close])
+                hits = hits[:limit]
             out = []
             for doc_id, score in hits:
                 row = con.execute(

@@ -990,3 +990,42 @@ def _forbidden_body() -> dict[str, Any]:
             }
         ],
     )
+
+
+# -- embeddings (issue 22.2): deterministic vectors that make meaning testable --------------
+
+#: words that share a meaning share an axis: "puppy" lands near "dog" with no word in
+#: common; any other word adds a little on an axis of its own (by its hash)
+TOPICS: dict[str, int] = {
+    **dict.fromkeys(("dog", "dogs", "puppy", "puppies", "canine", "hound", "pooch"), 0),
+    **dict.fromkeys(("cat", "cats", "kitten", "kitty", "feline"), 1),
+    **dict.fromkeys(("car", "cars", "automobile", "vehicle", "sedan", "truck"), 2),
+    **dict.fromkeys(("beach", "seaside", "shore", "sand", "ocean", "coast", "sea"), 3),
+    **dict.fromkeys(("receipt", "invoice", "bill", "grocery", "purchase", "total"), 4),
+    **dict.fromkeys(("snow", "winter", "sled", "dogsled", "frozen", "ice", "cold"), 5),
+    **dict.fromkeys(("sunset", "dusk", "evening", "twilight"), 6),
+    **dict.fromkeys(("ball", "toy", "fetch"), 7),
+}
+N_TOPICS = 8
+DEFAULT_EMBEDDING_DIMS = 32
+
+
+def fake_embedding(text: str, model: str = "", dims: int | None = None) -> list[float]:
+    """A unit vector of `dims` (default 32) floats for `text` under `model`: each topic
+    word adds 1 on its topic's axis, any other word 0.15 on an axis of its own (from its
+    hash, past the topics). Another model puts the axes elsewhere (a rotation by its
+    name's hash), so its vectors mean nothing to the first one's."""
+    n = max(int(dims or DEFAULT_EMBEDDING_DIMS), N_TOPICS + 2)
+    shift = int(hashlib.sha256(model.encode()).hexdigest(), 16) % n
+    vec = [0.0] * n
+    for word in re.findall(r"[^\W_]+", text.casefold()):
+        axis = TOPICS.get(word)
+        if axis is not None:
+            vec[(axis + shift) % n] += 1.0
+        else:
+            h = int(hashlib.sha256(word.encode()).hexdigest(), 16)
+            vec[(N_TOPICS + h % (n - N_TOPICS) + shift) % n] += 0.15
+    norm = math.sqrt(sum(x * x for x in vec)) or 1.0
+    if not any(vec):
+        vec[(n - 1 + shift) % n], norm = 1.0, 1.0
+    return [x / norm for x in vec]

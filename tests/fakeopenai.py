@@ -55,13 +55,14 @@ import io
 import json
 import math
 import re
+import struct
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.fakegemini import decode_base64_any, minimal_instance
+from tests.fakegemini import decode_base64_any, fake_embedding, minimal_instance
 from tests.fakehttp import Action, FakeHTTPServer, Handler, Record, Reply
 
 __all__ = ["DIALECTS", "FakeOpenAI", "RecordedImage", "RecordedRequest"]
@@ -114,6 +115,9 @@ class RecordedRequest(Record):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     body: dict[str, Any] = field(default_factory=dict, repr=False)
+    inputs: list[str] = field(default_factory=list)  # POST /v1/embeddings: the texts
+    dimensions: int | None = None
+    encoding_format: str | None = None
 
 
 class _Bad(Exception):
@@ -204,6 +208,12 @@ class FakeOpenAI(FakeHTTPServer[RecordedRequest]):
             if loading:
                 return self._error(503, "Loading model", "unavailable_error", "loading")
             route = self._prefix + "/v1/chat/completions"
+            if h.command == "POST" and split.path.rstrip("/") == self._prefix + "/v1/embeddings":
+                self._check_key(rec)
+                self._parse_embeddings(rec, raw)
+                with self._lock:
+                    reply = self._decide(rec)
+                return reply or self._embeddings(rec)
             if h.command != "POST" or split.path.rstrip("/") != route:
                 return self._no_route(h)
             self._check_key(rec)
@@ -295,6 +305,45 @@ class FakeOpenAI(FakeHTTPServer[RecordedRequest]):
                 raise _Bad(self._error(400, message, "invalid_request_error", "bad_format"))
             if self.dialect == "ollama" and fmt.get("type") == "json_object":
                 rec.schema = None  # Ollama's "format": "json": any JSON, no schema
+
+    def _parse_embeddings(self, rec: RecordedRequest, raw: bytes) -> None:
+        """``POST /v1/embeddings``: ``model``, ``input`` (a string or a list of them),
+        ``encoding_format`` (float, or base64: little-endian float32, the SDK's default),
+        ``dimensions``."""
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise _Bad(self._error(400, "invalid JSON body", "invalid_request_error")) from None
+        texts = body.get("input") if isinstance(body, dict) else None
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise _Bad(self._error(400, "'input' must be strings", "invalid_request_error"))
+        rec.body, rec.model, rec.inputs = body, body.get("model"), texts
+        rec.dimensions, rec.encoding_format = body.get("dimensions"), body.get("encoding_format")
+        if self._models is not None and rec.model not in self._models:
+            message = f"The model `{rec.model}` does not exist or you do not have access to it."
+            raise _Bad(
+                self._error(404, message, "invalid_request_error", "not_found", "model_not_found")
+            )
+
+    def _embeddings(self, rec: RecordedRequest) -> Reply:
+        """Deterministic vectors (tests/fakegemini.fake_embedding) in the form asked for."""
+        data = []
+        for i, text in enumerate(rec.inputs):
+            vec = fake_embedding(text, rec.model or "", rec.dimensions)
+            value: Any = vec
+            if rec.encoding_format == "base64":
+                value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        tokens = sum(len(t.split()) for t in rec.inputs)
+        body = {
+            "object": "list",
+            "data": data,
+            "model": rec.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return Reply(200, json.dumps(body).encode(), outcome="ok")
 
     def _image(self, part: Any) -> RecordedImage:
         url = part.get("url") if isinstance(part, dict) else part
