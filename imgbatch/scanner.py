@@ -475,6 +475,47 @@ class Scanner:
         """Every record, in order: JSON lines (`lines`) or FileRecords (see _Walk)."""
         yield from _Walk(self, lines).run()
 
+    def file(self, path: str) -> FileRecord | None:
+        """One file's record, hashed as the walk hashes it (`watch`'s changed files; the
+        caller has selected it): answered from the hash cache while its stamp matches,
+        else read, and the cache learns it; an IO_ERROR record if it cannot be read; None
+        when it is not a regular file (any more)."""
+        import time
+
+        folder, name = os.path.split(path)
+        rel = os.path.relpath(folder, self.root)
+        rel = "" if rel == "." else rel
+        ext = listing.ext_of(name)
+        old = self._cache.get(rel) if self._cache is not None else None
+        stamps: list[Stamp | None] | None = [old.get(name)] if old else None
+        listed_ns = time.time_ns()
+        follow = self.settings.follow_symlinks
+        job: hashjob.Job = ([(folder, [name], [ext], stamps)], follow, False, 0)
+        [(parts, rows)], _ = hashjob.run_job(job)
+        rec: FileRecord | None = None
+        for part in parts:
+            if isinstance(part, Large):
+                rec = self._hash_large(path)[0]
+                if rec is not None and rec.ok and rec.hash is not None:
+                    size, mtime = rec.size or 0, rec.mtime_ns or 0
+                    rows = [(name, (rec.ino, size, mtime, rec.ctime_ns, rec.hash))]
+            elif isinstance(part, FileRecord):
+                rec = part
+        if rec is None:
+            return None
+        rec.ext = ext
+        if rec.ok:
+            self.stats.files += 1
+            self.stats.bytes += rec.size or 0
+        else:
+            self.stats.errors += 1
+        if self._cache is not None and rows:
+            listed = frozenset(old or ()) | {name}  # the folder's other entries stay
+            merged = hashcache.merge_entry(old, listed, dict(rows), listed_ns)
+            if merged is not None:
+                self._cache.put(rel, merged)
+        return rec
+
 
 class _Walk:
     """One hashed walk of a Scanner, and the state it keeps while it runs.
