@@ -98,6 +98,7 @@ _BUILTIN: dict[str, str] = {
     # never chosen by `auto`: always asked for by name (no key check below)
     "openai": "imgbatch.providers.openai:OpenAIProvider",
     "ollama": "imgbatch.providers.openai:OllamaProvider",
+    "anthropic": "imgbatch.providers.anthropic:AnthropicProvider",
 }
 _registered: dict[str, ProviderFactory] = {}
 #: remote providers and the function telling whether a key is configured for them
@@ -131,7 +132,7 @@ _KEY_CHECKS["gemini"] = _gemini_has_key
 def choose(requested: str, settings: Settings, env: Mapping[str, str]) -> str:
     """The provider to use: `auto` picks a remote one only when a key is configured for
     imgbatch itself (the generic GOOGLE_API_KEY needs an explicit `--provider gemini`),
-    and never `openai` or `ollama`, which are always asked for by name."""
+    and never `openai`, `ollama` or `anthropic`, which are always asked for by name."""
     if requested != "auto":
         if requested not in _BUILTIN and requested not in _registered:
             raise UsageError(
