@@ -182,8 +182,8 @@ def analyze(
 
     Args:
         root: the folder to analyse.
-        provider: auto | local | gemini | openai | ollama; default: the `provider`
-            setting (auto: gemini only when a key is configured for imgbatch, else the
+        provider: auto | local | gemini | openai | ollama | anthropic; default: the
+            `provider` setting (auto: gemini only when a key is configured for imgbatch, else the
             offline analyzer).
         on_progress: called as `on_progress(done, total, failed)` as items finish, in
             the thread that iterates, before the next record is returned: items done

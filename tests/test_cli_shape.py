@@ -11,7 +11,7 @@ import pytest
 import typer.main
 
 from imgbatch import cli
-from imgbatch.config import Settings
+from imgbatch.config import PROVIDERS, Settings
 from tests.conftest import run_cli
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -79,7 +79,7 @@ def test_analyze_options_are_settings_or_a_short_documented_list() -> None:
         if name in SHARED | ANALYZE_RUN:
             continue
         if name in PROVIDER:
-            assert [p for p in ("gemini", "openai", "ollama") if f"{p}_{name}" in FIELDS]
+            assert [p for p in PROVIDERS if f"{p}_{name}" in FIELDS]
             continue
         assert name in FIELDS, f"--{name} of analyze is neither a setting nor documented"
     assert set(options("scan")) - SHARED <= set(FIELDS)
@@ -92,6 +92,7 @@ def test_the_provider_option_mapping_is_shared_with_serve() -> None:
         "gemini_model": "m",
         "openai_model": "m",
         "ollama_model": "m",
+        "anthropic_model": "m",
         "workers": 2,
     }
 
