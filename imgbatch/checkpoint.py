@@ -16,7 +16,9 @@ transactions: no value is ever a separate, un-fsynced file):
   One row per folder keeps a re-run at one read per folder, like the hash cache.
   A folder with more than LARGE_FOLDER items keeps only a marker there, and one
   ``item NUL fingerprint NUL folder NUL name`` row per item.
-- ``b"commits"`` -> how many transactions changed item states (`commits`).
+- ``b"commits"`` -> how many transactions changed item states (`commits`);
+  ``changes NUL n`` -> the folders (and a large folder's names) that transaction n
+  changed, the last CHANGE_LOG of them (`changes`: the search index catches up by them).
 - ``run NUL id`` -> the run record, rewritten every few seconds while it runs.
 - Gemini Batch API jobs (`analyze --batch`, see pipeline/batch.py), from the intent
   recorded before anything is sent until their results are collected:
@@ -69,6 +71,11 @@ LARGE_FOLDER = 1000
 #: counts the transactions that changed item states (`commits`): a file's mtime cannot
 #: tell (opening a diskcache Cache writes its Settings table)
 COMMITS = b"commits"
+#: ``changes NUL n`` -> what commit n changed: [[fingerprint, folder, name or None (the
+#: whole folder)], ...], so that a reader catches up without reading every state
+#: (`changes`); the last CHANGE_LOG commits are kept
+CHANGES = b"changes"
+CHANGE_LOG = 10_000
 _LARGE = "\0large"  # marker in a large folder's row ("\0" is in no file name)
 #: hash (None for a scan error), error code (None: ok), run id, size, mtime_ns, message
 ItemState = tuple["str | None", "str | None", int, "int | None", "int | None", "str | None"]
@@ -387,7 +394,10 @@ class Checkpoint:
                 self._db.set(key(b"done", fp, folder), states)
             for (fp, rel_dir, name), st in self._dirty_items.items():
                 self._db.set(key(b"item", fp, os.fsencode(rel_dir), name), st)
-            self._db.incr(COMMITS)
+            self._log_changes(
+                [[fp, d, None] for fp, d in self._dirty]
+                + [[fp, d, n] for fp, d, n in self._dirty_items]
+            )
         self._dirty.clear()
         self._dirty_items.clear()
         self._pending_results.clear()
@@ -422,9 +432,28 @@ class Checkpoint:
                 self._db.set(key(b"done", fp, folder), states)
             else:
                 self._db.delete(key(b"done", fp, folder))
-            self._db.incr(COMMITS)
+            self._log_changes([[fp, rel_dir, name] for name in names])
         self._folders.pop((fp, rel_dir), None)
         self._last = (None, {})
+
+    def _log_changes(self, changed: list[list[str | None]]) -> None:
+        """Count a commit and record what it changed (inside its transaction)."""
+        n = int(self._db.incr(COMMITS))
+        self._db.set(key(CHANGES, n), changed)
+        self._db.delete(key(CHANGES, n - CHANGE_LOG))
+
+    def changes(self, since: int, upto: int) -> list[tuple[str, str, str | None]] | None:
+        """What commits since+1..upto changed: (fingerprint, folder, name or None for the
+        whole folder), or None when the log no longer holds (or never held) one of them."""
+        if not 0 <= since <= upto or upto - since > CHANGE_LOG:
+            return None
+        out: list[tuple[str, str, str | None]] = []
+        for n in range(since + 1, upto + 1):
+            logged = self._get(key(CHANGES, n))
+            if not isinstance(logged, list):
+                return None
+            out.extend((fp, folder, name) for fp, folder, name in logged)
+        return out
 
     def commits(self) -> int:
         """How many times item states changed (flush, forget): a reader that derives

@@ -13,15 +13,18 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from imgbatch import captions, datasets, exports
 from imgbatch.checkpoint import Checkpoint
 from imgbatch.config import Settings, results_dir
 from imgbatch.errors import OutputError, UsageError
 from imgbatch.output import human_duration
 from imgbatch.records import FileRecord
 from imgbatch.results import ResultStore
+
+if TYPE_CHECKING:  # the writers are imported by the exports that use them: search, status
+    # and runs start faster without them
+    from imgbatch import captions, datasets, exports
 
 LIVE_STATES = ("QUEUED", "PROCESSING")
 
@@ -238,6 +241,8 @@ def export(
 
     `results` is the shared results store's folder (default: the user's).
     """
+    from imgbatch import datasets, exports
+
     if fmt not in ("jsonl", "csv", "parquet", "hf", "labelstudio"):
         raise UsageError(
             f"unknown export format {fmt!r}: use jsonl, csv, parquet, xmp, captions, hf "
@@ -298,6 +303,8 @@ def export_sidecars(
     """Write or merge an XMP sidecar beside every image with a stored ok result that has
     tags or a description (see exports.SidecarWriter). With `dry_run`, write nothing and
     give `emit` one JSON line per sidecar that would change."""
+    from imgbatch import exports
+
     writer = exports.SidecarWriter(emit, naming, dry_run)  # first: a missing extra, a bad naming
     with open_checkpoint(state) as cp, open_results(results) as store:
         cp.results = store
@@ -314,6 +321,8 @@ def export_captions(
     result (see captions.CaptionWriter, whose keyword arguments `options` holds). With
     `dry_run` among them, write nothing and give `emit` one JSON line per caption that
     would change."""
+    from imgbatch import captions
+
     writer = captions.CaptionWriter(emit, **options)  # first: a bad option
     with open_checkpoint(state) as cp, open_results(results) as store:
         cp.results = store
@@ -356,9 +365,7 @@ def prune(state: Path, wait: bool = False) -> int:
         return dropped
 
 
-def follow(
-    state: Path, current: dict[str, Any], every: float = 1.0
-) -> Iterator[dict[str, Any]]:
+def follow(state: Path, current: dict[str, Any], every: float = 1.0) -> Iterator[dict[str, Any]]:
     """`current` and the status read again every `every` seconds while the run is live:
     the last one yielded is the status of the ended run (`status --follow`)."""
     yield current

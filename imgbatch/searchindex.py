@@ -190,7 +190,13 @@ def _update(con: sqlite3.Connection, cp: Checkpoint, fp: str, commits: int) -> N
             if indexed_fp != fp:
                 con.execute("DELETE FROM docs")
                 con.execute("DELETE FROM fts")
-            _diff(con, cp, fp)
+            logged = (
+                cp.changes(indexed_commits, commits)
+                if indexed_fp == fp and isinstance(indexed_commits, int)
+                else None
+            )
+            if logged is None or not _catch_up(con, cp, fp, logged):
+                _diff(con, cp, fp)
             con.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)", [("fp", fp), ("commits", commits)]
             )
@@ -198,6 +204,72 @@ def _update(con: sqlite3.Connection, cp: Checkpoint, fp: str, commits: int) -> N
     except BaseException:
         con.execute("ROLLBACK")
         raise
+
+
+def _catch_up(
+    con: sqlite3.Connection, cp: Checkpoint, fp: str, logged: list[tuple[str, str, str | None]]
+) -> bool:
+    """Re-index only the folders and names the checkpoint's change log names; False (the
+    caller diffs everything) when a folder turned large meanwhile."""
+    folders: set[str] = set()
+    names: set[tuple[str, str]] = set()
+    for changed_fp, rel_dir, name in logged:
+        if changed_fp != fp:
+            continue
+        if name is None:
+            folders.add(rel_dir)
+        else:
+            names.add((rel_dir, name))
+    for rel_dir in folders:
+        states = cp.folder(fp, rel_dir)
+        if any("\0" in name for name in states):  # a large folder's marker: items elsewhere
+            return False
+        folder = os.fsencode(rel_dir)
+        known = {
+            os.fsdecode(bytes(name)): (doc_id, state)
+            for doc_id, name, state in con.execute(
+                "SELECT id, name, state FROM docs WHERE folder = ?", (folder,)
+            )
+        }
+        for name, state in states.items():
+            _sync(con, cp, fp, rel_dir, name, state, known.pop(name, None))
+        _delete(con, [doc_id for doc_id, _ in known.values()])
+    for rel_dir, name in names:
+        row = con.execute(
+            "SELECT id, state FROM docs WHERE folder = ? AND name = ?",
+            (os.fsencode(rel_dir), os.fsencode(name)),
+        ).fetchone()
+        now = cp.state(fp, rel_dir, name)
+        if now is None:
+            _delete(con, [row[0]] if row else [])
+        else:
+            _sync(con, cp, fp, rel_dir, name, now, row)
+    return True
+
+
+def _sync(
+    con: sqlite3.Connection,
+    cp: Checkpoint,
+    fp: str,
+    rel_dir: str,
+    name: str,
+    state: Any,
+    old: tuple[int, str] | None,
+) -> None:
+    """Index one item's state unless `old` (its doc id and state indexed) says the same."""
+    text = json.dumps(list(state), separators=(",", ":"))
+    if old is not None:
+        if old[1] == text:
+            return
+        _delete(con, [old[0]])
+    _insert(con, cp, fp, rel_dir, name, os.fsencode(rel_dir), os.fsencode(name), state, text)
+
+
+def _delete(con: sqlite3.Connection, ids: list[int]) -> None:
+    for i in range(0, len(ids), 500):
+        rows = [(doc_id,) for doc_id in ids[i : i + 500]]
+        con.executemany("DELETE FROM docs WHERE id = ?", rows)
+        con.executemany("DELETE FROM fts WHERE rowid = ?", rows)
 
 
 def _diff(con: sqlite3.Connection, cp: Checkpoint, fp: str) -> None:

@@ -373,7 +373,9 @@ def test_search_needs_no_key_and_no_network(photos: Path) -> None:
 
 
 def test_the_serve_endpoint_answers_the_clis_hits(
-    photos: Path, tmp_path: Path, serve: Callable[..., Server]  # noqa: F811
+    photos: Path,
+    tmp_path: Path,
+    serve: Callable[..., Server],  # noqa: F811
 ) -> None:
     server = serve("--allow-root", photos.parent)
     cli = search(photos, "beach", "--tag", "dog").records
@@ -396,3 +398,49 @@ def test_the_serve_endpoint_answers_the_clis_hits(
         resp = client.get("/api/search", params={"root": str(photos), "q": "beach"})
         assert resp.status_code == 401
         assert "hits" not in resp.text
+
+
+# -- catching up by the checkpoint's change log (issue 22.1, speed) ----------------------
+
+
+def test_the_index_catches_up_by_the_change_log_small_and_large_folders(tmp_path: Path) -> None:
+    from imgbatch import searchindex, searching
+    from imgbatch.checkpoint import Checkpoint
+    from imgbatch.results import ResultStore
+
+    state, results = tmp_path / "state", tmp_path / "results"
+
+    def item(cp: Checkpoint, folder: str, name: str, words: str, run: int) -> None:
+        digest = f"{folder}/{name}/{words}"  # a content hash of its own per version
+        stored = {"result": {"description": words}, "provider": "local", "model": None}
+        cp.commit("fp1", folder, name, (digest, None, run, 1, 1, None), stored)
+
+    def kites() -> list[str]:
+        hits = searching.search(state, "kite", results=results)
+        return sorted(str(Path(h["path"]).relative_to(tmp_path / "photos")) for h in hits)
+
+    with ResultStore(results) as store, Checkpoint(state, results=store, large_folder=2) as cp:
+        cp.lock("analyze")
+        cp.set_root(str(tmp_path / "photos"))
+        cp.save_run({"id": cp.next_run_id(), "fingerprint": "fp1", "provider": "local"})
+        item(cp, "small", "a.png", "a red kite", 1)
+        item(cp, "small", "b.png", "a blue boat", 1)
+        for n, words in ((1, "an old kite"), (2, "a cat"), (3, "a dog")):
+            item(cp, "big", f"x{n}.png", words, 1)  # 3 > 2: stored one row per item
+        cp.flush()
+        searchindex.refresh(state, cp)
+        indexed = cp.commits()
+        # a second run: a new item of the large folder, one re-analysed, one gone
+        item(cp, "big", "x4.png", "a green kite", 2)
+        item(cp, "small", "b.png", "a yellow kite", 2)
+        cp.flush()
+        cp.forget("fp1", "big", ["x1.png"])
+        assert sorted(cp.changes(indexed, cp.commits()) or []) == [
+            ("fp1", "big", "x1.png"),
+            ("fp1", "big", "x4.png"),
+            ("fp1", "small", None),
+        ]
+        assert cp.changes(0, cp.commits() + 1) is None  # beyond the log: a full diff
+    # `search` brings the index up to date from what the log names
+    assert kites() == ["big/x4.png", "small/a.png", "small/b.png"]
+    assert searching.search(state, "boat", results=results) == []

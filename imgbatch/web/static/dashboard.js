@@ -126,6 +126,8 @@
     api("/api/runs/" + id).then(function (run) {
       if (selected !== id) { return; }
       $("d-root").textContent = run.root;
+      var sroot = $("search").root;
+      if (!sroot.value) { sroot.value = run.root; } // search what is being looked at
       showState(run.state);
       showProgress(run.progress);
       if (run.error) { $("d-error").textContent = run.error; }
@@ -307,6 +309,54 @@
       loadRuns();
     }).catch(function (err) {
       $("start-error").textContent = err.message;
+    });
+  });
+
+  // -- search (GET /api/search: `imgbatch search`'s records, best first) ------------
+
+  var searchSeq = 0; // answers to an older search are dropped
+
+  function showHit(hit) {
+    var li = el("li");
+    var head = el("div");
+    head.appendChild(el("span", hit.path, "path" + (hit.exists === false ? " gone" : "")));
+    head.appendChild(el("span", "score " + Number(hit.score).toFixed(2), "score muted"));
+    li.appendChild(head);
+    var result = hit.result && typeof hit.result === "object" ? hit.result : {};
+    var text = typeof result.description === "string" ? result.description : "";
+    if (hit.error) { text = hit.error.code + " · " + (hit.error.message || ""); }
+    if (text) { li.appendChild(el("p", text, "desc" + (hit.error ? " err" : ""))); }
+    if (Array.isArray(result.tags) && result.tags.length) {
+      var tags = el("div", null, "tags");
+      result.tags.forEach(function (t) {
+        if (typeof t === "string") { tags.appendChild(el("span", t, "tag")); }
+      });
+      li.appendChild(tags);
+    }
+    return li;
+  }
+
+  $("search").addEventListener("submit", function (e) {
+    e.preventDefault();
+    var f = e.target;
+    var params = new URLSearchParams({ root: f.root.value.trim(), q: f.q.value.trim() });
+    if (f.tag.value.trim()) { params.append("tag", f.tag.value.trim()); }
+    if (f.limit.value) { params.set("limit", f.limit.value); }
+    var seq = ++searchSeq;
+    $("s-error").textContent = "";
+    $("s-count").textContent = "searching…";
+    api("/api/search?" + params.toString()).then(function (data) {
+      if (seq !== searchSeq) { return; }
+      var list = $("s-hits");
+      list.textContent = "";
+      data.hits.forEach(function (hit) { list.appendChild(showHit(hit)); });
+      var n = data.hits.length;
+      $("s-count").textContent = n ? "(" + num(n) + (n === 1 ? " hit)" : " hits)") : "(no hits)";
+    }).catch(function (err) {
+      if (seq !== searchSeq) { return; }
+      $("s-hits").textContent = "";
+      $("s-count").textContent = "";
+      $("s-error").textContent = err.message;
     });
   });
 
