@@ -184,7 +184,7 @@ def travels(table: Table, t: ImageTree) -> None:
     import xxhash
 
     from imgbatch.config import Settings
-    from imgbatch.pipeline.dask_engine import analyse_on_worker
+    from imgbatch.pipeline.engines.dask import analyse_on_worker
 
     path = t.paths()[0]
     data = path.read_bytes()

@@ -1,4 +1,4 @@
-"""The offline analyzer on worker processes (pipeline.procs): the same outcomes as on
+"""The offline analyzer on worker processes (pipeline.engines.procs): the same outcomes as on
 threads, each item once, and nothing lost when a process dies. No timing is asserted."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from imgbatch.config import Settings
-from imgbatch.pipeline import execute
-from imgbatch.pipeline.execute import Analyzer, LocalEngine
+from imgbatch.pipeline.analyzer import Analyzer
+from imgbatch.pipeline.engines.local import LocalEngine
 from imgbatch.pipeline.items import Outcome, WorkItem
 from imgbatch.providers.local import LocalProvider
 from imgbatch.scanner import Scanner
@@ -53,15 +53,17 @@ class Counted(Analyzer):
         return super().work(item)
 
 
-def engine_with_processes(monkeypatch: pytest.MonkeyPatch) -> tuple[LocalEngine, Counted]:
+def at_once(submitted: int) -> bool:
+    """Start the worker processes with the first item, however busy the machine is."""
+    return True
+
+
+def engine_with_processes() -> tuple[LocalEngine, Counted]:
     """A local engine whose processes are started by its first item and usable."""
-    monkeypatch.setattr(execute, "PROCS_AFTER", 1)
-    monkeypatch.setattr(execute, "PROCS_AFTER_SECONDS", 0)
-    monkeypatch.setattr("imgbatch.cpus.spare_cores", lambda **_: 2.0)  # however busy
     settings = Settings()
     analyzer = Counted(settings, LocalProvider(settings))
     Counted.here = 0
-    return LocalEngine(analyzer, workers=2, procs=2), analyzer
+    return LocalEngine(analyzer, workers=2, procs=2, start_procs=at_once), analyzer
 
 
 def wait_usable(engine: LocalEngine) -> None:
@@ -76,16 +78,14 @@ def results(engine: LocalEngine, futures: list[Future[Outcome]]) -> list[Outcome
     return [fut.result(timeout=120) for fut in futures]
 
 
-def test_processes_give_the_outcomes_threads_give(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_processes_give_the_outcomes_threads_give(tmp_path: Path) -> None:
     items = tree(tmp_path / "root", 40)
     settings = Settings()
     on_threads = LocalEngine(Analyzer(settings, LocalProvider(settings)), workers=2, procs=1)
     expected = results(on_threads, [on_threads.submit(item) for item in items])
     on_threads.shutdown(wait=True)
 
-    engine, _ = engine_with_processes(monkeypatch)
+    engine, _ = engine_with_processes()
     first = engine.submit(items[0])  # starts the processes; analysed on a thread
     wait_usable(engine)
     rest = [engine.submit(item) for item in items[1:]]
@@ -96,11 +96,9 @@ def test_processes_give_the_outcomes_threads_give(
     assert [o.status for o in got].count("error") == 1  # broken.png
 
 
-def test_a_dead_process_loses_no_item(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_dead_process_loses_no_item(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     items = tree(tmp_path / "root", 40)
-    engine, _ = engine_with_processes(monkeypatch)
+    engine, _ = engine_with_processes()
     engine.submit(items[0]).result(timeout=120)
     wait_usable(engine)
     assert engine._procs is not None and engine._procs._pool is not None
@@ -114,12 +112,13 @@ def test_a_dead_process_loses_no_item(
     assert "an analysing process failed" in caplog.text
 
 
-def test_a_remote_provider_never_starts_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_remote_provider_never_starts_processes() -> None:
     class Remote(LocalProvider):
         remote = True
 
-    monkeypatch.setattr(execute, "PROCS_AFTER", 1)
     settings = Settings()
-    engine = LocalEngine(Analyzer(settings, Remote(settings)), workers=2, procs=2)
+    engine = LocalEngine(
+        Analyzer(settings, Remote(settings)), workers=2, procs=2, start_procs=at_once
+    )
     assert engine.capacity() == 0
     engine.shutdown(wait=True)

@@ -204,9 +204,9 @@ def seen(phase):
 
 def dask_setup(worker):
     seen("start")
-    import imgbatch.pipeline.procs as procs
+    import imgbatch.pipeline.analyzer as analyzer
 
-    analyse = procs.analyse_file
+    analyse = analyzer.analyse_file
 
     def spied(*args, **kwargs):
         seen("task")
@@ -215,7 +215,7 @@ def dask_setup(worker):
             os._exit(1)
         return analyse(*args, **kwargs)
 
-    procs.analyse_file = spied
+    analyzer.analyse_file = spied
 """
 
 

@@ -1,11 +1,11 @@
 """`analyze` as three stages and the loop that ties them.
 
-    scanner ─> plan ─(needs work)─> execute (an engine: threads, or Dask) ─> record
+    scanner ─> plan ─(needs work)─> engines: analyzer (threads, or Dask) ──> record
                  └─(skip / stored result / scan error / copy in flight)────────┘
 
 - `plan`: what each scanned file needs (skip, reuse a stored result, join a copy in
   flight, work);
-- `execute`: decoding and analysis with retries, run by an engine;
+- `analyzer`: decoding and analysis with retries, run by one of the `engines`;
 - `record`: write the line, then commit the item, then the run record;
 - `run`: `Pipeline` (the loop) and `analyze_root` (provider, state, lock);
 - `stages`: `RunContext` (what a run is given) and what a live run and `--batch` share.

@@ -14,7 +14,7 @@ from imgbatch.config import Settings
 from imgbatch.errors import UsageError
 from imgbatch.hashcache import HashCache
 from imgbatch.output import JsonlSink, Progress
-from imgbatch.pipeline.execute import Limiter
+from imgbatch.pipeline.analyzer import Limiter
 from imgbatch.pipeline.items import Outcome, RunOptions, WorkItem
 from imgbatch.pipeline.plan import Action, Planner
 from imgbatch.pipeline.record import Recorder, RunSummary

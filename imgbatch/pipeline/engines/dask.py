@@ -14,7 +14,7 @@ base URLs, which may carry a credential: see `SECRET_VARIABLES`): they are withh
 while its processes start, and a worker the nanny starts again later drops them first.
 
 `distributed.Client.get_executor()` is a real `concurrent.futures.Executor`, so the
-loop in `run.py` treats this engine as it treats local threads. A worker that dies
+loop in `pipeline/run.py` treats this engine as it treats local threads. A worker that dies
 loses nothing: Dask runs its tasks again elsewhere. A lost scheduler stops the run.
 """
 
@@ -33,9 +33,10 @@ from typing import Any
 
 from imgbatch.config import Settings
 from imgbatch.errors import FatalError, ItemError, UsageError
-from imgbatch.pipeline.execute import Analyzer
-from imgbatch.pipeline.items import Outcome, WorkItem
-from imgbatch.pipeline.procs import analyse_file as analyse_on_worker
+from imgbatch.pipeline.analyzer import Analyzer, elapsed_ms
+from imgbatch.pipeline.analyzer import analyse_file as analyse_on_worker
+from imgbatch.pipeline.items import Outcome, WorkItem, item_failure
+from imgbatch.records import FileRecord
 
 log = logging.getLogger("imgbatch")
 
@@ -43,7 +44,16 @@ PIP = "pip install 'imgbatch[dask]'"
 CONNECT_TIMEOUT = 20  # seconds to reach a scheduler, and to reconnect before giving up
 #: the environment variables a LocalCluster's workers never see, beside the IMGBATCH_
 #: ones of keys (`*API_KEY*`), tokens (`*_TOKEN`) and URLs that may carry a credential
-SECRET_VARIABLES = frozenset({"GEMINI_API_KEY", "GOOGLE_API_KEY", "OPENAI_API_KEY"})
+SECRET_VARIABLES = frozenset(
+    {
+        "GEMINI_API_KEY",
+        "GOOGLE_API_KEY",
+        "OPENAI_API_KEY",
+        "ANTHROPIC_API_KEY",
+        "ANTHROPIC_AUTH_TOKEN",
+        "ANTHROPIC_CUSTOM_HEADERS",  # may carry a credential too
+    }
+)
 _environ_lock = threading.Lock()  # one LocalCluster starts at a time (os.environ is shared)
 
 
@@ -78,7 +88,8 @@ def prepare_on_worker(path: str, content_hash: str, max_side: int, encoder: Any)
         image = prepare(path, max_side, expect_hash=content_hash)
         return encoder(image) if encoder is not None else (image, None)
     except ItemError as exc:
-        return Analyzer._failed(exc, start, 0)
+        item = WorkItem(FileRecord(path, hash=content_hash), "", "")
+        return item_failure(item, exc, "decoding", latency_ms=elapsed_ms(start))
 
 
 # -- on the driver ----------------------------------------------------------------------
@@ -102,7 +113,7 @@ class DaskEngine:
         self.settings = settings
         # nor the base URLs, which may carry a credential (`?key=...`): no worker needs one
         self._worker_settings = settings.key_free().replace(
-            openai_base_url=(), ollama_base_url=(), gemini_base_url=""
+            openai_base_url=(), ollama_base_url=(), gemini_base_url="", anthropic_base_url=""
         )
         self._cluster: Any = None
         try:

@@ -1,9 +1,8 @@
-"""Execute: turn "needs work" items into outcomes (decode once, analyse, retry).
+"""What happens to one item: decode once, encode, the request through the limiter, with
+retries (`Analyzer`), whatever engine runs it (pipeline.engines).
 
-`Analyzer` is what happens to one item; an engine runs it, bounded in flight by the
-caller: `LocalEngine` on a thread pool (xxhash, Pillow and the SDKs release the GIL),
-`pipeline.dask.DaskEngine` on a Dask cluster. Every engine has the shape of a
-`concurrent.futures.Executor` for this one job: `submit(item) -> Future[Outcome]`.
+Also the entry point of a worker process or a Dask worker, which builds its own analyzer
+from the provider's name and the key-free settings (`analyse_file`).
 """
 
 from __future__ import annotations
@@ -12,21 +11,18 @@ import logging
 import random
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from imgbatch.config import Settings
-from imgbatch.cpus import SpareCores, cores
-from imgbatch.errors import ContentChanged, ErrorCode, ImgbatchError, ItemError
-from imgbatch.pipeline.items import Outcome, WorkItem
+from imgbatch.errors import ErrorCode, ImgbatchError, ItemError
+from imgbatch.pipeline.items import Outcome, WorkItem, item_failure
 from imgbatch.providers.base import Analysis, Provider
 from imgbatch.ratelimit import Interrupted
+from imgbatch.records import FileRecord
 
 if TYPE_CHECKING:
     import tenacity
-
-    from imgbatch.pipeline.procs import OfflineProcesses
 
 log = logging.getLogger("imgbatch")
 
@@ -39,27 +35,6 @@ class Limiter(Protocol):
     def accepted(self) -> None: ...
 
     def rate_limited_for(self, retry_after: float | None) -> None: ...
-
-
-class Engine(Protocol):
-    """Runs items: the executor of a run (local threads, or a Dask cluster)."""
-
-    def submit(self, item: WorkItem) -> Future[Outcome]: ...
-
-    def flush(self) -> None:
-        """Send what the engine holds back to group it (the caller is about to wait)."""
-        ...
-
-    def capacity(self) -> int:
-        """Items the engine wants in flight to keep busy (0: no wish)."""
-        ...
-
-    def check(self, failed: bool = False) -> None:
-        """Raise an ImgbatchError if the engine can no longer run anything (`failed`:
-        asked after one of its futures failed)."""
-        ...
-
-    def shutdown(self, wait: bool) -> None: ...
 
 
 class Abandoned(Exception):
@@ -91,7 +66,8 @@ class _Tries:
         return max(0.0, self.deadline - time.monotonic())
 
 
-def _ms(start: float) -> int:
+def elapsed_ms(start: float) -> int:
+    """Milliseconds since `start` (a time.monotonic() reading): an outcome's latency."""
     return int((time.monotonic() - start) * 1000)
 
 
@@ -130,10 +106,8 @@ class Analyzer:
             tokens = self.tokens(*image.image.size)
             # encoded once, before a slot is taken: nothing slow between slot and send
             body = self.provider.encode(image)
-        except ItemError as exc:
-            return self._failed(exc, start, 0)
         except Exception as exc:  # a decoder or provider bug must not kill the run
-            return self._unexpected(item, exc, 0)
+            return self._failed(item, exc, start, 0)
         return self.send(item, body, tokens, start)
 
     def tokens(self, width: int, height: int) -> int:
@@ -184,10 +158,10 @@ class Analyzer:
                 attempts=tries.requests,
                 input_tokens=analysis.input_tokens,
                 output_tokens=analysis.output_tokens,
-                latency_ms=_ms(start),
+                latency_ms=elapsed_ms(start),
             )
         except ItemError as exc:
-            return self._failed(exc, start, tries.requests)
+            return self._failed(item, exc, start, tries.requests)
         except ImgbatchError:
             self.stop.set()  # a run-level stop: no other thread starts a request
             raise
@@ -196,24 +170,14 @@ class Analyzer:
         except Interrupted:
             raise Abandoned from None
         except Exception as exc:  # a provider bug must not kill the run: record it
-            return self._unexpected(item, exc, tries.requests)
+            return self._failed(item, exc, start, tries.requests)
 
     @staticmethod
-    def _failed(exc: ItemError, start: float, attempts: int) -> Outcome:
-        return Outcome.failed(
-            exc.code,
-            exc.message,
-            attempts=attempts,
-            latency_ms=_ms(start),
-            changed=isinstance(exc, ContentChanged),
-        )
-
-    @staticmethod
-    def _unexpected(item: WorkItem, exc: Exception, attempts: int) -> Outcome:
-        log.debug("unexpected error analysing %s", item.rec.path, exc_info=exc)
-        return Outcome.failed(
-            ErrorCode.AI_ERROR, f"unexpected error: {type(exc).__name__}", attempts=attempts
-        )
+    def _failed(item: WorkItem, exc: Exception, start: float, attempts: int) -> Outcome:
+        """The item's outcome for what its work raised (items.item_failure): an ItemError
+        with its latency, a bug's AI_ERROR without."""
+        more = {"latency_ms": elapsed_ms(start)} if isinstance(exc, ItemError) else {}
+        return item_failure(item, exc, "analysing", attempts=attempts, **more)
 
     def _retrying(self, tries: _Tries) -> tenacity.Retrying:
         """The retry loop for an item's `tries`: one Retrying per thread, built once (it
@@ -277,65 +241,25 @@ class Analyzer:
         )
 
 
-#: a local run of the offline analyzer moves to worker processes once this many items
-#: went to its threads (a small run never pays for starting them)
-PROCS_AFTER = 500
-PROCS_AFTER_SECONDS = 0.05  # and this long after the engine started (see cpus.SpareCores)
+# -- in a worker process (engines.procs) or on a Dask worker (engines.dask) --------------
+
+_analyzers: dict[tuple[str, Settings], Analyzer] = {}
+_analyzers_lock = threading.Lock()
 
 
-class LocalEngine:
-    """Items analysed by a pool of threads in this process (`--executor local`), and for
-    the offline analyzer of a big run, by `procs` worker processes (pipeline.procs)."""
+def analyzer_for(provider: str, settings: Settings) -> Analyzer:
+    """One analyzer per process and settings, its provider built once."""
+    key = (provider, settings)
+    with _analyzers_lock:
+        found = _analyzers.get(key)
+        if found is None:
+            from imgbatch.providers import base
 
-    def __init__(self, analyzer: Analyzer, workers: int, procs: int = 0) -> None:
-        self.analyzer = analyzer
-        self._pool = ThreadPoolExecutor(workers, "imgbatch-ai")
-        self._procs_wanted = procs if procs > 1 and not analyzer.provider.remote else 0
-        self._procs: OfflineProcesses | None = None
-        self._submitted = 0
-        self._spare = SpareCores(PROCS_AFTER, PROCS_AFTER_SECONDS) if self._procs_wanted else None
-
-    def submit(self, item: WorkItem) -> Future[Outcome]:
-        procs = self._procs
-        if procs is None and self._spare is not None:
-            self._submitted += 1
-            if self._spare.now(self._submitted):
-                from imgbatch.pipeline.procs import OfflineProcesses
-
-                procs = self._procs = OfflineProcesses(
-                    self.analyzer, self._procs_wanted, self._pool
-                )
-                self._spare = None
-        if procs is not None and procs.usable():
-            return procs.submit(item)
-        return self._pool.submit(self.analyzer.work, item)
-
-    def flush(self) -> None:
-        if self._procs is not None:
-            self._procs.flush()
-
-    def capacity(self) -> int:
-        from imgbatch.pipeline.procs import CHUNK
-
-        return 3 * CHUNK * self._procs_wanted if self._procs_wanted else 0
-
-    def check(self, failed: bool = False) -> None:
-        pass
-
-    def shutdown(self, wait: bool) -> None:
-        if self._procs is not None:
-            self._procs.shutdown(wait)
-        # when stopping, threads blocked in a request are not waited for: the caller
-        # exits without joining them, having flushed the output and the checkpoint
-        self._pool.shutdown(wait=wait, cancel_futures=True)
+            found = _analyzers[key] = Analyzer(settings, base.create(provider, settings))
+        return found
 
 
-def make_engine(
-    settings: Settings, analyzer: Analyzer, root: str, address: str | None = None
-) -> Engine:
-    """The engine `settings.executor` names."""
-    if settings.executor == "dask":
-        from imgbatch.pipeline.dask_engine import DaskEngine
-
-        return DaskEngine(analyzer, settings, root, address or settings.dask_scheduler or None)
-    return LocalEngine(analyzer, settings.workers, settings.analyze_procs or cores())
+def analyse_file(path: str, content_hash: str, provider: str, settings: Settings) -> Outcome:
+    """The whole analysis of one file by a local (offline) provider, in another process."""
+    item = WorkItem(FileRecord(path, hash=content_hash), "", "")
+    return analyzer_for(provider, settings).work(item)

@@ -1,4 +1,4 @@
-"""The offline analyzer on worker processes, for the local executor.
+"""The offline analyzer on worker processes, for the local engine (engines.local).
 
 The offline analyzer's work is Python: a few dozen Pillow and numpy calls per image,
 which for thumbnails cost more in the interpreter than in C. Threads run it one at a
@@ -23,47 +23,25 @@ from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from imgbatch.config import Settings
+from imgbatch.pipeline.analyzer import analyse_file
 from imgbatch.pipeline.items import Outcome, WorkItem
-from imgbatch.records import FileRecord
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor
 
-    from imgbatch.pipeline.execute import Analyzer
+    from imgbatch.pipeline.analyzer import Analyzer
 
 log = logging.getLogger("imgbatch")
 
 CHUNK = 16  # items per task sent to a process: the caller flushes a partial one
 #: what the fork server imports once, so that each worker starts without importing it
-PRELOAD = ["imgbatch.pipeline.procs", "imgbatch.providers.local", "imgbatch.imaging"]
+PRELOAD = ["imgbatch.pipeline.engines.procs", "imgbatch.providers.local", "imgbatch.imaging"]
 
 # -- in the worker processes -----------------------------------------------------------
 
-_analyzers: dict[tuple[str, Settings], Analyzer] = {}
-_analyzers_lock = threading.Lock()
-
-
-def analyzer_for(provider: str, settings: Settings) -> Analyzer:
-    """One analyzer per process and settings, its provider built once (a worker process
-    of this module, or a Dask worker)."""
-    key = (provider, settings)
-    with _analyzers_lock:
-        found = _analyzers.get(key)
-        if found is None:
-            from imgbatch.pipeline.execute import Analyzer
-            from imgbatch.providers import base
-
-            found = _analyzers[key] = Analyzer(settings, base.create(provider, settings))
-        return found
-
-
-def analyse_file(path: str, content_hash: str, provider: str, settings: Settings) -> Outcome:
-    """The whole analysis of one file by a local (offline) provider, in another process."""
-    item = WorkItem(FileRecord(path, hash=content_hash), "", "")
-    return analyzer_for(provider, settings).work(item)
-
 
 def analyse_chunk(files: list[tuple[str, str]], provider: str, settings: Settings) -> list[Outcome]:
+    """A chunk of files, each analysed whole (analyzer.analyse_file)."""
     return [analyse_file(path, content_hash, provider, settings) for path, content_hash in files]
 
 
