@@ -17,9 +17,8 @@ from imgbatch import cli_options as o
 from imgbatch import cli_runtime as runtime
 from imgbatch.cli_options import OutputOpt, StateRoot
 from imgbatch.config import results_dir, state_dir
-from imgbatch.errors import ExitCode, UsageError
+from imgbatch.errors import ExitCode, SignalStop, UsageError
 from imgbatch.output import Progress, SinkFile
-from imgbatch.signals import Interrupted
 
 log = logging.getLogger("imgbatch")
 
@@ -341,7 +340,7 @@ def serve(
             load_server().serve(
                 host, port, allow_root or [], token, cmd.config, cmd.verbose, grace, max_runs
             )
-        except Interrupted as exc:
+        except SignalStop as exc:
             # the runs had their grace; a request thread stuck in a hanging model server
             # must not hold the exit (the kernel releases the locks)
             log.error("interrupted")

@@ -17,9 +17,9 @@ from typing import Any
 import typer
 
 from imgbatch.cli_options import Shared
-from imgbatch.errors import ExitCode, ImgbatchError, WaitInterrupted
+from imgbatch.errors import ExitCode, ImgbatchError, SignalStop, WaitInterrupted
 from imgbatch.output import JsonlSink, OutputClosed, setup_logging
-from imgbatch.signals import Interrupted, Signals, must_exit_now
+from imgbatch.signals import Signals, must_exit_now
 
 log = logging.getLogger("imgbatch")
 
@@ -65,7 +65,7 @@ def command(cmd: Shared) -> Iterator[Signals]:
         raise typer.Exit(int(exc.exit_code)) from None
     except OutputClosed:
         raise typer.Exit(int(ExitCode.OK)) from None
-    except Interrupted as exc:
+    except SignalStop as exc:
         log.error("interrupted")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
@@ -180,7 +180,7 @@ def main(app: typer.Typer) -> None:
         app_for(app, sys.argv)()
     except KeyboardInterrupt:  # before a command's own handler is in place
         sys.exit(int(ExitCode.SIGINT))
-    except Interrupted as exc:  # after it (a signal while the process ends)
+    except SignalStop as exc:  # after it (a signal while the process ends)
         sys.exit(exc.exit_code)
     except Exception as exc:  # outside a command's own handler (start-up, option parsing)
         if os.environ.get("IMGBATCH_DEBUG") == "1":

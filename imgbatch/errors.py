@@ -93,6 +93,30 @@ class OutputError(FatalError):
     """stdout cannot be written (a full disk, an I/O error); nothing unwritten is recorded."""
 
 
+# -- stops: a run ending early on purpose, each with its own name ----------------------
+
+
+class SignalStop(BaseException):
+    """A signal asked a command without a graceful stop to end (`signals.Signals`).
+
+    A BaseException, like KeyboardInterrupt: raised from the signal handler wherever
+    the main thread is, it must get through `except Exception` (logging's own, when it
+    lands while a log line is written) rather than be swallowed there.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.exit_code = 128 + signum
+
+
+class LimiterClosed(Exception):
+    """The rate limiter was closed (the run is stopping) while a thread waited in it."""
+
+
+class Abandoned(Exception):
+    """An item given up because the run is stopping: it is not recorded."""
+
+
 class WaitInterrupted(ImgbatchError):
     """A stop (SIGINT/SIGTERM) ended a wait (for the lock) before the command did
     anything; nothing was recorded. The CLI exits with the signal's code."""

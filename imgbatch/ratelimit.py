@@ -37,6 +37,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from imgbatch.errors import LimiterClosed
+
 MIN_RPM = 1.0
 MARGIN = 0.02  # pace 2% under the rate: threads waking late must not push a window over it
 DECREASE = 0.7  # on a quota 429 with nothing learned: below the accepted rate by this factor
@@ -47,10 +49,6 @@ GOOD = 0.9  # with nothing learned, the known-good rate: this much of the accept
 STEP_BACK = 0.97  # a quota 429 while probing past the learned rate: under the rate that met it
 MIN_PROBE = 0.0002  # each step back halves the probing above a known quota, down to this
 WINDOW = 60.0  # seconds of accepted requests remembered to measure the accepted rate
-
-
-class Interrupted(Exception):
-    """The limiter was closed while a thread waited in it."""
 
 
 class WaitTooLong(Exception):
@@ -96,7 +94,7 @@ class AdaptiveLimiter:
 
         With `max_pause`, raises WaitTooLong at once, booking nothing, when a pause would
         hold the request longer than that many seconds (the pacing alone is never refused).
-        Raises Interrupted if stopping.
+        Raises errors.LimiterClosed if stopping.
         """
         held = False
         limit = None if max_pause is None else self._clock() + max_pause
@@ -119,7 +117,7 @@ class AdaptiveLimiter:
             if delay > 0:
                 self.waited += delay
                 if self._stop.wait(delay):
-                    raise Interrupted
+                    raise LimiterClosed
             with self._lock:
                 now = self._clock()
                 if self._learn_at is not None and now >= self._learn_at:

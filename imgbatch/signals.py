@@ -8,25 +8,14 @@ import signal
 import sys
 import threading
 
+from imgbatch.errors import SignalStop
+
 log = logging.getLogger("imgbatch")
-
-
-class Interrupted(BaseException):
-    """A signal asked a command without a graceful stop to end.
-
-    A BaseException, like KeyboardInterrupt: raised from the signal handler wherever
-    the main thread is, it must get through `except Exception` (logging's own, when it
-    lands while a log line is written) rather than be swallowed there.
-    """
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.exit_code = 128 + signum
 
 
 class Signals:
     """SIGINT / SIGTERM. The first one sets `stop` (graceful commands: intake stops,
-    in-flight items get the grace period) or raises Interrupted; a second one exits at
+    in-flight items get the grace period) or raises errors.SignalStop; a second one exits at
     once, which corrupts nothing: every checkpoint write is one SQLite transaction."""
 
     def __init__(self, graceful: bool) -> None:
@@ -45,7 +34,7 @@ class Signals:
             os._exit(128 + self.received)
         self.received = signum
         if not self.graceful:
-            raise Interrupted(signum)
+            raise SignalStop(signum)
         self.stop.set()
         log.warning(
             "%s: stopping; in-flight items may finish (a second signal quits now)",

@@ -31,7 +31,7 @@ from imgbatch.errors import ExitCode, FatalError, UsageError
 from imgbatch.listing import IMAGE_EXTENSIONS, Excluder, ext_of
 from imgbatch.output import JsonlSink, OutputClosed, Progress
 from imgbatch.pipeline.items import RunOptions
-from imgbatch.pipeline.record import summary_lines
+from imgbatch.pipeline.recorder import summary_lines
 from imgbatch.pipeline.run import Pipeline, analyze_root
 from imgbatch.pipeline.stages import RunContext
 from imgbatch.records import FileRecord

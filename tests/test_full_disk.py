@@ -26,7 +26,7 @@ from PIL import Image
 from imgbatch.config import Settings
 from imgbatch.output import JsonlSink
 from imgbatch.pipeline import RunOptions, analyze_root
-from imgbatch.pipeline.record import MAX_MESSAGES
+from imgbatch.pipeline.recorder import MAX_MESSAGES
 from tests.conftest import REPO, make_image, run_cli
 
 FULL = "imgbatch: error: cannot write output: No space left on device"

@@ -7,13 +7,8 @@ from collections import deque
 
 import pytest
 
-from imgbatch.ratelimit import (
-    MARGIN,
-    STEP_BACK,
-    AdaptiveLimiter,
-    Interrupted,
-    WaitTooLong,
-)
+from imgbatch.errors import LimiterClosed
+from imgbatch.ratelimit import MARGIN, STEP_BACK, AdaptiveLimiter, WaitTooLong
 
 
 class Clock:
@@ -185,7 +180,7 @@ def test_a_stop_interrupts_a_waiting_thread() -> None:
     lim = AdaptiveLimiter(1, clock=clock, stop=stop)
     lim.acquire()
     stop.set()
-    with pytest.raises(Interrupted):
+    with pytest.raises(LimiterClosed):
         lim.acquire()
 
 

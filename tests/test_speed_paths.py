@@ -245,10 +245,10 @@ def test_worker_processes_end_with_the_scan(tmp_path: Path) -> None:
 def test_finished_items_are_committed_at_least_every_100_ms(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from imgbatch.pipeline import record
+    from imgbatch.pipeline import recorder
 
     now = [0.0]
-    monkeypatch.setattr(record.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(recorder.time, "monotonic", lambda: now[0])
 
     class Checkpoint:
         pending = 0
@@ -268,7 +268,7 @@ def test_finished_items_are_committed_at_least_every_100_ms(
             self.synced += 1
 
     cp, sink = Checkpoint(), Sink()
-    rec = record.Recorder(cp, sink, None, None)  # type: ignore[arg-type]
+    rec = recorder.Recorder(cp, sink, None, None)  # type: ignore[arg-type]
     for t in (0.0, 0.03, 0.06, 0.09, 0.1, 0.15, 0.2, 0.25):
         now[0] = t
         cp.pending += 1

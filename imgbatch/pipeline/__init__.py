@@ -12,7 +12,7 @@
 """
 
 from imgbatch.pipeline.items import CONTENT_ERRORS, Outcome, RunOptions, WorkItem
-from imgbatch.pipeline.record import MAX_TAGS, RunSummary, summary_lines
+from imgbatch.pipeline.recorder import MAX_TAGS, RunSummary, summary_lines
 from imgbatch.pipeline.run import Pipeline, analyze_root
 from imgbatch.pipeline.stages import RunContext
 

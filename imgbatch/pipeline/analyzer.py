@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from imgbatch.config import Settings
-from imgbatch.errors import ErrorCode, ImgbatchError, ItemError
+from imgbatch.errors import Abandoned, ErrorCode, ImgbatchError, ItemError, LimiterClosed
 from imgbatch.pipeline.items import Outcome, WorkItem, item_failure
 from imgbatch.providers.base import Analysis, Provider
-from imgbatch.ratelimit import Interrupted
 from imgbatch.records import FileRecord
 
 if TYPE_CHECKING:
@@ -35,10 +34,6 @@ class Limiter(Protocol):
     def accepted(self) -> None: ...
 
     def rate_limited_for(self, retry_after: float | None) -> None: ...
-
-
-class Abandoned(Exception):
-    """An item given up because the run is stopping: it is not recorded."""
 
 
 @dataclass
@@ -167,7 +162,7 @@ class Analyzer:
             raise
         except Abandoned:
             raise
-        except Interrupted:
+        except LimiterClosed:
             raise Abandoned from None
         except Exception as exc:  # a provider bug must not kill the run: record it
             return self._failed(item, exc, start, tries.requests)

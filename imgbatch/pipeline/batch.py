@@ -53,7 +53,7 @@ from imgbatch.pipeline.batch_collect import Collector
 from imgbatch.pipeline.batch_job import BATCH_DIR, BatchJobs
 from imgbatch.pipeline.batch_submit import Submitter
 from imgbatch.pipeline.items import WorkItem
-from imgbatch.pipeline.record import RunSummary
+from imgbatch.pipeline.recorder import RunSummary
 from imgbatch.pipeline.stages import RunContext, RunStages
 
 if TYPE_CHECKING:

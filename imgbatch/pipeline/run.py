@@ -17,14 +17,14 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from imgbatch.checkpoint import Checkpoint, claim_root
 from imgbatch.config import Settings, results_dir, state_dir
-from imgbatch.errors import FatalError, ImgbatchError, UsageError
+from imgbatch.errors import Abandoned, FatalError, ImgbatchError, UsageError
 from imgbatch.hashcache import HashCache
 from imgbatch.output import JsonlSink, Progress
-from imgbatch.pipeline.analyzer import Abandoned, Analyzer
+from imgbatch.pipeline.analyzer import Analyzer
 from imgbatch.pipeline.batch import BatchRun
 from imgbatch.pipeline.engines import Engine, make_engine
 from imgbatch.pipeline.items import Outcome, RunOptions, WorkItem
-from imgbatch.pipeline.record import RunSummary, summary_lines
+from imgbatch.pipeline.recorder import RunSummary, summary_lines
 from imgbatch.pipeline.stages import RunContext, RunStages
 from imgbatch.records import FileRecord
 from imgbatch.results import ResultStore
@@ -235,7 +235,7 @@ def analyze_root(
         )
     if settings.local_ocr and name != "local":  # OCR is the offline analyzer's
         log.warning(
-            "--ocr is for the offline analyzer: %s ignores it (its answer's \"text\" "
+            '--ocr is for the offline analyzer: %s ignores it (its answer\'s "text" '
             "holds the legible text it reads)",
             name,
         )

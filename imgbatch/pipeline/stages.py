@@ -17,7 +17,7 @@ from imgbatch.output import JsonlSink, Progress
 from imgbatch.pipeline.analyzer import Limiter
 from imgbatch.pipeline.items import Outcome, RunOptions, WorkItem
 from imgbatch.pipeline.plan import Action, Planner
-from imgbatch.pipeline.record import Recorder, RunSummary
+from imgbatch.pipeline.recorder import Recorder, RunSummary
 from imgbatch.providers.base import Provider, fingerprint_id
 from imgbatch.records import FileRecord
 from imgbatch.scanner import Scanner
