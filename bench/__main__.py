@@ -12,7 +12,8 @@ import time
 from bench.common import IMGBATCH, Table, child_env, generation_seconds, log
 
 # each has BENCHMARKS: {name: function(table, quick)}
-MODULES = ["scan", "analyze", "gemini", "gemini_batch", "openai", "dask", "dupes", "search", "ocr"]
+MODULES = ["scan", "analyze", "gemini", "gemini_batch", "openai", "dask", "dupes", "search"]
+MODULES += ["ocr", "semantic"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""The public Python API: `scan_batches`, `scan` and `analyze`, the records of the CLI.
+"""The public Python API: `scan_batches`, `scan`, `analyze`, `search` and `find_dupes`,
+the records of the CLI.
 
 Options are the names of the settings (`config.Settings`: `workers=`, `rpm=`,
 `max_side=`, ...) and, for `analyze`, of the run options (`fresh=`, `limit=`, ...); like
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from imgbatch.pipeline import RunOptions
     from imgbatch.signals import Signals
 
-__all__ = ["Records", "analyze", "scan", "scan_batches", "search"]
+__all__ = ["Records", "analyze", "find_dupes", "scan", "scan_batches", "search"]
 
 # a library is silent by default: without this, Python's last-resort handler would print
 # the pipeline's warnings on stderr
@@ -539,6 +540,7 @@ def search(
     before: str | None = None,
     status: str | None = None,
     limit: int = 20,
+    mode: str = "text",
     config: PathArg | None = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
@@ -547,13 +549,19 @@ def search(
 
     `query` is the command's words (one string, or several joined); `tag` and `color`
     one name or several (all must match); `after`/`before` dates YYYY-MM-DD; `options`
-    the settings that say where state lives (`checkpoint`, `results`). Reads without the
-    lock, beside a run; writes only ROOT's search index. Raises UsageError for a
-    malformed query or a ROOT never analysed, CheckpointError for unusable state.
+    the settings that say where state lives (`checkpoint`, `results`). `mode` "semantic"
+    ranks by meaning (`search --semantic`: the query is embedded with ROOT's embedding
+    model, so `options` may also be any setting, e.g. a key or a base URL), "hybrid"
+    fuses both rankings (`--hybrid`). Reads without the lock, beside a run; writes only
+    ROOT's search index. Raises UsageError for a malformed query, a ROOT never analysed
+    or never embedded (semantic), CheckpointError for unusable state, FatalError when the
+    query cannot be embedded.
     """
     from imgbatch import searching
 
-    settings = _settings("search", config, options, {"checkpoint", "results"})
+    # a semantic query goes to the embedding provider: its settings are valid too
+    valid = {"checkpoint", "results"} if mode == "text" else _SETTINGS
+    settings = _settings("search", config, options, valid)
     where = searching.filters(
         [tag] if isinstance(tag, str) else tag,
         [color] if isinstance(color, str) else color,
@@ -562,8 +570,38 @@ def search(
         status,
     )
     return searching.search(
-        state_dir(os.fspath(root), settings), query, where, limit, results_dir(settings)
+        state_dir(os.fspath(root), settings),
+        query,
+        where,
+        limit,
+        results_dir(settings),
+        mode=mode,
+        settings=settings,
     )
+
+
+def find_dupes(
+    root: PathArg,
+    distance: int = 8,
+    *,
+    config: PathArg | None = None,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """The groups of exact copies and near-duplicates among ROOT's stored files (its last
+    run's): the records `imgbatch dupes` prints, biggest waste first. (Not `dupes`: that
+    name is the module imgbatch/dupes.py.)
+
+    `distance` is the most bits of 64 a near-duplicate's pHash differs from its keeper's;
+    `options` the settings that say where state lives (`checkpoint`, `results`) and the
+    size pHashes are computed at (`max_side`). Changes no file; stores the pHashes it
+    computes in ROOT's state folder. Raises UsageError for a bad `distance`,
+    CheckpointError for unusable state.
+    """
+    from imgbatch import dupes as finder
+
+    settings = _settings("find_dupes", config, options, {"checkpoint", "results", "max_side"})
+    state = state_dir(os.fspath(root), settings)
+    return finder.find(state, results_dir(settings), distance, settings.max_side).groups
 
 
 class Done(NamedTuple):

@@ -204,9 +204,10 @@ def rank_semantic(
     fp: str,
     where: Filters,
     results: Path | None,
+    limit: int = ALL,
 ) -> list[tuple[int, float]]:
     """The semantic ranking: (doc id, cosine) of every embedded doc that passes the
-    filters, best first (no cut-off)."""
+    filters, best first (no cut-off but `limit`)."""
     import numpy as np
 
     from imgbatch import vectors
@@ -216,20 +217,18 @@ def rank_semantic(
     folder = results or results_dir(Settings(results=os.environ.get("IMGBATCH_RESULTS", "")))
     with vectors.VectorStore(folder) as store:
         known = store.rows(model.id, fp)
+        matrix = store.matrix(model.id)
         ids: list[int] = []
         rows: list[int] = []
         sql = f"SELECT d.id, json_extract(d.state, '$[0]') FROM docs d WHERE {condition}"
         for doc_id, content in con.execute(sql, args):
             row = known.get(content)
-            if row is not None:
+            if row is not None and row < len(matrix):  # never past what was written
                 ids.append(doc_id)
                 rows.append(row)
-        matrix = store.matrix(model.id)
         if matrix.shape[1] != len(query):
             return []  # no vectors yet (or of another length: never this model's)
-        best = vectors.top(
-            matrix, np.asarray(rows, dtype=np.int64), vectors.unit(query)[0], len(rows)
-        )
+        best = vectors.top(matrix, np.asarray(rows, dtype=np.int64), vectors.unit(query)[0], limit)
     return [(ids[i], score) for i, score in best]
 
 
@@ -284,7 +283,9 @@ def search(
             if vector is None:
                 hits = rank(con, query, where, limit)
             else:
-                close = rank_semantic(con, vector, run["fingerprint"], where, results)
+                # hybrid fuses whole rankings; semantic alone needs only its best `limit`
+                k = limit if mode == "semantic" else ALL
+                close = rank_semantic(con, vector, run["fingerprint"], where, results, k)
                 hits = close if mode == "semantic" else fuse([rank(con, query, where, ALL), close])
                 hits = hits[:limit]
             out = []

@@ -78,8 +78,8 @@ MODE_JSON = 5  # ours: JSON text (ASCII bytes)
 
 #: the entries of a state folder imgbatch keeps (and so checks); folders are walked
 STATE_ENTRIES = ("root", "lock", "checkpoint", "hashcache", "batch", "search", "phashes.db", MARK)
-#: the entries of a diskcache folder (the results store)
-STORE_ENTRIES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", STORE_MARK)
+#: the entries of a diskcache folder (the results store), and its embeddings (vectors.py)
+STORE_ENTRIES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", STORE_MARK, "embeddings")
 
 
 class UnsafeState(CheckpointError):

@@ -34,6 +34,9 @@ camelCase at the top level (``generationConfig``, ``inlineData``, ``responseSche
 image bytes as URL-safe base64 with padding. A ``response_schema`` arrives in OpenAPI
 form with upper-case types (``"type": "OBJECT"``) and snake_case ``property_ordering``;
 a ``response_json_schema`` arrives unchanged (JSON Schema, lower-case types).
+``POST .../models/{model}:batchEmbedContents`` (``client.models.embed_content`` with a
+list) answers ``fake_embedding`` vectors of each request's ``outputDimensionality``, after
+the same rules 1-5 (quotas, scripted faults).
 
 Usage::
 
@@ -113,6 +116,8 @@ DEFAULT_SCHEMA: dict[str, Any] = {
 }
 
 _ROUTE = re.compile(r"^/(v1|v1beta|v1alpha)/(?:models/)?([^/:]+):generateContent$")
+_EMBED_ROUTE = re.compile(r"^/(v1|v1beta|v1alpha)/(?:models/)?([^/:]+):batchEmbedContents$")
+MAX_EMBED_REQUESTS = 100  # batchEmbedContents' limit of texts a call
 _MINUTE_QUOTA_ID = "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"
 _DAY_QUOTA_ID = "GenerateRequestsPerDayPerProjectPerModel-FreeTier"
 _QUOTA_METRIC = "generativelanguage.googleapis.com/generate_content_free_tier_requests"
@@ -214,6 +219,10 @@ class RecordedRequest(Record):
     body_size: int = 0
     prompt_tokens: int = 0
     route: str = "generate"  # or a Batch / Files API route (see tests/fakegemini_batch.py)
+    #: batchEmbedContents (route "embed"): each request's text, outputDimensionality, taskType
+    texts: list[str] = field(default_factory=list)
+    dimensions: list[int | None] = field(default_factory=list)
+    task_types: list[str | None] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -668,6 +677,9 @@ class FakeGemini(FakeHTTPServer[RecordedRequest]):
 
     def _process(self, h: Handler, rec: RecordedRequest, split: Any) -> Reply:
         route = _ROUTE.match(split.path)
+        embed = _EMBED_ROUTE.match(split.path)
+        if embed:
+            route, rec.route = embed, "embed"
         if route:
             rec.api_version, rec.model = route.group(1), route.group(2)
         rec.server_timeout = h.headers.get("X-Server-Timeout")
@@ -721,11 +733,16 @@ class FakeGemini(FakeHTTPServer[RecordedRequest]):
                 "too_large",
             )
         try:
-            self._parse(rec, raw)
+            if embed:
+                self._parse_embed(rec, raw)
+            else:
+                self._parse(rec, raw)
         except _BadRequest as exc:
             return self._json(exc.status, _error_body(exc.status, exc.message), exc.outcome)
         with self._lock:
             reply = self._decide(rec)
+        if reply is None and embed:
+            return self._embeddings(rec)
         if reply is None:  # the happy answer: built outside the lock (Pillow, responder)
             reply = self._happy(rec)
         return reply
@@ -790,6 +807,47 @@ class FakeGemini(FakeHTTPServer[RecordedRequest]):
         rec.prompt_tokens = text_len // 4 + sum(
             image_tokens(i.width, i.height, rec.media_resolution) for i in rec.images
         )
+
+    def _parse_embed(self, rec: RecordedRequest, raw: bytes) -> None:
+        """``batchEmbedContents``: ``{"requests": [{"model": "models/M", "content": {"parts":
+        [{"text": ...}]}, "outputDimensionality": N, "taskType": T}, ...]}``, at most 100
+        requests, each naming the URL's model (as Google checks)."""
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise _BadRequest(400, f"Invalid JSON payload received. {exc}", "bad_request") from None
+        requests = body.get("requests") if isinstance(body, dict) else None
+        if not isinstance(requests, list) or not requests:
+            raise _BadRequest(400, "* BatchEmbedContentsRequest.requests: requests is not "
+                              "specified", "bad_request")  # fmt: skip
+        if len(requests) > MAX_EMBED_REQUESTS:
+            raise _BadRequest(400, f"* BatchEmbedContentsRequest.requests: at most "
+                              f"{MAX_EMBED_REQUESTS} requests can be in one batch",
+                              "bad_request")  # fmt: skip
+        for i, request in enumerate(requests):
+            request = request if isinstance(request, dict) else {}
+            if request.get("model") != f"models/{rec.model}":
+                raise _BadRequest(400, f"* BatchEmbedContentsRequest.requests[{i}].model: "
+                                  "the model must be the batch's model", "bad_request")  # fmt: skip
+            _, content = pick_field(request, "content")
+            parts = content.get("parts") if isinstance(content, dict) else None
+            texts = [p["text"] for p in parts or [] if isinstance(p, dict) and "text" in p]
+            if not texts or not all(isinstance(t, str) for t in texts):
+                raise _BadRequest(400, f"* BatchEmbedContentsRequest.requests[{i}].content: "
+                                  "contents is not specified", "bad_request")  # fmt: skip
+            rec.texts.append("\n".join(texts))
+            rec.dimensions.append(pick_field(request, "outputDimensionality")[1])
+            rec.task_types.append(pick_field(request, "taskType")[1])
+        rec.prompt_tokens = sum(len(t) // 4 for t in rec.texts)
+
+    def _embeddings(self, rec: RecordedRequest) -> Reply:
+        """Deterministic vectors (`fake_embedding`), of the dimensions asked for (3,072,
+        gemini-embedding-001's own, when none is)."""
+        embeddings = [
+            {"values": fake_embedding(text, rec.model or "", dims or 3072)}
+            for text, dims in zip(rec.texts, rec.dimensions, strict=True)
+        ]
+        return self._json(200, {"embeddings": embeddings}, "ok")
 
     @staticmethod
     def _image(inline: Mapping[str, Any], where: str) -> RecordedImage:

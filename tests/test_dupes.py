@@ -301,3 +301,23 @@ def test_near_pairs_in_a_crowded_band_as_all_pairs_would() -> None:
     ]
     assert len(brute) > 20
     assert near_pairs(hashes, 6) == brute
+
+
+def test_the_python_api_gives_the_clis_groups(photos: Path) -> None:
+    import imgbatch
+    from imgbatch.errors import UsageError
+
+    assert run_cli(["analyze", "--provider", "local", photos]).rc == 0
+    before = tree_state(photos)
+    cli = dupes(photos).records
+    found = imgbatch.find_dupes(photos)
+    assert found == cli
+    check_groups(photos, found)
+    # distance 0: only pHashes that are equal (exact copies, and copies too alike to differ)
+    assert imgbatch.find_dupes(photos, distance=0) == dupes(photos, "--distance", "0").records
+    assert imgbatch.find_dupes(str(photos), 8) == cli
+    assert tree_state(photos) == before  # nothing moved, deleted or rewritten
+    with pytest.raises(UsageError, match="distance"):
+        imgbatch.find_dupes(photos, distance=65)
+    with pytest.raises(TypeError, match="distanse"):
+        imgbatch.find_dupes(photos, distanse=3)

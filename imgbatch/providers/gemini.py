@@ -83,6 +83,7 @@ _MEDIA = {
     "medium": "MEDIA_RESOLUTION_MEDIUM",
     "high": "MEDIA_RESOLUTION_HIGH",
 }
+EMBEDDING_DIMS = 768  # asked of the embedding model (gemini-embedding-001 gives 3,072 unasked)
 
 
 def image_tokens(width: int, height: int, media_resolution: str | None = None) -> int:
@@ -268,6 +269,34 @@ class GeminiProvider:
                 ErrorCode.NETWORK_ERROR, f"network error: {type(exc).__name__}"
             ) from None
         return self._parse(resp, len(data))
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """Vectors of `texts` (in their order; at most 100) from one `batchEmbedContents`
+        request with the run's model and the next key of the pool, 768 dimensions asked
+        for; failures classified as for `analyze`."""
+        # one Content per text: a list of bare strings is merged into one Content for
+        # the multimodal embedding models
+        contents = [types.Content(parts=[types.Part(text=text)]) for text in texts]
+        config = types.EmbedContentConfig(output_dimensionality=EMBEDDING_DIMS)
+        index = self.pool.pick()
+        try:
+            resp = self._client(index).models.embed_content(
+                model=self._model, contents=contents, config=config
+            )
+        except genai_errors.APIError as exc:
+            raise self._classify(exc, index) from None
+        except _TIMEOUTS:
+            raise ItemError(
+                ErrorCode.TIMEOUT, f"no answer within {self.settings.gemini_timeout:g}s"
+            ) from None
+        except _TRANSPORT as exc:
+            raise ItemError(
+                ErrorCode.NETWORK_ERROR, f"network error: {type(exc).__name__}"
+            ) from None
+        vectors = [e.values for e in resp.embeddings or []]
+        if len(vectors) != len(texts) or not all(vectors):
+            raise ItemError(ErrorCode.AI_ERROR, "the server's embeddings do not match the texts")
+        return [list(v or ()) for v in vectors]
 
     def _key_rejected(self, exc: genai_errors.APIError) -> bool:
         if exc.code in (401, 403):

@@ -93,6 +93,7 @@ SCHEMA_NAME = "image_analysis"
 COOL_BASE, COOL_MAX = 0.5, 30.0  # an endpoint's cool-down after failures, doubled each
 LOADING_RETRY = 2.0  # seconds between tries while a server loads its model (no delay sent)
 MAX_MESSAGE = 300  # characters of a server's error message kept in a record
+EMBEDDING_DIMS = 768  # asked of embedding models that offer a choice
 #: transport failures that mean the server was never reached
 _UNREACHED = (httpx2.ConnectError, httpx2.ConnectTimeout)
 
@@ -475,6 +476,47 @@ class OpenAIProvider:
                 if mode != "json_schema":
                     log.info("%s: structured output as json_object for this run", ep.shown)
         return analysis
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """Vectors of `texts` (in their order) from `POST /embeddings` with the run's
+        model, one request to the next endpoint of the pool; failures classified as for
+        `analyze` (a 400 is the texts' own: not retried). 768 dimensions are asked of
+        OpenAI's text-embedding-3 models, which offer the choice."""
+        index = self.pool.pick()
+        ep = self._endpoints[index]
+        extra: dict[str, Any] = {}
+        if self._model.startswith("text-embedding-3"):
+            extra["dimensions"] = EMBEDDING_DIMS
+        try:
+            answer = ep.client.embeddings.create(model=self._model, input=texts, **extra)
+        except openai.APIStatusError as exc:
+            if exc.status_code == 400:
+                message, _, _ = _error_fields(exc.body, exc.response)
+                text = self.pool.scrub(" ".join(message.split())[:MAX_MESSAGE])
+                raise ItemError(ErrorCode.AI_ERROR, f"400: {text}", retryable=False) from None
+            raise self._status_error(exc, index, ep.json_mode) from None
+        except openai.APITimeoutError as exc:
+            if isinstance(exc.__cause__, _UNREACHED):
+                raise self._unreachable(index, exc.__cause__) from None
+            raise self._transient(
+                index, ErrorCode.TIMEOUT, f"no answer within {self.timeout:g}s{self._at(ep)}"
+            ) from None
+        except openai.APIConnectionError as exc:
+            if isinstance(exc.__cause__, _UNREACHED):
+                raise self._unreachable(index, exc.__cause__) from None
+            cause = type(exc.__cause__ or exc).__name__
+            raise self._transient(
+                index, ErrorCode.NETWORK_ERROR, f"network error: {cause}{self._at(ep)}"
+            ) from None
+        self._answered = True
+        data = sorted(answer.data or [], key=lambda d: d.index)
+        if len(data) != len(texts) or not all(isinstance(d.embedding, list) for d in data):
+            raise self._transient(
+                index, ErrorCode.AI_ERROR, f"the server's embeddings do not match{self._at(ep)}"
+            )
+        with self._lock:
+            ep.failures = 0
+        return [list(d.embedding) for d in data]
 
     def _at(self, ep: _Endpoint) -> str:
         """Where, in a message: only worth saying when there are several endpoints."""

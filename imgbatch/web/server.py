@@ -355,7 +355,8 @@ class Api:
         return _json(await run_in_threadpool(run.status))
 
     async def search(self, request: Request) -> Response:
-        """GET /api/search: `imgbatch search`'s records, in its order (issue 22.1)."""
+        """GET /api/search: `imgbatch search`'s records, in its order (issue 22.1);
+        `mode=semantic|hybrid` as `--semantic` / `--hybrid`."""
         from imgbatch import api
 
         q = request.query_params
@@ -367,6 +368,9 @@ class Api:
             raise Problem(403, f"{root} is not under a folder this server allows (--allow-root)")
         words = q.get("q") or ""
         limit = _int_param(q.get("limit"), "limit", 20, 1, MAX_PAGE)
+        mode = q.get("mode") or "text"
+        if mode not in ("text", "semantic", "hybrid"):
+            raise Problem(422, "mode must be text, semantic or hybrid")
         try:
             hits = await run_in_threadpool(
                 lambda: api.search(
@@ -378,10 +382,11 @@ class Api:
                     before=q.get("before") or None,
                     status=q.get("status") or None,
                     limit=limit,
+                    mode=mode,
                     config=self.runs.config,
                 )
             )
-        except UsageError as exc:  # a malformed query, a ROOT never analysed
+        except UsageError as exc:  # a malformed query, a ROOT never analysed (or embedded)
             raise Problem(422, str(exc)) from None
         except ImgbatchError as exc:
             raise Problem(500, str(exc)) from None
