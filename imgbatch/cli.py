@@ -114,30 +114,30 @@ def status(
     **options: Any,
 ) -> None:
     """Where the current or last run stands (readable while it runs)."""
-    from imgbatch import report
+    from imgbatch import history
 
     cmd = o.Shared.pop(options)
     with runtime.command(cmd):
         state = _state(root, cmd)
-        current = report.status(state)
+        current = history.status(state)
         if current is None:
             log.info("no run recorded in %s yet", state)
             return
         if follow:
             current = _follow(state, current)
         runtime.print_lines(
-            [json.dumps(current, sort_keys=True)] if json_ else report.status_lines(current)
+            [json.dumps(current, sort_keys=True)] if json_ else history.status_lines(current)
         )
 
 
 def _follow(state: Path, current: dict[str, Any]) -> dict[str, Any]:
     """Show a live line on stderr (a bar on a terminal) until the run ends."""
-    from imgbatch import report
+    from imgbatch import history
 
     with Progress("images", log_every=5.0, total=current.get("total")) as progress:
-        for now in report.follow(state, current):
+        for now in history.follow(state, current):
             c, current = now.get("counts", {}), now
-            if now["state"] in report.LIVE_STATES:
+            if now["state"] in history.LIVE_STATES:
                 done, failed = c.get("completed", 0) + c.get("failed", 0), c.get("failed", 0)
                 cached = c.get("cached", 0)
                 progress.update(done, failed=failed, total=now.get("total"), cached=cached)
@@ -153,15 +153,15 @@ def runs(
     **options: Any,
 ) -> None:
     """The run history kept in the checkpoint (the last 100 runs), newest first."""
-    from imgbatch import report
+    from imgbatch import history
 
     cmd = o.Shared.pop(options)
     with runtime.command(cmd):
-        history = report.runs(_state(root, cmd), limit)
+        past = history.runs(_state(root, cmd), limit)
         if json_:
-            runtime.print_lines(json.dumps(run, sort_keys=True) for run in history)
+            runtime.print_lines(json.dumps(run, sort_keys=True) for run in past)
         else:
-            runtime.print_lines([report.RUNS_HEADER, *map(report.run_line, history)])
+            runtime.print_lines([history.RUNS_HEADER, *map(history.run_line, past)])
 
 
 @app.command()
@@ -182,7 +182,7 @@ def export(
 ) -> None:
     """Every stored result (of the last run's settings) as JSONL, CSV, Parquet, XMP
     sidecars, caption files, Hugging Face imagefolder metadata or Label Studio tasks."""
-    from imgbatch import report
+    from imgbatch import history
 
     cmd = o.Shared.pop(options)
     with runtime.command(cmd):
@@ -198,17 +198,17 @@ def export(
         with runtime.stdout() as out:
             if format == "xmp":
                 naming = xmp_naming or "full"
-                made = report.export_sidecars(state, out.write, naming, dry_run, results)
+                made = history.export_sidecars(state, out.write, naming, dry_run, results)
                 beside = made.line(), made.failed
             elif format == "captions":
                 given: dict[str, Any] = {k: v for k, v in captioning.items() if v is not None}
                 given["naming"] = given.pop("caption_naming", "basename")
                 given["dry_run"] = dry_run
-                captioned = report.export_captions(state, out.write, given, results)
+                captioned = history.export_captions(state, out.write, given, results)
                 beside = captioned.line(), captioned.failed
-            else:  # report.export writes bytes, or wraps them in a TextIOWrapper for CSV
+            else:  # history.export writes bytes, or wraps them in a TextIOWrapper for CSV
                 sink = cast("IO[bytes]", SinkFile(out))
-                n = report.export(state, format, output, sink, status_, results, ls_root_url)
+                n = history.export(state, format, output, sink, status_, results, ls_root_url)
         if format in ("xmp", "captions"):
             line, failed = beside
             runtime.finish([line], int(ExitCode.ITEM_FAILURES) if failed else 0)
@@ -357,13 +357,13 @@ def prune(
 ) -> None:
     """Drop files that no longer exist on disk from the checkpoint (or forget one pending
     Batch API job: --forget-batch)."""
-    from imgbatch import report
+    from imgbatch import history
 
     cmd = o.Shared.pop(options)
     with runtime.command(cmd):
         state = _state(root, cmd)
         if forget_batch is not None:
-            job = report.forget_batch(state, forget_batch, wait)
+            job = history.forget_batch(state, forget_batch, wait)
             log.warning(
                 "forgot batch job %s: its %s images will be submitted again by the next "
                 "`analyze --batch` (if Google still runs the job, they are paid twice)",
@@ -371,7 +371,7 @@ def prune(
                 f"{job['requests']:,}",
             )
             return
-        n = report.prune(state, wait)
+        n = history.prune(state, wait)
         log.info("pruned %s records of files that no longer exist", f"{n:,}")
 
 

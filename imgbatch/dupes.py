@@ -1,7 +1,7 @@
 """`imgbatch dupes`: groups of exact copies and near-duplicates among ROOT's stored files.
 
 The grouping (`Photo`, `near_pairs`, `groups`) is pure: functions over records, no
-files. `find` feeds it the stored records of ROOT (`report.items`, the last run's
+files. `find` feeds it the stored records of ROOT (`history.items`, the last run's
 settings) with a perceptual hash for each: the stored offline result's, else one this
 module computed before (`phashes.PhashStore`, by content hash), else one computed now
 from the file with the offline analyzer's own function. It reads only; the one file it
@@ -302,7 +302,7 @@ def find(
     analyzer's function at `max_side`, and stored in the state folder by content hash
     (in memory only where the folder cannot be written: `in_memory`).
     """
-    from imgbatch import report
+    from imgbatch import history
     from imgbatch.cpus import cores
 
     if not 0 <= distance <= MAX_DISTANCE:
@@ -312,9 +312,9 @@ def find(
     found = Found(groups=[])
     photos: list[Photo] = []
     todo: dict[str, str] = {}  # content hash -> a path to compute its pHash from
-    with report.open_checkpoint(state) as cp, report.open_results(results) as store:
+    with history.open_checkpoint(state) as cp, history.open_results(results) as store:
         cp.results = store
-        for rec in report.items(cp):
+        for rec in history.items(cp):
             found.files += 1
             why = _left_out(rec)
             if why:

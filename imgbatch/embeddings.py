@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgbatch import report, searchindex, statedb
+from imgbatch import history, searchindex, statedb
 from imgbatch.config import Settings
 from imgbatch.errors import ErrorCode, FatalError, ItemError, UsageError
 from imgbatch.providers import base
@@ -189,7 +189,7 @@ def index(
         raise UsageError(f"--per-request must be at least 1, not {per_request!r}")
     stop = stop or threading.Event()
     done = Indexed()
-    with report.open_checkpoint(state) as cp, report.open_results(results) as store:
+    with history.open_checkpoint(state) as cp, history.open_results(results) as store:
         cp.results = store
         run = searchindex.last_run(cp)
         if run is None:

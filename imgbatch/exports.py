@@ -1,7 +1,7 @@
 """The export formats: JSONL and CSV streams, Parquet files, XMP sidecars beside the images.
 
 Every writer takes the stream of export records (the `analyze` record shape, read from
-the checkpoint by report.py) and holds at most one Parquet row group or one sidecar in
+the checkpoint by history.py) and holds at most one Parquet row group or one sidecar in
 memory. pyarrow and pyexiv2 are optional extras, imported only when their format is
 asked for; a missing one is a usage error naming the pip command. What every writer
 beside the images shares (the open folders, stems, "still as analysed") is here too, for
@@ -30,8 +30,8 @@ from typing import IO, Any
 
 from imgbatch import beside
 from imgbatch.errors import OutputError, UsageError
+from imgbatch.listing import IMAGE_EXTENSIONS
 from imgbatch.records import extension_of, is_clean, iso_utc, json_line, utf8_clean
-from imgbatch.scanner import IMAGE_EXTENSIONS
 
 log = logging.getLogger("imgbatch")
 

@@ -12,11 +12,14 @@ with statedb's helpers), indexes the items of the last run's settings fingerprin
 **Current.** The checkpoint counts the transactions that change item states
 (`Checkpoint.commits`); the index is stale when that count or the last run's fingerprint
 moved (never judged by mtime: opening a diskcache Cache writes its database). Bringing
-it up to date reads the item states, compares each with the state indexed and re-indexes
-only the items that changed (new, re-analysed, gone), in one transaction; the results
-store is read for those items only. `refresh` does it at the end of every run (inside
-its lock, see pipeline/run.py); `open_index` does it for `search` when stale, without
-the lock (the checkpoint is only read; SQLite serialises two updaters of the index).
+it up to date re-reads only the folders and names the checkpoint's change log
+(`Checkpoint.changes`) names since the count indexed, and re-indexes the items that
+changed (new, re-analysed, gone), in one transaction; without a log that covers the
+range (an older checkpoint, a changed fingerprint) it compares every item state with the
+one indexed. The results store is read for the changed items only. `refresh` does it
+at the end of every run (inside its lock, see pipeline/run.py); `open_index` does it for
+`search` when stale, without the lock (the checkpoint is only read; SQLite serialises
+two updaters of the index).
 
 **Read-only.** Where the state folder cannot be written (state made read-only), the
 index is built in memory from what can be read, and a warning says so once per process.

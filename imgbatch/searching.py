@@ -7,8 +7,9 @@ parentheses, ``^``) is never passed through, so such words are searched as words
 malformed query (an unterminated quote, nothing but exclusions, too long) is a
 UsageError of one line.
 
-Ranking goes through `rank`, one ordered list of (doc id, score) per ranking: full text
-(FTS5's bm25, higher is better) today; a semantic ranking can be fused with it there.
+Rankings are ordered lists of (doc id, score): `rank` is full text (FTS5's bm25, higher is
+better), `rank_semantic` the cosine of embedded results (see embeddings.py, vectors.py),
+and `fuse` their reciprocal rank fusion (k = 60) for `--hybrid`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from imgbatch import report, searchindex
+from imgbatch import history, searchindex
 from imgbatch.config import Settings, results_dir
 from imgbatch.errors import UsageError
 from imgbatch.records import json_line
@@ -274,7 +275,7 @@ def search(
         from imgbatch import embeddings
 
         vector = embeddings.query_vector(state, settings or Settings(), text)
-    with report.open_checkpoint(state) as cp, report.open_results(results) as store:
+    with history.open_checkpoint(state) as cp, history.open_results(results) as store:
         cp.results = store
         run, root = searchindex.last_run(cp), cp.root()
         if run is None or root is None:
@@ -295,7 +296,7 @@ def search(
                 ).fetchone()
                 state_ = tuple(json.loads(row[2]))
                 rel_dir, name = os.fsdecode(bytes(row[0])), os.fsdecode(bytes(row[1]))
-                rec = report.record(cp, root, run, rel_dir, name, state_)
+                rec = history.record(cp, root, run, rel_dir, name, state_)
                 rec["score"] = round(score, 6)
                 out.append(rec)
             return out

@@ -26,7 +26,7 @@ from typing import IO, Any
 
 import pytest
 
-from imgbatch import report
+from imgbatch import history
 from imgbatch.checkpoint import Checkpoint
 from imgbatch.errors import OutputError
 from imgbatch.lockfile import StateLock, holder
@@ -124,8 +124,8 @@ def test_analyze_into_a_full_stdout_is_exit_5_and_records_nothing_as_done(
     again = run_cli(args)  # every item comes again: none was recorded as done
     assert again.rc == 0, again.stderr
     assert sorted(Path(r["path"]).name for r in again.records) == [f"{i}.png" for i in range(4)]
-    history = run_cli(["runs", "--json", "--checkpoint", tmp_path / "state"]).records
-    assert [(r["state"], r["exit_code"]) for r in history] == [("COMPLETED", 0), ("FAILED", 5)]
+    runs = run_cli(["runs", "--json", "--checkpoint", tmp_path / "state"]).records
+    assert [(r["state"], r["exit_code"]) for r in runs] == [("COMPLETED", 0), ("FAILED", 5)]
 
 
 def test_export_to_a_file_that_cannot_be_written_is_exit_5_and_one_line(
@@ -270,8 +270,8 @@ def test_a_signal_ends_waiting_for_the_lock_at_once_and_records_no_run(
 PROBE = """
 import sys
 from pathlib import Path
-from imgbatch import report
-with report.open_checkpoint(Path(sys.argv[1])) as cp:
+from imgbatch import history
+with history.open_checkpoint(Path(sys.argv[1])) as cp:
     print("ready", flush=True)
     while True:
         cp.locked_by_other()
@@ -285,7 +285,7 @@ def test_looking_beside_starting_runs_never_makes_them_exit_3(tree: Path, state:
     def status_loop() -> None:  # `status`, as fast as it goes
         nonlocal looks
         while not stop.is_set():
-            report.status(state)
+            history.status(state)
             looks += 1
 
     looker = threading.Thread(target=status_loop)

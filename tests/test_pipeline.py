@@ -256,7 +256,7 @@ def test_a_dry_run_records_nothing(tmp_path: Path) -> None:
 
 
 def test_a_large_folder_is_stored_one_row_per_item(tmp_path: Path) -> None:
-    from imgbatch import report
+    from imgbatch import history
 
     root = tmp_path / "photos"
     for i in range(12):
@@ -272,7 +272,7 @@ def test_a_large_folder_is_stored_one_row_per_item(tmp_path: Path) -> None:
     _, again = run(root, tmp_path / "state", large_folder=5)
     assert again == []  # every item found
     out = io.BytesIO()
-    assert report.export(tmp_path / "state", "jsonl", None, out) == 13
+    assert history.export(tmp_path / "state", "jsonl", None, out) == 13
     (root / "04.png").unlink()
-    assert report.prune(tmp_path / "state") == 1
-    assert report.export(tmp_path / "state", "jsonl", None, io.BytesIO()) == 12
+    assert history.prune(tmp_path / "state") == 1
+    assert history.export(tmp_path / "state", "jsonl", None, io.BytesIO()) == 12

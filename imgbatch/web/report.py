@@ -28,7 +28,7 @@ from typing import IO, Any
 
 from imgbatch.checkpoint import Checkpoint
 from imgbatch.errors import ContentChanged, ItemError, OutputError, UsageError
-from imgbatch.report import items, open_checkpoint, run_status
+from imgbatch.history import items, open_checkpoint, run_status
 from imgbatch.results import ResultStore
 from imgbatch.web import static
 

@@ -30,9 +30,9 @@ from typing import Any
 from imgbatch.checkpoint import Checkpoint
 from imgbatch.config import every_provider, load_settings, results_dir, state_dir
 from imgbatch.errors import ExitCode, ImgbatchError, LockHeldError
+from imgbatch.history import items, run_status
 from imgbatch.lockfile import holder
 from imgbatch.records import utf8_clean
-from imgbatch.report import items, run_status
 from imgbatch.results import ResultStore
 
 log = logging.getLogger("imgbatch")
