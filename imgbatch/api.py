@@ -27,9 +27,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from imgbatch.config import Settings, load_settings, results_dir, state_dir
-from imgbatch.errors import ExitCode, ImgbatchError, UsageError, WaitInterrupted
+from imgbatch.errors import ExitCode, ImgbatchError, OutputClosed, UsageError, WaitInterrupted
 from imgbatch.hashcache import HashCache
-from imgbatch.output import JsonlSink, OutputClosed, Progress, human_bytes, human_duration
+from imgbatch.output import JsonlSink, Progress, human_bytes, human_duration
 from imgbatch.records import FileRecord
 from imgbatch.scanner import Scanner, batched, check_root
 

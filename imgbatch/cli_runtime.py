@@ -17,8 +17,8 @@ from typing import Any
 import typer
 
 from imgbatch.cli_options import Shared
-from imgbatch.errors import ExitCode, ImgbatchError, SignalStop, WaitInterrupted
-from imgbatch.output import JsonlSink, OutputClosed, setup_logging
+from imgbatch.errors import ExitCode, ImgbatchError, OutputClosed, SignalStop, WaitInterrupted
+from imgbatch.output import JsonlSink, setup_logging
 from imgbatch.signals import Signals, must_exit_now
 
 log = logging.getLogger("imgbatch")

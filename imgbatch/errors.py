@@ -109,6 +109,11 @@ class SignalStop(BaseException):
         self.exit_code = 128 + signum
 
 
+class OutputClosed(Exception):
+    """The reader of stdout went away (`| head`): the command ends quietly (exit 0), and
+    nothing more is written or recorded."""
+
+
 class LimiterClosed(Exception):
     """The rate limiter was closed (the run is stopping) while a thread waited in it."""
 

@@ -18,13 +18,9 @@ import sys
 import time
 from typing import IO, Any
 
-from imgbatch.errors import OutputError
+from imgbatch.errors import OutputClosed, OutputError
 
 log = logging.getLogger("imgbatch")
-
-
-class OutputClosed(Exception):
-    """The reader of stdout went away (`| head`); nothing more can be written."""
 
 
 class SinkFile(io.RawIOBase):

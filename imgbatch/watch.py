@@ -27,9 +27,9 @@ from collections.abc import Iterator, Mapping
 from types import ModuleType
 
 from imgbatch.config import Settings, state_dir
-from imgbatch.errors import ExitCode, FatalError, UsageError
+from imgbatch.errors import ExitCode, FatalError, OutputClosed, UsageError
 from imgbatch.listing import IMAGE_EXTENSIONS, Excluder, ext_of
-from imgbatch.output import JsonlSink, OutputClosed, Progress
+from imgbatch.output import JsonlSink, Progress
 from imgbatch.pipeline.items import RunOptions
 from imgbatch.pipeline.recorder import summary_lines
 from imgbatch.pipeline.run import Pipeline, analyze_root

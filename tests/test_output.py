@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from imgbatch.config import Settings
-from imgbatch.output import JsonlSink, OutputClosed
+from imgbatch.errors import OutputClosed
+from imgbatch.output import JsonlSink
 from imgbatch.scanner import LARGE_FILE, run_scan
 from tests.conftest import make_image
 

@@ -75,22 +75,22 @@ def test_the_vectorised_phash_is_bit_for_bit_the_pure_python_one() -> None:
 
 def test_rounding_near_a_half_millionth_is_pythons() -> None:
     # values whose sixth decimal is decided by the rounding: numpy's multiply-and-rint
-    # gets some of these wrong; _round6 hands them to Python's round()
+    # gets some of these wrong; round6 hands them to Python's round()
     values = np.array([0.0000005, 1.0000005, -2.5000005, 0.1234565, 7.0000015, 1e-13, -0.0])
     values = np.concatenate([values, np.nextafter(values, 1), np.nextafter(values, -1)])
     expected = [round(float(v), 6) for v in values]
-    assert local_features._round6(values).tolist() == expected
+    assert local_features.round6(values).tolist() == expected
 
 
 def reference_color_name(rgb: tuple[int, int, int]) -> str:
-    lab = local_features._lab(rgb)
-    return min(local_features._NAMED_LAB, key=lambda named: math.dist(lab, named[1]))[0]
+    lab = local_features.srgb_to_lab(rgb)
+    return min(local_features.NAMED_LAB, key=lambda named: math.dist(lab, named[1]))[0]
 
 
 def test_colour_names_are_those_of_the_nearest_prototype_by_math_dist() -> None:
     rng = random.Random(5)
     colors = [tuple(rng.randrange(256) for _ in range(3)) for _ in range(3000)]
-    colors += [rgb for _, shades in local_features._NAMED_SRGB.items() for rgb in shades]
+    colors += [rgb for _, shades in local_features.NAMED_SRGB.items() for rgb in shades]
     names = color_names(colors)  # type: ignore[arg-type]
     assert names == [reference_color_name(c) for c in colors]  # type: ignore[arg-type]
 
@@ -242,39 +242,39 @@ def test_worker_processes_end_with_the_scan(tmp_path: Path) -> None:
 # -- analyze: commits grouped by time ----------------------------------------------------------
 
 
-def test_finished_items_are_committed_at_least_every_100_ms(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from imgbatch.pipeline import recorder
+def test_finished_items_are_committed_at_least_every_100_ms(tmp_path: Path) -> None:
+    """The offline analyzer's items are committed in groups: a group waits at most
+    100 ms from its first item (a real checkpoint and sink; the clock is the test's)."""
+    from imgbatch.checkpoint import Checkpoint
+    from imgbatch.output import JsonlSink
+    from imgbatch.pipeline import RunOptions
+    from imgbatch.pipeline.recorder import Recorder, RunSummary
+    from imgbatch.results import ResultStore
 
     now = [0.0]
-    monkeypatch.setattr(recorder.time, "monotonic", lambda: now[0])
-
-    class Checkpoint:
-        pending = 0
-        flushed: list[int] = []
-
-        def flush(self) -> None:
-            self.flushed.append(self.pending)
-            self.pending = 0
-
-    class Sink:
-        synced = 0
-
-        def flush(self) -> None:
-            pass
-
-        def sync(self) -> None:
-            self.synced += 1
-
-    cp, sink = Checkpoint(), Sink()
-    rec = recorder.Recorder(cp, sink, None, None)  # type: ignore[arg-type]
-    for t in (0.0, 0.03, 0.06, 0.09, 0.1, 0.15, 0.2, 0.25):
-        now[0] = t
-        cp.pending += 1
-        rec.commit_written()
-    # a group waits at most 100 ms from its first item, and is written after a sync
-    assert cp.flushed == [5, 3] and sink.synced == 2
+    out = os.open(tmp_path / "out.jsonl", os.O_WRONLY | os.O_CREAT, 0o600)
+    summary = RunSummary(id=1, provider="local", model="local-1", fingerprint="fp", root="/")
+    with (
+        ResultStore(tmp_path / "results") as store,
+        Checkpoint(tmp_path / "state", results=store) as cp,
+    ):
+        sink = JsonlSink(fd=out)
+        rec = Recorder(cp, sink, summary, RunOptions(), clock=lambda: now[0])
+        groups, pending = [], 0
+        for i, t in enumerate((0.0, 0.03, 0.06, 0.09, 0.1, 0.15, 0.2, 0.25)):
+            now[0] = t
+            sink.write(b'{"n": %d}\n' % i)
+            cp.commit("fp", "", f"{i}.png", (f"h{i}", None, 1, 1, 1, None))
+            pending += 1
+            rec.commit_written()
+            if cp.pending == 0:  # the group went to the database
+                groups.append(pending)
+                pending = 0
+        # written after its lines: the ones of each group reached the file first
+        assert groups == [5, 3] and cp.pending == 0
+        assert (tmp_path / "out.jsonl").read_bytes().count(b"\n") == 8
+        assert cp.state("fp", "", "4.png") is not None
+    os.close(out)
 
 
 def test_spare_cores_count_what_other_processes_use_not_what_we_use() -> None:

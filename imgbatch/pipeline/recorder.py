@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imgbatch.checkpoint import Checkpoint, ItemState
-from imgbatch.errors import DECODER_MISSING, ExitCode, ImgbatchError, ItemError
-from imgbatch.output import JsonlSink, OutputClosed, Progress
+from imgbatch.errors import DECODER_MISSING, ExitCode, ImgbatchError, ItemError, OutputClosed
+from imgbatch.output import JsonlSink, Progress
 from imgbatch.pipeline.items import CONTENT_ERRORS, Outcome, RunOptions, WorkItem
 from imgbatch.records import json_line
 
@@ -171,6 +171,8 @@ class Recorder:
         options: a dry run records nothing.
         progress: updated as items finish.
         remote: a remote provider's items are committed one by one (see COMMIT_EVERY).
+        clock: seconds for grouping commits and saving the run record (time.monotonic;
+            a test passes its own).
     """
 
     def __init__(
@@ -181,8 +183,10 @@ class Recorder:
         options: RunOptions,
         progress: Progress | None = None,
         remote: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.checkpoint = checkpoint
+        self._clock = clock
         self.sink = sink
         self.summary = summary
         self.options = options
@@ -311,7 +315,7 @@ class Recorder:
         cp = self.checkpoint
         if not cp.pending:
             return
-        now = time.monotonic()
+        now = self._clock()
         if self._first_uncommitted is None:
             self._first_uncommitted = now
         if (
@@ -328,7 +332,7 @@ class Recorder:
         """Rewrite the run record (every few seconds, or now)."""
         if self.options.dry_run:
             return
-        now = time.monotonic()
+        now = self._clock()
         if force or now - self._last_save >= RUN_SAVE_EVERY:
             self._last_save = now
             self.summary.counts["processing"] = self.in_flight

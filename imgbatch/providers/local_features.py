@@ -62,7 +62,7 @@ _HASH_BITS = len(_HASH_FREQS) ** 2
 # Basic colour names, each with a few sRGB prototypes; a colour gets the name of its
 # nearest prototype in CIELAB (where distance roughly follows perceived difference).
 # Several prototypes per name shape the borders: dark and light greys, brown/tan...
-_NAMED_SRGB: dict[str, list[tuple[int, int, int]]] = {
+NAMED_SRGB: dict[str, list[tuple[int, int, int]]] = {
     "black": [(0, 0, 0), (25, 25, 25)],
     "gray": [(70, 70, 70), (128, 128, 128), (190, 190, 190)],
     "white": [(255, 255, 255), (242, 242, 242)],
@@ -163,7 +163,7 @@ def color_names(colors: list[tuple[int, int, int]]) -> list[str]:
     """color_name() of each colour, measured all at once."""
     if not colors:
         return []
-    labs = np.array([_lab(rgb) for rgb in colors])
+    labs = np.array([srgb_to_lab(rgb) for rgb in colors])
     # Distances to every prototype at once; those within a hair of the nearest (numpy's
     # rounding is not math.dist's) are compared again by math.dist, in order, so each
     # name is the one min() over math.dist gives: its first nearest prototype's.
@@ -173,8 +173,8 @@ def color_names(colors: list[tuple[int, int, int]]) -> list[str]:
     for lab, row in zip(labs.tolist(), near, strict=True):
         candidates = np.flatnonzero(row).tolist()
         if len(candidates) > 1:
-            candidates.sort(key=lambda i: math.dist(lab, _NAMED_LAB[i][1]))
-        names.append(_NAMED_LAB[candidates[0]][0])
+            candidates.sort(key=lambda i: math.dist(lab, NAMED_LAB[i][1]))
+        names.append(NAMED_LAB[candidates[0]][0])
     return names
 
 
@@ -220,7 +220,7 @@ def phash(image: Image.Image) -> str:
     coefficients = np.add.reduce(_COS * columns.T[:, None, :], axis=0).ravel()  # [v, u]
     # Rounded so that floating-point noise (a flat image's "zero" coefficients are
     # +-1e-13) cannot decide a bit: such images hash to all zeros.
-    values = _round6(coefficients)
+    values = round6(coefficients)
     ordered = np.sort(values)
     middle = _HASH_BITS // 2
     median = (float(ordered[middle - 1]) + float(ordered[middle])) / 2
@@ -230,7 +230,7 @@ def phash(image: Image.Image) -> str:
 _Floats = np.ndarray[Any, np.dtype[np.float64]]
 
 
-def _round6(values: _Floats) -> _Floats:
+def round6(values: _Floats) -> _Floats:
     """round(v, 6) of each value, exactly as Python's correctly rounded round(): numpy's
     (a multiplication, then rint) can differ when v * 1e6 is within a rounding error
     of a half, so those few values are rounded by Python."""
@@ -262,7 +262,7 @@ def _linear(channel: int) -> float:
 _LINEAR = [_linear(channel) for channel in range(256)]
 
 
-def _lab(rgb: tuple[int, int, int]) -> tuple[float, float, float]:
+def srgb_to_lab(rgb: tuple[int, int, int]) -> tuple[float, float, float]:
     """sRGB (0..255) to CIELAB, D65 white."""
     r, g, b = (_LINEAR[channel] for channel in rgb)
     x = (0.4124 * r + 0.3576 * g + 0.1805 * b) / 0.95047
@@ -276,5 +276,5 @@ def _lab(rgb: tuple[int, int, int]) -> tuple[float, float, float]:
     return 116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)
 
 
-_NAMED_LAB = [(name, _lab(rgb)) for name, shades in _NAMED_SRGB.items() for rgb in shades]
-_PROTOTYPES = np.array([lab for _, lab in _NAMED_LAB])
+NAMED_LAB = [(name, srgb_to_lab(rgb)) for name, shades in NAMED_SRGB.items() for rgb in shades]
+_PROTOTYPES = np.array([lab for _, lab in NAMED_LAB])
