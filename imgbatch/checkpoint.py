@@ -7,7 +7,9 @@ transactions: no value is ever a separate, un-fsynced file):
   pickled their values under tuple keys; format 1 also kept results here. The first
   writer that holds the lock migrates them in place (`upgrade`, one transaction), reading
   them with the restricted unpickler, and moves format 1's results into the shared store;
-  until then only their format and root can be read. Any other version is refused.
+  until then only their format and root can be read, except by a reader that asks for
+  them as they are (``legacy_ok``: `search`, `dupes`), through
+  `statedb.LegacyReadOnlyCache`. Any other version is refused.
 - ``b"root"`` -> the ROOT this checkpoint belongs to (absolute path, bytes); the state
   folder's ``root`` file says the same for `scan` (see `claim_root`).
 - ``done NUL fingerprint NUL folder`` -> ``{name: ItemState}`` (hash, error code or None,
@@ -134,6 +136,15 @@ def damaged(directory: Path, exc: BaseException) -> CheckpointError:
     )
 
 
+def _legacy_key(old: Any) -> bytes | None:
+    """The key `upgrade` gives an earlier format's key (a tuple of parts, or bytes)."""
+    if isinstance(old, bytes):
+        return old
+    if isinstance(old, tuple) and old and all(isinstance(p, (bytes, str, int)) for p in old):
+        return key(*old)
+    return None
+
+
 def _states(value: Any) -> FolderStates:
     """A folder's row as stored (JSON: lists) to item states (tuples)."""
     if not isinstance(value, dict):
@@ -155,6 +166,8 @@ class Checkpoint:
             passes False.
         large_folder: above this many items a folder is stored one row per item
             (LARGE_FOLDER; tests pass a small one).
+        legacy_ok: a reader reads a format 1 or 2 checkpoint as it is (not migrated,
+            nothing written; `legacy` tells), instead of refusing it.
     """
 
     def __init__(
@@ -164,8 +177,12 @@ class Checkpoint:
         results: ResultStore | None = None,
         readonly: bool | None = None,
         large_folder: int = LARGE_FOLDER,
+        legacy_ok: bool = False,
     ) -> None:
         self.directory = directory
+        #: read as an earlier imgbatch wrote it (`legacy_ok`): its values decoded through
+        #: the restricted unpickler, format 1's results from its own rows
+        self.legacy = False
         self.large_folder = large_folder
         self.readonly = not create if readonly is None else readonly
         statedb.secure(directory, writer=not self.readonly)
@@ -183,6 +200,10 @@ class Checkpoint:
             if self.readonly:
                 self._db: Any = statedb.ReadOnlyCache(db)
                 version = self._db.get(b"format")
+                if legacy_ok and version in READABLE_FORMATS and version != FORMAT_VERSION:
+                    self._db.close()
+                    self._db = statedb.LegacyReadOnlyCache(db, _legacy_key)
+                    self.legacy = True
             else:
                 self._db = statedb.open_cache(db)
                 version = self._db.get(b"format")
@@ -219,7 +240,7 @@ class Checkpoint:
 
     def _get(self, key: bytes) -> Any:
         """A value, or a CheckpointError naming the folder when it cannot be read."""
-        if self.format != FORMAT_VERSION:
+        if self.format != FORMAT_VERSION and not self.legacy:
             raise CheckpointError(
                 f"the checkpoint in {self.directory} was written by an earlier imgbatch "
                 f"(format {self.format}); run `imgbatch analyze` on its ROOT once to upgrade "
@@ -465,6 +486,10 @@ class Checkpoint:
         value = self._pending_results.get((fp, content_hash))
         if value is not None:
             return value
+        if self.legacy and self.format == 1:  # format 1 kept its results in the checkpoint
+            value = self._get(key(b"result", fp, content_hash))
+            if isinstance(value, dict):
+                return value
         if self.results is not None:
             value = self.results.get(fp, content_hash)
         return value if isinstance(value, dict) else None

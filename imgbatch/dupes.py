@@ -5,7 +5,7 @@ files. `find` feeds it the stored records of ROOT (`history.items`, the last run
 settings) with a perceptual hash for each: the stored offline result's, else one this
 module computed before (`phashes.PhashStore`, by content hash), else one computed now
 from the file with the offline analyzer's own function. It reads only; the one file it
-writes is that store.
+writes is that store (none for state an earlier imgbatch wrote, read as it is).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -312,8 +313,21 @@ def find(
     found = Found(groups=[])
     photos: list[Photo] = []
     todo: dict[str, str] = {}  # content hash -> a path to compute its pHash from
-    with history.open_checkpoint(state) as cp, history.open_results(results) as store:
+    # state an earlier imgbatch wrote is read as it is, and nothing is stored beside it
+    with (
+        history.open_checkpoint(state, legacy_ok=True) as cp,
+        history.open_results(results, legacy_ok=True) as store,
+    ):
         cp.results = store
+        old = history.legacy_folder(cp, store)
+        if old is not None:
+            log.warning(
+                "%s was written by an earlier imgbatch and is read as it is: the pHashes "
+                "computed now are kept in memory only (one `imgbatch analyze %s` run "
+                "migrates it)",
+                old,
+                cp.root() or "ROOT",
+            )
         for rec in history.items(cp):
             found.files += 1
             why = _left_out(rec)
@@ -342,7 +356,8 @@ def find(
     for p in photos:
         if p.phash is not None:
             todo.pop(p.hash, None)
-    known = _phashes(state, todo, max_side, threads or cores(), found) if todo else {}
+    keep = old is None
+    known = _phashes(state, todo, max_side, threads or cores(), found, keep) if todo else {}
     found.undecodable = sum(1 for v in known.values() if v[0] is None)
     photos = [_with(p, known.get(p.hash)) for p in photos]
     found.groups = groups(photos, distance)
@@ -350,16 +365,18 @@ def find(
 
 
 def _phashes(
-    state: Path, todo: dict[str, str], max_side: int, threads: int, found: Found
+    state: Path, todo: dict[str, str], max_side: int, threads: int, found: Found, keep: bool
 ) -> dict[str, Answer]:
-    """The pHashes of `todo` (content hash: a path), stored ones or computed now."""
+    """The pHashes of `todo` (content hash: a path), stored ones or computed now (and
+    stored unless not `keep`: no store is opened then, nothing written)."""
     from imgbatch.phashes import PhashStore, compute
 
-    with PhashStore(state, max_side) as phs:
-        known = phs.get_many(todo)
+    with PhashStore(state, max_side) if keep else nullcontext(None) as phs:
+        known = phs.get_many(todo) if phs is not None else {}
         found.known = sum(1 for v in known.values() if v[0] is not None)
         missing = [(h, path) for h, path in todo.items() if h not in known]
-        if missing and not phs.writable:
+        found.in_memory = bool(missing) and not keep
+        if missing and phs is not None and not phs.writable:
             found.in_memory = True
             log.warning(
                 "%s cannot be written: the %s pHashes computed now are kept in memory only",
@@ -376,10 +393,11 @@ def _phashes(
                 known[h] = answer
                 done.append((h, *answer))
                 found.computed += answer[0] is not None
-                if len(done) >= 500:
+                if len(done) >= 500 and phs is not None:
                     phs.put_many(done)
                     done = []
-            phs.put_many(done)
+            if phs is not None:
+                phs.put_many(done)
     return known
 
 

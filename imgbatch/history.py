@@ -29,20 +29,28 @@ if TYPE_CHECKING:  # the writers are imported by the exports that use them: sear
 LIVE_STATES = ("QUEUED", "PROCESSING")
 
 
-def open_checkpoint(state: Path, write: bool = False) -> Checkpoint:
+def open_checkpoint(state: Path, write: bool = False, legacy_ok: bool = False) -> Checkpoint:
     """An existing checkpoint, read-only unless `write` (then the caller takes the lock);
-    a clear error when there is none."""
+    a clear error when there is none. `legacy_ok`: one an earlier imgbatch wrote is read
+    as it is (`Checkpoint.legacy`), not refused (`search`, `dupes`)."""
     if not (state / "checkpoint").is_dir():
         raise UsageError(
             f"no checkpoint in {state}: run `imgbatch analyze` first, or pass "
             "the folder given to --checkpoint"
         )
-    return Checkpoint(state, create=False, readonly=not write)
+    return Checkpoint(state, create=False, readonly=not write, legacy_ok=legacy_ok)
 
 
-def open_results(results: Path | None) -> ResultStore:
-    """The results store (default: the user's), for reading only."""
-    return ResultStore(_results(results), readonly=True)
+def open_results(results: Path | None, legacy_ok: bool = False) -> ResultStore:
+    """The results store (default: the user's), for reading only (`legacy_ok`: as
+    `open_checkpoint`'s)."""
+    return ResultStore(_results(results), readonly=True, legacy_ok=legacy_ok)
+
+
+def legacy_folder(cp: Checkpoint, store: ResultStore) -> Path | None:
+    """The checkpoint's state folder, or the results store, if an earlier imgbatch wrote
+    it and it is read as it is; else None."""
+    return cp.directory if cp.legacy else store.directory if store.legacy else None
 
 
 def run_status(cp: Checkpoint, run: dict[str, Any], live: bool) -> dict[str, Any]:

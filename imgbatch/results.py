@@ -16,7 +16,8 @@ in WAL mode through diskcache, whose writers wait for each other (SQLite's busy
 timeout), and every value is a whole result, so there is nothing to merge. Nothing
 deletes from it (`prune` forgets item states only); delete the folder to start afresh.
 Its folder is private (`statedb.secure`); readers (`export`, `report`) open it with
-``readonly`` and write nothing.
+``readonly`` and write nothing; `search` and `dupes` also read a store not migrated yet,
+as it is (``legacy_ok``).
 """
 
 from __future__ import annotations
@@ -59,15 +60,26 @@ def key(fp: str, content_hash: str) -> bytes:
     return f"r\0{fp}\0{content_hash}".encode()
 
 
+def _legacy_key(old: Any) -> bytes | None:
+    """The key `_migrate` gives an earlier imgbatch's key: (fingerprint, hash), or bytes."""
+    if isinstance(old, tuple) and len(old) == 2:
+        return key(str(old[0]), str(old[1]))
+    if isinstance(old, bytes) and (old.startswith(b"r\0") or old == FORMAT):
+        return old
+    return None
+
+
 class ResultStore:
     """Stored outcomes (ok, or a permanent error caused by the content) by content.
 
     `readonly`: read without writing anything (a missing store reads as empty; one an
-    earlier imgbatch wrote is refused until a writer migrates it)."""
+    earlier imgbatch wrote is refused until a writer migrates it, or with `legacy_ok`
+    read as it is, through the restricted unpickler: `legacy` then tells)."""
 
-    def __init__(self, directory: Path, readonly: bool = False) -> None:
+    def __init__(self, directory: Path, readonly: bool = False, legacy_ok: bool = False) -> None:
         self.directory = directory
         self.readonly = readonly
+        self.legacy = False
         statedb.secure(
             directory, not readonly, names=statedb.STORE_ENTRIES, mark=statedb.STORE_MARK
         )
@@ -75,7 +87,11 @@ class ResultStore:
             if readonly:
                 self._db: Any = statedb.ReadOnlyCache(directory)
                 mark = self._db.get(FORMAT)
-                if mark != FORMAT_VERSION and len(self._db):
+                if mark != FORMAT_VERSION and len(self._db) and legacy_ok:
+                    self._db.close()
+                    self._db = statedb.LegacyReadOnlyCache(directory, _legacy_key)
+                    self.legacy = True
+                elif mark != FORMAT_VERSION and len(self._db):
                     self._db.close()
                     raise CheckpointError(
                         f"the results store in {directory} was written by an earlier imgbatch; "

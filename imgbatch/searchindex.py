@@ -22,7 +22,9 @@ at the end of every run (inside its lock, see pipeline/run.py); `open_index` doe
 two updaters of the index).
 
 **Read-only.** Where the state folder cannot be written (state made read-only), the
-index is built in memory from what can be read, and a warning says so once per process.
+index is built in memory from what can be read, and a warning says so once per process;
+so it is for state an earlier imgbatch wrote and no run has migrated yet, read as it is
+(`Checkpoint.legacy`), beside which nothing is written.
 A damaged index file is ours to throw away: it is rebuilt.
 """
 
@@ -77,7 +79,19 @@ def open_index(state: Path, cp: Checkpoint, fp: str) -> Iterator[sqlite3.Connect
     file in the state folder, or (state that cannot be written) one built in memory."""
     commits = cp.commits()  # first: what changes while the index is read counts next time
     folder = state / INDEX_DIR
-    if os.access(state, os.W_OK) and (not folder.exists() or os.access(folder, os.W_OK)):
+    old = getattr(cp.results, "legacy", False)
+    if cp.legacy or old:  # not migrated yet: nothing is written beside it
+        if str(state) not in _warned:
+            _warned.add(str(state))
+            log.warning(
+                "the %s in %s was written by an earlier imgbatch and is read as it is: "
+                "searching an index built in memory (one `imgbatch analyze %s` run migrates it)",
+                "state" if cp.legacy else "results store",
+                state if cp.legacy else getattr(cp.results, "directory", ""),
+                cp.root() or "ROOT",
+            )
+        con = _connect(":memory:")
+    elif os.access(state, os.W_OK) and (not folder.exists() or os.access(folder, os.W_OK)):
         con = _open_file(folder)
     else:
         current = _open_current_readonly(folder / DB_NAME, fp, commits)

@@ -275,7 +275,11 @@ def search(
         from imgbatch import embeddings
 
         vector = embeddings.query_vector(state, settings or Settings(), text)
-    with history.open_checkpoint(state) as cp, history.open_results(results) as store:
+    # state an earlier imgbatch wrote is read as it is (the index is then built in memory)
+    with (
+        history.open_checkpoint(state, legacy_ok=True) as cp,
+        history.open_results(results, legacy_ok=True) as store,
+    ):
         cp.results = store
         run, root = searchindex.last_run(cp), cp.root()
         if run is None or root is None:

@@ -26,7 +26,8 @@ store) is a diskcache folder opened here:
 - **Looking never writes.** `ReadOnlyCache` reads a diskcache folder with SQLite's
   ``mode=ro`` (plus ``immutable=1`` where the folder cannot be written: a WAL database
   cannot otherwise be opened there), never through `diskcache.Cache`, whose constructor
-  writes its Settings table.
+  writes its Settings table. `LegacyReadOnlyCache` reads an earlier imgbatch's folder
+  the same way, as it is (`search`, `dupes`), decoding through `restricted_loads`.
 """
 
 from __future__ import annotations
@@ -428,3 +429,91 @@ class ReadOnlyCache:
         if self._con is not None:
             self._con.close()
             self._con = None
+
+
+class LegacyReadOnlyCache:
+    """A diskcache folder an earlier imgbatch wrote (pickled tuple keys, pickled values),
+    read as it is: `get`, `iterkeys` and `len` as `ReadOnlyCache`'s, under the keys the
+    migration would give (`rekey`: an old key to its bytes key, or None to pass over it),
+    and nothing written (`search` and `dupes` before a run migrates it).
+
+    Keys are decoded once, when opened, with `restricted_loads` (only a rowid is kept per
+    key); values are decoded when asked for, with the same unpickler. What is not plain
+    data (a planted payload) is never run: a key is passed over, a value reads as missing,
+    each with one warning."""
+
+    def __init__(self, directory: Path, rekey: Any) -> None:
+        self._ro = ReadOnlyCache(directory)
+        self.directory = directory
+        self._rows: dict[bytes, int] = {}
+        self._refused: set[int] = set()
+        con = self._ro._con
+        if con is None:
+            return
+        passed = 0
+        try:
+            for rowid, db_key, raw in _key_rows(con):
+                try:
+                    new_key = rekey(old_key(db_key, raw))
+                except UnsafeState:
+                    new_key = None
+                if isinstance(new_key, bytes):
+                    self._rows.setdefault(new_key, rowid)
+                else:
+                    passed += 1
+        except sqlite3.Error as exc:
+            self._ro.close()
+            raise CheckpointError(f"cannot read {directory / DB_NAME}: {exc}") from None
+        if passed:
+            log.warning(
+                "%s: %s entr%s that %s not plain data (or unknown) passed over, never loaded",
+                directory,
+                passed,
+                "y" if passed == 1 else "ies",
+                "is" if passed == 1 else "are",
+            )
+
+    def get(self, key: bytes | str | int, default: Any = None) -> Any:
+        con = self._ro._con
+        rowid = self._rows.get(key) if isinstance(key, bytes) else None
+        if con is None or rowid is None:
+            return default
+        with self._ro._lock:
+            row = con.execute(
+                "SELECT mode, filename, value FROM Cache WHERE rowid = ?", (rowid,)
+            ).fetchone()
+        if row is None:  # gone meanwhile (a writer migrated it)
+            return default
+        try:
+            # as the migration stores it (`rewrite`): plain data, tuples turned to lists
+            mode, data = encode(old_value(*row))
+            return decode(mode, None, data)
+        except (UnsafeState, TypeError, ValueError) as exc:
+            if rowid not in self._refused:
+                self._refused.add(rowid)
+                log.warning("%s: an entry is not plain data (%s); passed over", self.directory, exc)
+            return default
+
+    def iterkeys(self) -> Iterator[bytes]:
+        """Every (migrated) key, sorted as diskcache sorts bytes keys."""
+        yield from sorted(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def close(self) -> None:
+        self._ro.close()
+
+
+def _key_rows(con: sqlite3.Connection) -> Iterator[tuple[int, Any, int]]:
+    """(rowid, key, raw) of every row, in rowid order, a few hundred at a time."""
+    last = -(2**63)
+    while True:
+        batch = con.execute(
+            "SELECT rowid, key, raw FROM Cache WHERE rowid > ? ORDER BY rowid LIMIT 500",
+            (last,),
+        ).fetchall()
+        if not batch:
+            return
+        yield from batch
+        last = batch[-1][0]
