@@ -182,12 +182,12 @@ def test_the_embeddings_are_private_and_checked_with_the_results_store(
     assert res.rc == 0, res.stderr
     folder = cache_dir() / "results" / "embeddings"
     found = modes(folder)
-    assert {"index.db", "lock"} <= set(found) and any(n.endswith(".f16") for n in found)
+    assert {"index.db", "lock"} <= set(found) and any(n.endswith(".q8") for n in found)
     assert found == {n: "700" if n == "." else "600" for n in found}, found
     assert stat.S_IMODE(folder.parent.stat().st_mode) == 0o700
     # the results store's check walks its embeddings: a vector file anyone may write is
     # refused before anything is read, by every command that reads the store
-    vectors = next(folder.glob("*.f16"))
+    vectors = next(folder.glob("*.q8"))
     vectors.chmod(0o666)
     res = run_cli(["export", photos])
     assert res.rc == 5 and res.stdout == b"", res.stderr
