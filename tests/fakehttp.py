@@ -280,6 +280,11 @@ class FakeHTTPServer(Generic[R]):
         a dict (JSON) or bytes (an HTML page, as a proxy's), with ``headers`` added."""
         self._queue(n, Action("fault", status, body, dict(headers or {})))
 
+    def answer_next(self, n: int = 1) -> None:
+        """The next ``n`` requests are answered as usual: a script can then say what the
+        request after them gets, before any of them arrives (no race with the client)."""
+        self._queue(n, Action("answer"))
+
     def hang_next(self, n: int = 1) -> None:
         """The next ``n`` requests get no answer for ``hang_seconds`` (then a 504)."""
         self._queue(n, Action("hang"))
@@ -374,7 +379,9 @@ class FakeHTTPServer(Generic[R]):
     def _next_scripted(self, rec: R) -> Reply | None:
         """The answer of the next scripted fault, or None (call with the lock held)."""
         action = self._script.popleft() if self._script else None
-        return None if action is None else self._action_reply(rec, action)
+        if action is None or action.kind == "answer":
+            return None
+        return self._action_reply(rec, action)
 
     def _action_reply(self, rec: R, action: Action) -> Reply:
         """A hang or a drop here; any other kind in the subclass's dialect."""

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -173,7 +174,8 @@ def test_an_interrupted_index_resumes_without_embedding_anything_twice(
 ) -> None:
     cmd = ["index", str(photos), "--embeddings", "--provider", "openai"]
     cmd += ["--embedding-model", MODEL, "--per-request", "1"]
-    embedder.set_latency(0.5)  # the first request is answered late: time to script the next
+    embedder.answer_next(1)  # the first request is answered, the second is held: the run
+    embedder.hang_next(1)  # is killed during it
     proc = subprocess.Popen(
         [sys.executable, "-m", "imgbatch", *cmd],
         env={**os.environ, **env(embedder)},
@@ -182,9 +184,10 @@ def test_an_interrupted_index_resumes_without_embedding_anything_twice(
         stderr=subprocess.PIPE,
     )
     try:
-        assert embedder.wait_for_requests(1, timeout=60)
-        embedder.hang_next(1)  # the second request is held: the run is killed during it
         assert embedder.wait_for_requests(2, timeout=60)
+        deadline = time.monotonic() + 60  # the second one read and held, not just arrived
+        while embedder.count_by_outcome().get("hang") != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -192,7 +195,6 @@ def test_an_interrupted_index_resumes_without_embedding_anything_twice(
         assert proc.stderr is not None
         proc.stderr.close()
     assert embedder.count_by_outcome() == {"ok": 1, "hang": 1}
-    embedder.set_latency(0.0)
     res = index(photos, embedder)
     assert res.rc == 0, res.stderr
     assert "embedded 3 results" in res.stderr and "1 already embedded" in res.stderr
