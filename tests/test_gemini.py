@@ -183,7 +183,10 @@ def test_the_daily_quota_of_every_project_is_exit_4_with_several_keys_and_worker
         )
         assert res.rc == 4, res.stderr
         assert "daily quota is exhausted" in res.stderr and "rejected" not in res.stderr
-        assert [r["status"] for r in res.records] == ["ok"] * 3  # one a project
+        assert [r["status"] for r in res.records] == ["ok"] * 3, (  # one a project
+            res.stderr,
+            [(r.api_key[-4:] if r.api_key else None, r.status, r.outcome) for r in server.requests],
+        )
         assert all(r.outcome == "quota_day" for r in server.requests if r.status == 429)
 
 

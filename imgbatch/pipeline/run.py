@@ -84,7 +84,9 @@ class Pipeline(RunStages):
                     self._drain(block=False)
                 rec.commit_written()
             stopped: float | None = None
-            while self._pending and self._fatal is None:
+            # a run-level stop (the daily quota, a rejected key) sets `stop` too: requests
+            # already sent are paid for, so their answers get the grace like a signal's
+            while self._pending:
                 if self.stop.is_set():  # stopping: in-flight items get `grace` seconds
                     stopped = stopped or time.monotonic()
                     left = stopped + self._grace() - time.monotonic()
