@@ -27,9 +27,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from imgbatch.config import Settings, load_settings, results_dir, state_dir
-from imgbatch.errors import ExitCode, ImgbatchError, OutputClosed, UsageError, WaitInterrupted
+from imgbatch.errors import ExitCode, OutputClosed, UsageError, WaitInterrupted
 from imgbatch.hashcache import HashCache
-from imgbatch.output import JsonlSink, Progress, human_bytes, human_duration
+from imgbatch.output import JsonlSink, Progress, close_quietly, human_bytes, human_duration
 from imgbatch.records import FileRecord
 from imgbatch.scanner import Scanner, batched, check_root
 
@@ -621,7 +621,7 @@ def run_scan(root: str, settings: Settings, show_progress: bool = True) -> Done:
         try:
             stats = scan_tree(root, settings, sink, progress, state_dir(root, settings))
         finally:
-            _close_quietly(sink.close)
+            close_quietly(sink.close)
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(stats.skipped.items()))
     line = (
         f"scanned {stats.files:,} files ({human_bytes(stats.bytes)}) in "
@@ -661,16 +661,9 @@ def run_analyze(
                 root, settings, options, sink, progress, signals.stop, wait=wait
             )
         finally:
-            _close_quietly(sink.close)
+            close_quietly(sink.close)
     code = ExitCode.ITEM_FAILURES if summary.failed else ExitCode.OK
     return Done(list(summary_lines(summary, scanned)), int(code))
-
-
-def _close_quietly(close: Callable[[], None]) -> None:
-    try:
-        close()
-    except (OutputClosed, ImgbatchError, OSError):
-        pass  # already failing: the first error is the one to report
 
 
 # -- options -----------------------------------------------------------------------

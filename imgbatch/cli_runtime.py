@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,7 +18,7 @@ import typer
 
 from imgbatch.cli_options import Shared
 from imgbatch.errors import ExitCode, ImgbatchError, OutputClosed, SignalStop, WaitInterrupted
-from imgbatch.output import JsonlSink, setup_logging
+from imgbatch.output import JsonlSink, close_quietly, setup_logging
 from imgbatch.signals import Signals, must_exit_now
 
 log = logging.getLogger("imgbatch")
@@ -117,13 +117,6 @@ def finish(lines: list[str], code: int, signals: Signals | None = None) -> None:
         exit_now(signals.exit_code)
     if code:
         raise typer.Exit(code)
-
-
-def close_quietly(close: Callable[[], None]) -> None:
-    try:
-        close()
-    except (OutputClosed, ImgbatchError, OSError):
-        pass  # already failing: the first error is the one to report
 
 
 def app_for(app: typer.Typer, argv: list[str]) -> typer.Typer:

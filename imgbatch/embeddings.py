@@ -30,7 +30,7 @@ from typing import Any
 
 from imgbatch import history, searchindex, statedb
 from imgbatch.config import Settings
-from imgbatch.errors import ErrorCode, FatalError, ItemError, UsageError
+from imgbatch.errors import CheckpointError, ErrorCode, FatalError, ItemError, UsageError
 from imgbatch.providers import base
 from imgbatch.vectors import VectorStore
 
@@ -158,9 +158,15 @@ def remember(state: Path, model: Model) -> None:
     statedb.private_dir(folder)
     tmp = folder / f".{SEMANTIC}.{os.getpid()}"
     tmp.unlink(missing_ok=True)
-    statedb.private_file(tmp)
-    tmp.write_text(json.dumps(model.spec()))
-    os.replace(tmp, _semantic_path(state))
+    try:
+        with os.fdopen(statedb.open_private(tmp), "w") as f:
+            f.write(json.dumps(model.spec()))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, _semantic_path(state))
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot record the embedding model in {folder}: {exc}") from None
 
 
 def remembered(state: Path) -> Model | None:
@@ -245,9 +251,11 @@ def query_vector(state: Path, settings: Settings, text: str) -> tuple[Model, lis
                 f"run `{INDEX_HINT}` again"
             )
         try:
-            (vector,) = embed([text])
+            answer = embed([text])
         except ItemError as exc:
             raise FatalError(f"cannot embed the query: {exc.message}") from None
-        return model, vector
+        if len(answer) != 1:
+            raise FatalError(f"cannot embed the query: {len(answer)} vectors came back, not 1")
+        return model, answer[0]
     finally:
         embed.close()

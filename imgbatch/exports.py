@@ -26,12 +26,14 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from imgbatch import beside
 from imgbatch.errors import OutputError, UsageError
 from imgbatch.listing import IMAGE_EXTENSIONS
 from imgbatch.records import extension_of, is_clean, iso_utc, json_line, utf8_clean
+
+T = TypeVar("T")
 
 log = logging.getLogger("imgbatch")
 
@@ -101,6 +103,22 @@ FILE_COLUMNS = [
     "error_code",
     "error_message",
 ]
+
+
+def write_output(output: str | os.PathLike[str], write: Callable[[IO[bytes]], T]) -> T:
+    """`write(file)` into `output`, replaced atomically (`replacing`); a file replaced
+    keeps its mode. A full disk or a missing folder is an OutputError naming it, and the
+    old file stays as it was."""
+    target = Path(output)
+    try:
+        mode: int | None = target.stat().st_mode & 0o777
+    except OSError:
+        mode = None
+    try:
+        with replacing(target, mode=mode) as fh:
+            return write(fh)
+    except OSError as exc:
+        raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
 
 
 def write_jsonl(records: Iterable[Record], out: IO[bytes]) -> int:

@@ -17,7 +17,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from imgbatch.checkpoint import Checkpoint
 from imgbatch.config import Settings, results_dir
-from imgbatch.errors import OutputError, UsageError
+from imgbatch.errors import UsageError
 from imgbatch.output import human_duration
 from imgbatch.records import FileRecord
 from imgbatch.results import ResultStore
@@ -197,12 +197,11 @@ def items(
         if (run is None or states[name][2] == run["id"])
         and (not status_filter or ("ok" if states[name][1] is None else "error") == status_filter)
     )
-    if after is not None or limit is not None:
+    if after is not None and limit is None:
+        raise ValueError("paging after a key needs a limit (it would sort every item)")
+    if limit is not None:
         later = (item for item in chosen if after is None or item[:2] > after)
-        if limit is None:
-            chosen = sorted(later, key=lambda item: item[:2])
-        else:
-            chosen = heapq.nsmallest(limit, later, key=lambda item: item[:2])
+        chosen = heapq.nsmallest(limit, later, key=lambda item: item[:2])
     for rel_dir, name, state in chosen:
         yield record(cp, root, last, rel_dir, name, state)
 
@@ -289,16 +288,7 @@ def export(
 
         if output is None:
             return write(out)
-        target = Path(output)
-        try:
-            mode: int | None = target.stat().st_mode & 0o777  # a file replaced keeps its mode
-        except OSError:
-            mode = None
-        try:
-            with exports.replacing(target, mode=mode) as fh:
-                return write(fh)
-        except OSError as exc:  # a full disk, an I/O error: the old file stays as it was
-            raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
+        return exports.write_output(output, write)
 
 
 def export_sidecars(

@@ -16,9 +16,10 @@ import os
 import stat
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
-from imgbatch.errors import OutputClosed, OutputError
+from imgbatch.errors import ImgbatchError, OutputClosed, OutputError
 
 log = logging.getLogger("imgbatch")
 
@@ -357,3 +358,12 @@ def setup_logging(verbose: bool = False, quiet: bool = False, fmt: str = "text")
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+
+
+def close_quietly(close: Callable[[], None]) -> None:
+    """`close()` while already failing: its own error is dropped, as the first one is
+    the one to report."""
+    try:
+        close()
+    except (OutputClosed, ImgbatchError, OSError):
+        pass

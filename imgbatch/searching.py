@@ -219,6 +219,8 @@ def rank_semantic(
     with vectors.VectorStore(folder) as store:
         known = store.rows(model.id, fp)
         matrix = store.matrix(model.id)
+        if matrix.shape[1] != len(query):
+            return []  # no vectors yet (or of another length: never this model's)
         ids: list[int] = []
         rows: list[int] = []
         sql = f"SELECT d.id, json_extract(d.state, '$[0]') FROM docs d WHERE {condition}"
@@ -227,8 +229,6 @@ def rank_semantic(
             if row is not None and row < len(matrix):  # never past what was written
                 ids.append(doc_id)
                 rows.append(row)
-        if matrix.shape[1] != len(query):
-            return []  # no vectors yet (or of another length: never this model's)
         best = vectors.top(matrix, np.asarray(rows, dtype=np.int64), vectors.unit(query)[0], limit)
     return [(ids[i], score) for i, score in best]
 

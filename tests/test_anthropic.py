@@ -268,9 +268,12 @@ def test_the_key_never_appears_in_output_logs_or_state(server: FakeAnthropic, ph
     assert "bad request from key ***" in res.stdout.decode()  # scrubbed, not dropped
     assert KEY.encode() not in res.stdout and KEY not in res.stderr
     state = Path(os.environ["XDG_CACHE_HOME"]) / "imgbatch"
+    read = 0
     for dirpath, _, files in os.walk(state):
         for name in files:
             assert KEY.encode() not in (Path(dirpath) / name).read_bytes()
+            read += 1
+    assert read > 0  # the state and results were there to read
 
 
 def test_auto_never_picks_anthropic(server: FakeAnthropic, photos: Path) -> None:

@@ -81,13 +81,16 @@ def test_the_same_root_against_another_server_is_analysed_afresh_there(
     assert answered(a) == 4 and answered(b) == 4
 
     # the identity is a hash: no URL of either server is kept in clear
+    read = 0
     for folder in (state, results):
         for path in folder.rglob("*"):
             if path.is_file():
+                read += 1
                 data = path.read_bytes()
                 for server in (a, b):
                     assert server.base_url.encode() not in data, path
                     assert server.url.removeprefix("http://").encode() not in data, path
+    assert read > 2  # a checkpoint and a results store were read
 
 
 def test_a_pool_of_endpoints_shares_one_identity_whatever_their_order(

@@ -121,7 +121,7 @@ def test_watch_catches_up_then_analyses_settled_changes(
     log = tmp_path / "calls.log"
     env = {"IMGBATCH_TEST_FAKE": json.dumps({"log": str(log)}), "IMGBATCH_RPM": "6000"}
     w = Watch(
-        [str(root), "--settle", "1", "--provider", "fake"],
+        [str(root), "--settle", "3", "--provider", "fake"],
         env,
         tmp_path / "stderr",
         "tests.fake_cli",

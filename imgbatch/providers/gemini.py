@@ -25,7 +25,7 @@ import math
 import re
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx2
 from google import genai
@@ -60,6 +60,8 @@ try:  # the SDK also uses plain httpx when it is installed
 except ImportError:  # pragma: no cover - depends on the environment
     _TIMEOUTS = (httpx2.TimeoutException,)
     _TRANSPORT = (httpx2.TransportError,)
+
+T = TypeVar("T")
 
 log = logging.getLogger("imgbatch")
 
@@ -253,11 +255,19 @@ class GeminiProvider:
         Failover (see `_classify`): the pipeline sends the request again, with a slot."""
         data, mime = encoded
         contents: list[Any] = [types.Part.from_bytes(data=data, mime_type=mime), self.prompt]
-        index = self.pool.pick()
-        try:
-            resp = self._client(index).models.generate_content(
+        resp = self._request(
+            lambda client: client.models.generate_content(
                 model=self._model, contents=contents, config=self._config()
             )
+        )
+        return self._parse(resp, len(data))
+
+    def _request(self, send: Callable[[genai.Client], T]) -> T:
+        """`send(client)` with the next key of the pool; its failures classified (an
+        API error by its status and body, a timeout, a network error)."""
+        index = self.pool.pick()
+        try:
+            return send(self._client(index))
         except genai_errors.APIError as exc:
             raise self._classify(exc, index) from None
         except _TIMEOUTS:
@@ -268,7 +278,6 @@ class GeminiProvider:
             raise ItemError(
                 ErrorCode.NETWORK_ERROR, f"network error: {type(exc).__name__}"
             ) from None
-        return self._parse(resp, len(data))
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         """Vectors of `texts` (in their order; at most 100) from one `batchEmbedContents`
@@ -278,21 +287,11 @@ class GeminiProvider:
         # the multimodal embedding models
         contents = [types.Content(parts=[types.Part(text=text)]) for text in texts]
         config = types.EmbedContentConfig(output_dimensionality=EMBEDDING_DIMS)
-        index = self.pool.pick()
-        try:
-            resp = self._client(index).models.embed_content(
+        resp = self._request(
+            lambda client: client.models.embed_content(
                 model=self._model, contents=contents, config=config
             )
-        except genai_errors.APIError as exc:
-            raise self._classify(exc, index) from None
-        except _TIMEOUTS:
-            raise ItemError(
-                ErrorCode.TIMEOUT, f"no answer within {self.settings.gemini_timeout:g}s"
-            ) from None
-        except _TRANSPORT as exc:
-            raise ItemError(
-                ErrorCode.NETWORK_ERROR, f"network error: {type(exc).__name__}"
-            ) from None
+        )
         vectors = [e.values for e in resp.embeddings or []]
         if len(vectors) != len(texts) or not all(vectors):
             raise ItemError(ErrorCode.AI_ERROR, "the server's embeddings do not match the texts")

@@ -448,19 +448,8 @@ class OpenAIProvider:
             raw = create(**self._request(ep, mode, data_url))
         except openai.APIStatusError as exc:
             raise self._status_error(exc, index, mode) from None
-        except openai.APITimeoutError as exc:
-            if isinstance(exc.__cause__, _UNREACHED):
-                raise self._unreachable(index, exc.__cause__) from None
-            raise self._transient(
-                index, ErrorCode.TIMEOUT, f"no answer within {self.timeout:g}s{self._at(ep)}"
-            ) from None
-        except openai.APIConnectionError as exc:
-            if isinstance(exc.__cause__, _UNREACHED):
-                raise self._unreachable(index, exc.__cause__) from None
-            cause = type(exc.__cause__ or exc).__name__
-            raise self._transient(
-                index, ErrorCode.NETWORK_ERROR, f"network error: {cause}{self._at(ep)}"
-            ) from None
+        except openai.APIConnectionError as exc:  # APITimeoutError is one too
+            raise self._transport_error(exc, index, ep) from None
         self._answered = True
         try:  # strictly: a NaN or Infinity anywhere makes an answer of no use
             body = loads_strict(raw.http_response.content)
@@ -476,6 +465,20 @@ class OpenAIProvider:
                 if mode != "json_schema":
                     log.info("%s: structured output as json_object for this run", ep.shown)
         return analysis
+
+    def _transport_error(self, exc: openai.APIConnectionError, index: int, ep: Any) -> Exception:
+        """A request that got no answer: a server that cannot be reached at all (the
+        run-level error once none is left), else a timeout or a network error of this
+        endpoint (retried, on the next endpoint)."""
+        if isinstance(exc.__cause__, _UNREACHED):
+            return self._unreachable(index, exc.__cause__)
+        if isinstance(exc, openai.APITimeoutError):
+            message = f"no answer within {self.timeout:g}s{self._at(ep)}"
+            return self._transient(index, ErrorCode.TIMEOUT, message)
+        cause = type(exc.__cause__ or exc).__name__
+        return self._transient(
+            index, ErrorCode.NETWORK_ERROR, f"network error: {cause}{self._at(ep)}"
+        )
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         """Vectors of `texts` (in their order) from `POST /embeddings` with the run's
@@ -495,19 +498,8 @@ class OpenAIProvider:
                 text = self.pool.scrub(" ".join(message.split())[:MAX_MESSAGE])
                 raise ItemError(ErrorCode.AI_ERROR, f"400: {text}", retryable=False) from None
             raise self._status_error(exc, index, ep.json_mode) from None
-        except openai.APITimeoutError as exc:
-            if isinstance(exc.__cause__, _UNREACHED):
-                raise self._unreachable(index, exc.__cause__) from None
-            raise self._transient(
-                index, ErrorCode.TIMEOUT, f"no answer within {self.timeout:g}s{self._at(ep)}"
-            ) from None
-        except openai.APIConnectionError as exc:
-            if isinstance(exc.__cause__, _UNREACHED):
-                raise self._unreachable(index, exc.__cause__) from None
-            cause = type(exc.__cause__ or exc).__name__
-            raise self._transient(
-                index, ErrorCode.NETWORK_ERROR, f"network error: {cause}{self._at(ep)}"
-            ) from None
+        except openai.APIConnectionError as exc:  # APITimeoutError is one too
+            raise self._transport_error(exc, index, ep) from None
         self._answered = True
         data = sorted(answer.data or [], key=lambda d: d.index)
         if len(data) != len(texts) or not all(isinstance(d.embedding, list) for d in data):

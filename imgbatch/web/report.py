@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from imgbatch.checkpoint import Checkpoint
-from imgbatch.errors import ContentChanged, ItemError, OutputError, UsageError
+from imgbatch.errors import ContentChanged, ItemError, UsageError
 from imgbatch.history import items, open_checkpoint, run_status
 from imgbatch.results import ResultStore
 from imgbatch.web import static
@@ -385,14 +385,5 @@ def write_report(
     if output is None:
         report.write(out)
         return report
-    target = Path(output)
-    try:
-        mode: int | None = target.stat().st_mode & 0o777  # a file replaced keeps its mode
-    except OSError:
-        mode = None
-    try:
-        with exports.replacing(target, mode=mode) as fh:
-            report.write(fh)
-    except OSError as exc:  # a full disk, a folder that is not there
-        raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
+    exports.write_output(output, report.write)
     return report
