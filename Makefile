@@ -19,7 +19,7 @@ install: $(BIN)/imgbatch ## create .venv and install imgbatch with its dev tools
 	@echo "imgbatch installed: run it as $(BIN)/imgbatch, or 'source $(BIN)/activate' first"
 
 test: $(BIN)/imgbatch ## run the test suite
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 lint: $(BIN)/imgbatch ## ruff, mypy and import-linter (the layers: pyproject.toml)
 	$(BIN)/ruff check imgbatch tests bench
