@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import shutil
+import time
 import sqlite3
 import stat
 import subprocess
@@ -87,8 +88,9 @@ def plant(
     with sqlite3.connect(db) as conn:
         if at:
             conn.execute(
-                "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count,"
-                " tag, size, mode, filename, value) VALUES (?, 1, 0, NULL, 0, 0, NULL, 0, 4,"
+                "INSERT OR REPLACE INTO Cache(key, raw, store_time, expire_time, access_time,"
+                " access_count, tag, size, mode, filename, value) VALUES (?, 1, 0, NULL, 0, 0,"
+                " NULL, 0, 4,"
                 " NULL, ?)",
                 (at, payload),
             )
@@ -114,6 +116,8 @@ def analysed(tmp_path: Path) -> Path:
     for i in range(3):
         make_image(root / f"{i}.png", (20 + i, 10))
     make_image(root / "sub" / "deep.png", (40, 10))
+    for image in root.rglob("*.png"):  # settled files: the hash cache keeps their entries
+        os.utime(image, (time.time() - 60, time.time() - 60))
     res = run_cli(["analyze", root])
     assert res.rc == 0, res.stderr
     return root
@@ -340,7 +344,7 @@ def test_a_planted_pickle_in_current_state_is_refused_never_run(
     assert res.rc == 5 and "damaged" in error_line(res) and str(state) in error_line(res)
     assert run_cli(["runs", analysed]).rc == 5
     # the hash cache and the results store: a miss (hashed, analysed again)
-    plant(state / "hashcache" / "cache.db", marker, at=b"d:sub")  # its files were racy
+    plant(state / "hashcache" / "cache.db", marker, at=b"d:sub")  # written, or replaced
     assert plant(cache_dir() / "results" / "cache.db", marker, b"r\0") == 4
     scanned = run_cli(["scan", analysed])
     assert scanned.rc == 0 and len(scanned.records) == 4
