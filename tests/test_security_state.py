@@ -10,11 +10,11 @@ import json
 import os
 import pickle
 import shutil
-import time
 import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
