@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from imgbatch import history, searchindex, statedb
+from imgbatch.checkpoint import Checkpoint
 from imgbatch.config import Settings
 from imgbatch.errors import CheckpointError, ErrorCode, FatalError, ItemError, UsageError
 from imgbatch.providers import base
@@ -201,40 +202,59 @@ def index(
         if run is None:
             raise UsageError(f"nothing was analysed into {state} yet: run `imgbatch analyze`")
         fp = run["fingerprint"]
-        texts: dict[str, str] = {}
-        for _, states in cp.iter_folders(fp):
-            for content, code, *_ in states.values():
-                if not content or code is not None or content in texts:
-                    continue
-                stored = cp.result(fp, content)
-                texts[content] = text_of(stored.get("result") if stored else None)
-    embed = Embedder(settings, provider, model, stop)
-    try:
-        with VectorStore(results, writable=True) as vectors:
-            have = vectors.rows(embed.model.id, fp)
-            todo = [(h, t) for h, t in texts.items() if t and h not in have]
-            done.known = sum(1 for h, t in texts.items() if t and h in have)
-            done.empty = sum(1 for t in texts.values() if not t)
-            remember(state, embed.model)
-            for i in range(0, len(todo), per_request):
-                batch = todo[i : i + per_request]
-                try:
-                    answer = embed([t for _, t in batch])
-                except ItemError as exc:
-                    done.failed += len(batch)
-                    log.warning("%s results not embedded: %s", len(batch), exc.message)
-                    continue
-                if len(answer) != len(batch):
-                    done.failed += len(batch)
-                    continue
-                hashes = [h for h, _ in batch]
-                done.embedded += vectors.add(embed.model.id, embed.model.spec(), fp, hashes, answer)
-                if progress is not None:
-                    progress(done.embedded, len(todo))
-            done.requests = embed.requests
-            return embed.model, done
-    finally:
-        embed.close()
+        embed = Embedder(settings, provider, model, stop)
+        try:
+            with VectorStore(results, writable=True) as vectors:
+                # the results to embed, by content hash; their texts are read a request's
+                # worth at a time, so memory follows the hashes, never the texts
+                todo = _to_embed(cp, fp, vectors.rows(embed.model.id, fp), done)
+                remember(state, embed.model)
+                for i in range(0, len(todo), per_request):
+                    hashes = todo[i : i + per_request]
+                    try:
+                        answer = embed([_text(cp, fp, h) for h in hashes])
+                    except ItemError as exc:
+                        done.failed += len(hashes)
+                        log.warning("%s results not embedded: %s", len(hashes), exc.message)
+                        continue
+                    if len(answer) != len(hashes):
+                        done.failed += len(hashes)
+                        continue
+                    done.embedded += vectors.add(
+                        embed.model.id, embed.model.spec(), fp, hashes, answer
+                    )
+                    if progress is not None:
+                        progress(done.embedded, len(todo))
+                done.requests = embed.requests
+                return embed.model, done
+        finally:
+            embed.close()
+
+
+def _text(cp: Checkpoint, fp: str, content: str) -> str:
+    """What is embedded of the stored result of `content`."""
+    stored = cp.result(fp, content)
+    return text_of(stored.get("result") if stored else None)
+
+
+def _to_embed(cp: Checkpoint, fp: str, have: dict[str, int], done: Indexed) -> list[str]:
+    """The content hashes of the stored results (each once) that have text and no vector
+    in `have`; those with a vector are counted in `done.known`, those without text in
+    `done.empty`. Texts are read one at a time and dropped (only hashes are kept)."""
+    todo: list[str] = []
+    seen: set[str] = set()
+    for _, states in cp.iter_folders(fp):
+        for content, code, *_ in states.values():
+            if not content or code is not None or content in seen:
+                continue
+            seen.add(content)
+            if content in have:  # embedded, so it had text
+                done.known += 1
+            elif _text(cp, fp, content):
+                todo.append(content)
+            else:
+                done.empty += 1
+    return todo
 
 
 def query_vector(state: Path, settings: Settings, text: str) -> tuple[Model, list[float]]:

@@ -272,14 +272,15 @@ def _sync(
     name: str,
     state: Any,
     old: tuple[int, str] | None,
-) -> None:
-    """Index one item's state unless `old` (its doc id and state indexed) says the same."""
+) -> int:
+    """Index one item's state unless `old` (its doc id and state indexed) says the same:
+    the id of its doc now."""
     text = json.dumps(list(state), separators=(",", ":"))
     if old is not None:
         if old[1] == text:
-            return
+            return old[0]
         _delete(con, [old[0]])
-    _insert(con, cp, fp, rel_dir, name, os.fsencode(rel_dir), os.fsencode(name), state, text)
+    return _insert(con, cp, fp, rel_dir, name, os.fsencode(rel_dir), os.fsencode(name), state, text)
 
 
 def _delete(con: sqlite3.Connection, ids: list[int]) -> None:
@@ -290,28 +291,31 @@ def _delete(con: sqlite3.Connection, ids: list[int]) -> None:
 
 
 def _diff(con: sqlite3.Connection, cp: Checkpoint, fp: str) -> None:
-    known: dict[tuple[bytes, bytes], tuple[int, str]] = {
-        (bytes(folder), bytes(name)): (doc_id, state)
-        for doc_id, folder, name, state in con.execute("SELECT id, folder, name, state FROM docs")
-    }
-    gone: list[int] = []
+    """Compare every item state with the one indexed, a folder at a time (a large
+    folder's items one at a time), so memory follows the largest folder, never the tree:
+    the ids of the docs still current go to a temporary table, the others are deleted."""
+    con.execute("CREATE TEMP TABLE IF NOT EXISTS seen(id INTEGER PRIMARY KEY)")
+    con.execute("DELETE FROM temp.seen")
     for rel_dir, states in cp.iter_folders(fp):
         folder = os.fsencode(rel_dir)
-        for name, state in states.items():
-            raw_name = os.fsencode(name)
-            text = json.dumps(list(state), separators=(",", ":"))
-            old = known.pop((folder, raw_name), None)
-            if old is not None:
-                if old[1] == text:
-                    continue
-                con.execute("DELETE FROM docs WHERE id = ?", (old[0],))
-                con.execute("DELETE FROM fts WHERE rowid = ?", (old[0],))
-            _insert(con, cp, fp, rel_dir, name, folder, raw_name, state, text)
-    gone.extend(doc_id for doc_id, _ in known.values())
-    for i in range(0, len(gone), 500):
-        ids = [(doc_id,) for doc_id in gone[i : i + 500]]
-        con.executemany("DELETE FROM docs WHERE id = ?", ids)
-        con.executemany("DELETE FROM fts WHERE rowid = ?", ids)
+        if len(states) == 1:  # a large folder's item, or a folder of one
+            (one,) = states
+            rows = con.execute(
+                "SELECT id, name, state FROM docs WHERE folder = ? AND name = ?",
+                (folder, os.fsencode(one)),
+            )
+        else:
+            rows = con.execute("SELECT id, name, state FROM docs WHERE folder = ?", (folder,))
+        known = {os.fsdecode(bytes(name)): (doc_id, state) for doc_id, name, state in rows}
+        current = [
+            (_sync(con, cp, fp, rel_dir, name, state, known.get(name)),)
+            for name, state in states.items()
+        ]
+        con.executemany("INSERT OR IGNORE INTO temp.seen VALUES (?)", current)
+    gone = "SELECT id FROM docs WHERE id NOT IN (SELECT id FROM temp.seen)"
+    con.execute(f"DELETE FROM fts WHERE rowid IN ({gone})")
+    con.execute(f"DELETE FROM docs WHERE id IN ({gone})")
+    con.execute("DELETE FROM temp.seen")
 
 
 def _insert(
@@ -324,7 +328,8 @@ def _insert(
     raw_name: bytes,
     state: Any,
     text: str,
-) -> None:
+) -> int:
+    """Index one item: the id of its new doc."""
     content, code, _, _, mtime_ns, message = state
     stored = cp.result(fp, content) if content and code is None else None
     result = stored.get("result") if stored else None
@@ -358,6 +363,7 @@ def _insert(
             " ".join(doc["colors"]),
         ),
     )
+    return int(cur.lastrowid or 0)
 
 
 def _joined(words: list[str]) -> str:
