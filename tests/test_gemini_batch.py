@@ -118,7 +118,7 @@ def test_items_in_a_pending_job_are_neither_resubmitted_nor_sent_live(
     live = run_cli(["analyze", "--provider", "gemini", photos], env=env_for(server))
     assert live.rc == 0, live.stderr
     assert live.records == []
-    assert "6 waiting in Gemini Batch API jobs" in live.stderr
+    assert "6 waiting in Batch API jobs" in live.stderr
     assert [r.route for r in server.requests].count("generate") == 0
     assert max(submitted(server).values()) == 1
 

@@ -1,17 +1,22 @@
-"""The Gemini Batch API mode of `analyze` (`--batch`): half the price, results within a day.
+"""The Batch API mode of `analyze` (`--batch`): half the price, results within a day, through
+the provider's Batch API (gemini, openai, anthropic: a `providers.batchapi.BatchClient`).
 
 Each run of the same command does, in order:
 
 1. collect: poll every job the checkpoint holds. A job that SUCCEEDED has its results
    downloaded, and each line written and committed as a live run's are (the Recorder),
-   with ``"batch": true``; a job that FAILED, EXPIRED or was CANCELLED (or that its own
-   key's project no longer knows) is forgotten, so its items are planned again in step 3;
-   a job whose results file cannot be downloaded yet (404) is polled again later.
+   with ``"batch": true``; a job that EXPIRED or was CANCELLED with partial results (what
+   it finished: OpenAI's output file, Anthropic's succeeded lines) has those collected
+   the same way, and the rest, unrecorded, is planned again in step 3; a job that FAILED,
+   EXPIRED or was CANCELLED without results (or that its own key's project no longer
+   knows) is forgotten, so all its items are planned again in step 3; a job whose results
+   file cannot be downloaded yet (404) is polled again later.
 2. resume the submissions that a crash or a 429 left between their intent and their job.
 3. submit: the scan and the plan are a live run's (Planner: unchanged, stored and
    duplicate items cost nothing, items in a pending job wait); what needs work is decoded
    and encoded here (threads) and written as request lines to a file in the state folder.
-   A file, once full (`batch_max_requests`, MAX_FILE_BYTES) or at the end of the scan,
+   A file, once full (`batch_max_requests` and the client's `max_requests`, its
+   `max_file_bytes`) or at the end of the scan,
    becomes one job: its intent recorded, the file uploaded, the job created. A run
    submits only up to `batch_max_pending` requests in jobs not yet collected; a 429 (or
    any transient failure) on upload or create leaves the rest for the next run.
@@ -22,16 +27,18 @@ Crash safety. Creating a job is not idempotent, so a submission is recorded in t
 checkpoint before anything of it is sent: its display name (unique to it: the job's id
 here), the items it carries by request key, and its contents as batched, which keeps them
 from being submitted again or sent live (see Checkpoint.batched). The record is marked
-`tried` before `create`; a submission found `tried` is looked up by its display name
-(`batches.list`) before it is created again. A request file is written as ``.part``,
+`tried` before `create`; a submission found `tried` is looked up (`client.find`: Gemini by
+display name, OpenAI by metadata, Anthropic by creation time and size) before it is
+created again. A server without a Batch API is found out (`client.check`) before any
+intent is recorded. A request file is written as ``.part``,
 synced, then renamed before its intent is recorded: a file that no record names is a
 leftover, deleted at the next start. Collection is at-least-once, like a live run: lines,
 then commits, then the job is forgotten; a run killed in between writes again only the
 lines not committed yet.
 
 Never paid twice across keys. A job (and its input file) belongs to the project of the key
-that made it, recorded with the job as its identity (`gemini_batch.key_id`: key and
-endpoint, hashed). Only that key is asked about it: while it is not configured, the job
+that made it, recorded with the job as its identity (a key id: key and endpoint, hashed,
+e.g. `gemini_batch.key_id`). Only that key is asked about it: while it is not configured, the job
 stays pending with a warning naming it (and `imgbatch prune --forget-batch JOB`, for a
 key gone for good); it is forgotten only when its own key says it is gone. A submission
 uploaded with a key is looked up, created (and uploaded again, once its file expired)
@@ -48,7 +55,7 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from imgbatch.errors import ConfigError, ImgbatchError
+from imgbatch.errors import ImgbatchError
 from imgbatch.pipeline.batch_collect import Collector
 from imgbatch.pipeline.batch_job import BATCH_DIR, BatchJobs
 from imgbatch.pipeline.batch_submit import Submitter
@@ -57,7 +64,7 @@ from imgbatch.pipeline.recorder import RunSummary
 from imgbatch.pipeline.stages import RunContext, RunStages
 
 if TYPE_CHECKING:
-    from imgbatch.providers.gemini_batch import GeminiBatch
+    from imgbatch.providers.batchapi import BatchClient
 
 __all__ = ["BATCH_DIR", "BatchRun"]
 
@@ -68,33 +75,32 @@ class BatchRun(RunStages):
     """One `analyze --batch` run over ROOT. Library API: build it, call `run()`.
 
     Args:
-        ctx: as for `Pipeline` (the checkpoint locked by the caller; its provider the
-            gemini one: its requests, keys and answers; its limiter not used, the Batch
-            API paces its jobs itself).
+        ctx: as for `Pipeline` (the checkpoint locked by the caller; its provider one with
+            a Batch API (`batchapi.batch_client`): its requests, keys and answers; its limiter
+            not used, the Batch API paces its jobs itself).
         max_file_bytes: a request file stays under this size.
     """
 
     def __init__(self, ctx: RunContext, max_file_bytes: int | None = None) -> None:
-        from imgbatch.providers.gemini import GeminiProvider
-        from imgbatch.providers.gemini_batch import MAX_FILE_BYTES, GeminiBatch
+        from imgbatch.providers.batchapi import batch_client
 
         provider, settings = ctx.provider, ctx.settings
-        if not isinstance(provider, GeminiProvider):
-            raise ConfigError(f"--batch needs the gemini provider, not {provider.name}")
+        client = batch_client(provider)  # ConfigError: a provider without a Batch API
+        client.check()  # no Batch API at this endpoint: stop before anything is recorded
         if settings.executor != "local":
             log.info(
                 "--batch prepares its requests here: --executor %s is not used", settings.executor
             )
         # collected results cost nothing to collect again: committed in groups
         super().__init__(ctx, record_run=True, remote=False)
-        self.client: GeminiBatch = GeminiBatch(provider)
+        self.client: BatchClient = client
         self.batch: Counter[str] = Counter(submitted=0, jobs=0, pending=0, collected=0, deferred=0)
         self.summary.batch = self.batch
         self.folder = ctx.checkpoint.directory / BATCH_DIR
         self.jobs = BatchJobs(ctx.checkpoint, self.client, self.folder)
         self.collector = Collector(self, self.client, self.jobs, self.batch)
         self.submitter = Submitter(
-            self, self.client, self.jobs, self.batch, max_file_bytes or MAX_FILE_BYTES
+            self, self.client, self.jobs, self.batch, max_file_bytes or client.max_file_bytes
         )
         self._fatal: ImgbatchError | None = None
 

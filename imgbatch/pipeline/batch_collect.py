@@ -1,5 +1,6 @@
 """Collect for `analyze --batch`: poll the jobs the checkpoint holds, write and commit the
-lines of those that SUCCEEDED, forget those that ended otherwise (see `batch`)."""
+lines of those that SUCCEEDED (or ended with partial results), forget those that ended
+otherwise (see `batch`)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from imgbatch.pipeline.stages import RunStages
 from imgbatch.records import FileRecord
 
 if TYPE_CHECKING:
-    from imgbatch.providers.gemini_batch import GeminiBatch, JobStatus
+    from imgbatch.providers.batchapi import BatchClient, JobStatus
 
 log = logging.getLogger("imgbatch")
 
@@ -37,7 +38,7 @@ class Collector:
     """
 
     def __init__(
-        self, run: RunStages, client: GeminiBatch, jobs: BatchJobs, counts: Counter[str]
+        self, run: RunStages, client: BatchClient, jobs: BatchJobs, counts: Counter[str]
     ) -> None:
         self.run = run
         self.client = client
@@ -45,9 +46,9 @@ class Collector:
         self.counts = counts
 
     def collect_ended(self) -> None:
-        """Poll every created job; collect those that SUCCEEDED, forget those that ended
-        otherwise."""
-        from imgbatch.providers.gemini_batch import KeyGone, NotFound, Unavailable
+        """Poll every created job; collect those that SUCCEEDED or ended with partial
+        results, forget those that ended otherwise."""
+        from imgbatch.providers.batchapi import KeyGone, NotFound, Unavailable
 
         for job in self.jobs.all():
             if self.run.stop.is_set():
@@ -76,7 +77,7 @@ class Collector:
             if (status.state, status.counts) != (job.state, job.counts):
                 job.state, job.counts, job.polled = status.state, status.counts, time.time()
                 self.jobs.save(job)
-            if status.state == "SUCCEEDED":
+            if status.collectable:
                 self._collect(job, status)
             elif status.ended:
                 log.warning(
@@ -111,20 +112,19 @@ class Collector:
             interval = min(interval * 1.5, 10 * first)
 
     def _collect(self, job: BatchJob, status: JobStatus) -> None:
-        """Download a job's results; write and commit one line per item; forget the job."""
-        from imgbatch.providers.gemini_batch import NotFound, Unavailable
+        """Download a job's results; write and commit one line per item (an ended job's
+        partial results: per item answered; the rest is planned again); forget the job."""
+        from imgbatch.providers.batchapi import NotDone, NotFound, Unavailable
 
         run, key_id = self.run, cast(str, job.key)  # recorded at its upload
         results = self.jobs.folder / f"{job.id}.results.jsonl"
         try:
-            if not status.results_file:
-                raise NotFound("no results file named yet")
-            self.client.download(status.results_file, key_id, results)
+            self.client.fetch_results(status, key_id, results)
         except NotFound:
             log.info(
-                "batch job %s SUCCEEDED, but its results cannot be downloaded yet; polled "
-                "again later",
+                "batch job %s %s, but its results cannot be downloaded yet; polled again later",
                 job.name,
+                status.state,
             )
             return
         except Unavailable as exc:
@@ -143,14 +143,21 @@ class Collector:
                 except ValueError:
                     log.debug("a results line of %s is not JSON", job.name)
                     continue
-                key = line.get("key") if isinstance(line, dict) else None
-                if not isinstance(key, str) or key not in keys or key in seen:
+                key = self.client.line_key(line) if isinstance(line, dict) else None
+                if key is None or key not in keys or key in seen:
                     continue  # not ours, or twice: the first answer counts
+                try:
+                    outcome = self._outcome(line)
+                except NotDone:  # never run (expired, cancelled): submitted again
+                    continue
                 entry = keys[key]
                 seen.add(key)
-                self._collected(job, entry, self._outcome(line), own, foreign)
+                self._collected(job, entry, outcome, own, foreign)
+        unfinished = 0
         for key, entry in keys.items():
-            if key not in seen:  # transient: the next submission sends it again
+            if key not in seen and status.state != "SUCCEEDED":
+                unfinished += 1  # what an expired or cancelled job did not do: no record
+            elif key not in seen:  # transient: the next submission sends it again
                 missing = Outcome.failed(
                     ErrorCode.AI_ERROR,
                     f"missing from the results of batch job {job.name}",
@@ -163,10 +170,19 @@ class Collector:
         run.recorder.commit_written(force=True)
         run.checkpoint.end_batch_job(job.id)
         results.unlink(missing_ok=True)
-        for name in (job.file, status.results_file):  # Files API storage is capped
+        for name in (job.file, status.results_file, status.error_file):  # storage is capped
             if name:
                 self.client.delete_file(name, key_id)
-        log.info("collected batch job %s: %s items", job.name, f"{len(keys):,}")
+        if unfinished:
+            log.warning(
+                "batch job %s ended %s: collected %s items; its %s others are submitted again",
+                job.name,
+                status.state,
+                f"{len(keys) - unfinished:,}",
+                f"{unfinished:,}",
+            )
+        else:
+            log.info("collected batch job %s: %s items", job.name, f"{len(keys):,}")
 
     def _outcome(self, line: dict[str, Any]) -> Outcome:
         """One results line as its item's outcome."""

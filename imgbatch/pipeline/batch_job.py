@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 from imgbatch.checkpoint import BatchEntry, Checkpoint
 
 if TYPE_CHECKING:
-    from imgbatch.providers.gemini_batch import GeminiBatch
+    from imgbatch.providers.batchapi import BatchClient
 
 log = logging.getLogger("imgbatch")
 
@@ -37,10 +37,10 @@ class BatchJob:
     requests: int
     bytes: int
     path: str  # in the state folder's batch/, until the job exists
-    file: str | None = None  # the Files API name, once uploaded
+    file: str | None = None  # the Files API name, once uploaded (Anthropic: the local file)
     key: str | None = None  # the id of the key whose project holds file and job
     tried: bool = False  # create was called (maybe): look it up before again
-    name: str | None = None  # batches/..., once created
+    name: str | None = None  # the server's job id (batches/..., batch_...), once created
     state: str = "INTENT"
     counts: dict[str, Any] = field(default_factory=dict)
     polled: float | None = None
@@ -76,7 +76,7 @@ class BatchJobs:
         folder: the state folder's `batch/` (request files, downloads).
     """
 
-    def __init__(self, checkpoint: Checkpoint, client: GeminiBatch, folder: Path) -> None:
+    def __init__(self, checkpoint: Checkpoint, client: BatchClient, folder: Path) -> None:
         self.checkpoint = checkpoint
         self.client = client
         self.folder = folder
@@ -112,7 +112,7 @@ class BatchJobs:
     def unreachable(self, job: BatchJob) -> None:
         """A job (or a submission that may have become one) whose key is not configured:
         it stays pending, said once a run. Asking with another key would get a 404 from
-        another project, while Google may still run and bill the job."""
+        another project, while the provider may still run and bill the job."""
         if job.id in self._unreachable_warned:
             return
         self._unreachable_warned.add(job.id)

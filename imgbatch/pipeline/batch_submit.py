@@ -23,7 +23,7 @@ from imgbatch.pipeline.stages import RunStages
 from imgbatch.statedb import open_private as private
 
 if TYPE_CHECKING:
-    from imgbatch.providers.gemini_batch import GeminiBatch
+    from imgbatch.providers.batchapi import BatchClient
 
 log = logging.getLogger("imgbatch")
 
@@ -55,7 +55,7 @@ class Submitter:
     def __init__(
         self,
         run: RunStages,
-        client: GeminiBatch,
+        client: BatchClient,
         jobs: BatchJobs,
         counts: Counter[str],
         max_file_bytes: int,
@@ -145,7 +145,8 @@ class Submitter:
             raise CancelledError
         assert item.rec.hash is not None
         try:
-            image = prepare(item.rec.path, run.settings.max_side, expect_hash=item.rec.hash)
+            s = run.settings
+            image = prepare(item.rec.path, s.max_side, item.rec.hash, s.storage_option)
             return self.client.request_line(item.rec.hash, run.provider.encode(image))
         except Exception as exc:  # the item's failure, or a decoder bug: not the run's
             return item_failure(item, exc, "preparing")
@@ -168,7 +169,7 @@ class Submitter:
         """Add a request line to the request file, first sealing a full one."""
         o = self._open
         if o is not None and (
-            len(o.keys) >= self.run.settings.batch_max_requests
+            len(o.keys) >= min(self.run.settings.batch_max_requests, self.client.max_requests)
             or o.size + len(line) > self.max_file_bytes
         ):
             self._seal(send=self._halted is None)
@@ -215,7 +216,7 @@ class Submitter:
     def _send(self, job: BatchJob, retried: bool = False) -> None:
         """Upload a recorded submission's file (unless done) and create its job (unless
         a killed run did: looked up by name first)."""
-        from imgbatch.providers.gemini_batch import KeyGone, NotFound, Unavailable
+        from imgbatch.providers.batchapi import KeyGone, NotFound, Unavailable
 
         try:
             fresh = job.file is None
@@ -235,7 +236,12 @@ class Submitter:
                 self.jobs.save(job)
             # from here on, file and key are recorded: uploaded with that key
             file, key = cast(str, job.file), cast(str, job.key)
-            found = self.client.find(job.id, key) if job.tried else None
+            found = None
+            if job.tried:  # a killed run may have created it: never create it twice
+                owned = frozenset(j.name for j in self.jobs.all() if j.name and j.id != job.id)
+                found = self.client.find(
+                    job.id, key, since=job.submitted, requests=job.requests, owned=owned, file=file
+                )
             if found is None:
                 job.tried = True
                 self.jobs.save(job)  # from here, a crash is found by name

@@ -35,7 +35,6 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,8 +44,20 @@ from google.genai import types
 
 from imgbatch.errors import ErrorCode, ImgbatchError, ItemError
 from imgbatch.providers.base import Analysis, Failover
+from imgbatch.providers.batchapi import ENDED, JobStatus, KeyGone, NotFound, Unavailable  # shared
 from imgbatch.providers.gemini import _TIMEOUTS, _TRANSPORT, GeminiProvider
 from imgbatch.providers.prompt import DEFAULT_SCHEMA
+
+__all__ = [
+    "ENDED",
+    "MAX_FILE_BYTES",
+    "GeminiBatch",
+    "JobStatus",
+    "KeyGone",
+    "NotFound",
+    "Unavailable",
+    "key_id",
+]
 
 log = logging.getLogger("imgbatch")
 
@@ -55,8 +66,6 @@ T = TypeVar("T")
 #: a request file stays under this size (Google takes input files up to 2 GB)
 MAX_FILE_BYTES = 100 * 1024 * 1024
 MIME_TYPE = "application/jsonl"  # Python's mimetypes has no .jsonl
-#: job states (the API's BATCH_STATE_* without the prefix) after which nothing changes
-ENDED = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED"})
 #: gRPC codes a results line may carry instead of an HTTP status, by name
 _GRPC = {
     1: "CANCELLED",
@@ -80,70 +89,36 @@ _MEDIA = {
 }
 
 
-class NotFound(Exception):
-    """The server does not know this job or file (or not yet: a results file)."""
-
-
-class KeyGone(Exception):
-    """The key a job or file was made with is not configured (at this endpoint) in this
-    run: only that key's project can say anything about it."""
-
-
-class Unavailable(Exception):
-    """Not now: a 429, a 5xx, a timeout or a network error. `rate_limited`: a 429;
-    `failover`: the key's own trouble (rejected, or cooling down while another is ready)."""
-
-    def __init__(self, message: str, rate_limited: bool = False, failover: bool = False) -> None:
-        super().__init__(message)
-        self.rate_limited = rate_limited
-        self.failover = failover
-
-
-@dataclass
-class JobStatus:
-    """A job as the server describes it (read from its raw JSON)."""
-
-    name: str
-    display_name: str
-    state: str  # PENDING | RUNNING | SUCCEEDED | FAILED | CANCELLED | EXPIRED
-    results_file: str | None = None
-    counts: dict[str, int] = field(default_factory=dict)  # requests, pending, succeeded, failed
-    error: str | None = None  # a FAILED job's reason
-
-    @property
-    def ended(self) -> bool:
-        return self.state in ENDED
-
-    @classmethod
-    def from_json(cls, op: dict[str, Any]) -> JobStatus:
-        meta = op.get("metadata") if isinstance(op.get("metadata"), dict) else {}
-        assert isinstance(meta, dict)
-        state = str(meta.get("state") or "PENDING")
-        state = state.removeprefix("BATCH_STATE_").removeprefix("JOB_STATE_")
-        output = meta.get("output") or op.get("response") or {}
-        results = output.get("responsesFile") if isinstance(output, dict) else None
-        stats = meta.get("batchStats") if isinstance(meta.get("batchStats"), dict) else {}
-        assert isinstance(stats, dict)
-        counts = {}
-        for ours, theirs in (
-            ("requests", "requestCount"),
-            ("pending", "pendingRequestCount"),
-            ("succeeded", "successfulRequestCount"),
-            ("failed", "failedRequestCount"),
-        ):
-            try:  # counts come as strings (int64 in JSON)
-                counts[ours] = int(stats.get(theirs) or 0)
-            except (TypeError, ValueError):
-                counts[ours] = 0
-        error = op.get("error")
-        return cls(
-            name=str(op.get("name") or meta.get("name") or ""),
-            display_name=str(meta.get("displayName") or ""),
-            state=state,
-            results_file=str(results) if results else None,
-            counts=counts,
-            error=str(error.get("message") or error) if isinstance(error, dict) else None,
-        )
+def _job_status(op: dict[str, Any]) -> JobStatus:
+    """A job as its raw JSON (an operation) describes it."""
+    meta = op.get("metadata") if isinstance(op.get("metadata"), dict) else {}
+    assert isinstance(meta, dict)
+    state = str(meta.get("state") or "PENDING")
+    state = state.removeprefix("BATCH_STATE_").removeprefix("JOB_STATE_")
+    output = meta.get("output") or op.get("response") or {}
+    results = output.get("responsesFile") if isinstance(output, dict) else None
+    stats = meta.get("batchStats") if isinstance(meta.get("batchStats"), dict) else {}
+    assert isinstance(stats, dict)
+    counts = {}
+    for ours, theirs in (
+        ("requests", "requestCount"),
+        ("pending", "pendingRequestCount"),
+        ("succeeded", "successfulRequestCount"),
+        ("failed", "failedRequestCount"),
+    ):
+        try:  # counts come as strings (int64 in JSON)
+            counts[ours] = int(stats.get(theirs) or 0)
+        except (TypeError, ValueError):
+            counts[ours] = 0
+    error = op.get("error")
+    return JobStatus(
+        name=str(op.get("name") or meta.get("name") or ""),
+        display_name=str(meta.get("displayName") or ""),
+        state=state,
+        results_file=str(results) if results else None,
+        counts=counts,
+        error=str(error.get("message") or error) if isinstance(error, dict) else None,
+    )
 
 
 #: where requests go when no base URL is set (part of a key's identity, see `key_id`)
@@ -164,7 +139,11 @@ def _legacy_key_id(key: str) -> str:
 
 
 class GeminiBatch:
-    """The Batch API with the keys, requests and answers of a `GeminiProvider`."""
+    """The Batch API with the keys, requests and answers of a `GeminiProvider` (a
+    `batchapi.BatchClient`)."""
+
+    max_file_bytes = MAX_FILE_BYTES
+    max_requests = 10**9  # no limit of its own: `batch_max_requests` and the file size
 
     def __init__(self, provider: GeminiProvider) -> None:
         self.provider = provider
@@ -179,6 +158,9 @@ class GeminiBatch:
             # jobs recorded before: their ids name the key alone (the endpoint unknown)
             self._indexes.setdefault(_legacy_key_id(key), index)
             index += 1
+
+    def check(self) -> None:
+        """Every Gemini endpoint has the Batch API: nothing to check."""
 
     def holds(self, key: str | None) -> bool:
         """Whether the key named `key` (see `key_id`) is configured in this run."""
@@ -216,6 +198,11 @@ class GeminiBatch:
         return json.dumps(line, separators=(",", ":")).encode() + b"\n"
 
     # -- answers -------------------------------------------------------------------
+
+    def line_key(self, line: dict[str, Any]) -> str | None:
+        """The request key a results line answers (its `key`)."""
+        key = line.get("key")
+        return key if isinstance(key, str) else None
 
     def answer(self, line: dict[str, Any]) -> Analysis:
         """The analysis in one results line; ItemError for an error line (classified as
@@ -269,7 +256,16 @@ class GeminiBatch:
 
         return self._call("creating the batch job", self._index(key), create, not_found=True)
 
-    def find(self, display_name: str, key: str) -> JobStatus | None:
+    def find(
+        self,
+        display_name: str,
+        key: str,
+        *,
+        since: float = 0.0,
+        requests: int = 0,
+        owned: frozenset[str] = frozenset(),
+        file: str | None = None,
+    ) -> JobStatus | None:
         """The job created under `display_name` (listed by the project of key `key`), or
         None: how a submission killed around its `create` learns whether it happened."""
         token = ""
@@ -277,7 +273,7 @@ class GeminiBatch:
             page = self._raw("listing batch jobs", key, "get", f"batches?pageSize=100{token}")
             for op in page.get("operations") or []:
                 if isinstance(op, dict):
-                    status = JobStatus.from_json(op)
+                    status = _job_status(op)
                     if status.display_name == display_name:
                         return status
             nxt = page.get("nextPageToken")
@@ -287,7 +283,13 @@ class GeminiBatch:
 
     def status(self, name: str, key: str) -> JobStatus:
         """Poll one job (raw JSON: see the module docstring)."""
-        return JobStatus.from_json(self._raw("polling the batch job", key, "get", name))
+        return _job_status(self._raw("polling the batch job", key, "get", name))
+
+    def fetch_results(self, status: JobStatus, key: str, destination: Path) -> None:
+        """A SUCCEEDED job's results file to `destination` (see `download`)."""
+        if not status.results_file:
+            raise NotFound("no results file named yet")
+        self.download(status.results_file, key, destination)
 
     def download(self, file_name: str, key: str, destination: Path) -> None:
         """Stream a results file to `destination`; NotFound while it cannot be
