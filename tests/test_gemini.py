@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from imgbatch.providers.gemini import image_tokens
+from imgbatch.providers.prompt import DEFAULT_PROMPT
 from tests.conftest import CliResult, make_image, run_cli, the_state_folder
 from tests.fakegemini import FakeGemini
 
@@ -337,13 +338,16 @@ def test_dry_run_sends_nothing_and_estimates_tokens(server: FakeGemini, photos: 
     assert res.rc == 0, res.stderr
     assert server.requests == []
     assert [r["status"] for r in res.records] == ["would-send"] * 6
-    assert all(r["estimated_tokens"] == 258 for r in res.records)  # 768x576: one tile
-    assert "6 images would be sent" in res.stderr and "1,548 input tokens" in res.stderr
+    # 768x576: one tile, plus the prompt's tokens (4 characters a token; issue 23.3)
+    prompt = len(DEFAULT_PROMPT) // 4
+    assert all(r["estimated_tokens"] == 258 + prompt for r in res.records)
+    assert "6 images would be sent" in res.stderr
+    assert f"{6 * (258 + prompt):,} input tokens" in res.stderr
     assert (
         analyze(server, photos, "--dry-run", "--media-resolution", "low").records[0][
             "estimated_tokens"
         ]
-        == 64
+        == 64 + prompt
     )
     assert len(analyze(server, photos).records) == 6  # the dry run recorded nothing
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from imgbatch.providers.openai import image_tokens
+from imgbatch.providers.prompt import DEFAULT_PROMPT
 from tests.conftest import make_image, run_cli
 from tests.fakeopenai import FakeOpenAI
 
@@ -43,12 +44,14 @@ def dry_run(server: FakeOpenAI, root: Path, *args: str) -> list[int]:
 
 
 def test_openai_dry_run_estimates_openais_image_tokens(server: FakeOpenAI, photos: Path) -> None:
-    # 768x576 at high (or unsent) detail: 2 x 2 tiles of 512 px, 170 each, plus 85;
-    # Gemini's rule, used before for every provider, said 258 (one 768 px tile)
+    # GPT-4o, 768x576 at high (or unsent) detail: 2 x 2 tiles of 512 px, 170 each, plus
+    # 85; Gemini's rule, used before for every provider, said 258 (one 768 px tile). Each
+    # line adds the prompt's tokens (issue 23.3; the default model's rule: test_costs.py)
     assert image_tokens(768, 576, "") == 85 + 170 * 4
-    assert dry_run(server, photos) == [765] * 3
-    assert dry_run(server, photos, "--detail", "high") == [765] * 3
-    assert dry_run(server, photos, "--detail", "low") == [85] * 3
+    gpt4o, prompt = ("--model", "gpt-4o"), len(DEFAULT_PROMPT) // 4
+    assert dry_run(server, photos, *gpt4o) == [765 + prompt] * 3
+    assert dry_run(server, photos, *gpt4o, "--detail", "high") == [765 + prompt] * 3
+    assert dry_run(server, photos, *gpt4o, "--detail", "low") == [85 + prompt] * 3
 
 
 def test_openai_rule_fits_2048_then_the_short_side_to_768() -> None:
