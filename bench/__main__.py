@@ -13,7 +13,8 @@ from bench.common import IMGBATCH, Table, child_env, generation_seconds, log
 
 # each has BENCHMARKS: {name: function(table, quick)}
 MODULES = ["scan", "analyze", "gemini", "gemini_batch", "openai", "dask", "dupes", "search"]
-MODULES += ["ocr", "semantic"]
+MODULES += ["ocr", "semantic", "s3"]
+MODULES += ["batch_openai"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,19 +47,21 @@ PathArg = str | os.PathLike[str]
 ProgressCallback = Callable[[int, int | None, int], object]
 
 _SETTINGS = frozenset(f.name for f in dataclasses.fields(Settings))
-#: what a scan reads: the [scan] settings, and where ROOT's hash cache lives
+#: what a scan reads: the [scan] settings, where ROOT's hash cache lives, and a bucket's
+#: storage options (and a list's downloads: `from_list`)
 _SCAN_OPTIONS = frozenset(
-    f.name for f in dataclasses.fields(Settings) if f.metadata["section"] == "scan"
-) | {"checkpoint"}
+    f.name for f in dataclasses.fields(Settings) if f.metadata["section"] in ("scan", "download")
+) | {"checkpoint", "storage_option", "max_attempts", "retry_delay"}
 
 
 # -- scan --------------------------------------------------------------------------
 
 
 def scan_batches(
-    root: PathArg,
+    root: PathArg | None = None,
     batch_size: int | None = None,
     *,
+    from_list: PathArg | None = None,
     config: PathArg | None = None,
     **options: Any,
 ) -> Iterator[list[dict[str, Any]]]:
@@ -70,13 +72,15 @@ def scan_batches(
     is; hashes are looked up in and stored to ROOT's hash cache, as the command does.
 
     Args:
-        root: the folder to walk.
+        root: the folder to walk, or a bucket URL (`s3://bucket/prefix/`, `gs://...`).
         batch_size: records per list (the last one may be shorter); default: the
             `batch_size` setting (100).
+        from_list: instead of ROOT, a list of paths and URLs (`scan --from-list`: a
+            file, or `-` for stdin), its items in its order, with `meta` of JSON Lines.
         config: a config file to read instead of `$XDG_CONFIG_HOME/imgbatch/config.toml`.
         **options: scan settings by name: `all_files`, `include_hidden`,
             `follow_symlinks`, `exclude`, `hash`, `hash_threads`, `hash_cache`,
-            `checkpoint`.
+            `checkpoint`, `storage_option` (KEY=VALUE pairs for a bucket ROOT).
 
     Returns:
         An iterator of lists of dicts `{path, hash, size, extension, mtime, status}`
@@ -91,17 +95,21 @@ def scan_batches(
     if batch_size is not None:
         options["batch_size"] = batch_size
     settings = _settings("scan_batches", config, options, _SCAN_OPTIONS)
-    records = _scanned(check_root(os.fspath(root)), settings)
-    return _batches(records, settings.batch_size)
+    return _batches(_records(root, from_list, settings), settings.batch_size)
 
 
 def scan(
-    root: PathArg, *, config: PathArg | None = None, **options: Any
+    root: PathArg | None = None,
+    *,
+    from_list: PathArg | None = None,
+    config: PathArg | None = None,
+    **options: Any,
 ) -> Iterator[dict[str, Any]]:
     """The files under ROOT one record at a time, lazily, as `imgbatch scan` prints them.
 
     Args:
         root: the folder to walk.
+        from_list: instead of ROOT, a list of paths and URLs, as for `scan_batches`.
         config: a config file to read instead of `$XDG_CONFIG_HOME/imgbatch/config.toml`.
         **options: scan settings by name, as for `scan_batches`.
 
@@ -113,7 +121,33 @@ def scan(
         UsageError: ROOT is missing or not a folder; ConfigError for an invalid setting.
     """
     settings = _settings("scan", config, options, _SCAN_OPTIONS)
-    return _fields(_scanned(check_root(os.fspath(root)), settings))
+    return _fields(_records(root, from_list, settings))
+
+
+def _source(root: PathArg | None, from_list: PathArg | None) -> tuple[str, bool]:
+    """What a call reads: ROOT (checked), or the list `from_list` (then True)."""
+    if (root is None) == (from_list is None):
+        raise UsageError("give root or from_list (one of the two)")
+    if from_list is not None:
+        return os.fspath(from_list), True
+    assert root is not None
+    return check_root(os.fspath(root)), False
+
+
+def _records(
+    root: PathArg | None, from_list: PathArg | None, settings: Settings
+) -> Generator[FileRecord, None, None]:
+    """The records of a scan of ROOT or of a list."""
+    source, listed = _source(root, from_list)
+    return _listed(source, settings) if listed else _scanned(source, settings)
+
+
+def _listed(source: str, settings: Settings) -> Generator[FileRecord, None, None]:
+    """A list's records, as `scan --from-list` has them."""
+    from imgbatch.listfile import scanning
+
+    with scanning(source, settings) as items:
+        yield from items
 
 
 def _scanned(root: str, settings: Settings) -> Generator[FileRecord, None, None]:
@@ -155,10 +189,11 @@ def _batches(
 
 
 def analyze(
-    root: PathArg,
+    root: PathArg | None = None,
     provider: str | None = None,
     on_progress: ProgressCallback | None = None,
     *,
+    from_list: PathArg | None = None,
     config: PathArg | None = None,
     **options: Any,
 ) -> Records:
@@ -190,6 +225,8 @@ def analyze(
             the thread that iterates, before the next record is returned: items done
             and failed so far in this run, and the items it will do (None until the
             count beside the work has ended, or `limit` when that is smaller).
+        from_list: instead of ROOT, a list of paths and URLs (`analyze --from-list`:
+            a file, or `-` for stdin with the `checkpoint` option); local threads only.
         config: a config file to read instead of `$XDG_CONFIG_HOME/imgbatch/config.toml`.
         **options: any setting by name (`workers`, `rpm`, `max_side`, `gemini_model`,
             `exclude`, `checkpoint`, ...); the run options of the command's flags
@@ -229,7 +266,8 @@ def analyze(
     # close(): in-flight items finishing after the caller left could not be yielded, so no
     # grace; stop(grace) gives its own
     settings = load_settings(config, {"provider": provider, **options}).replace(grace=0.0)
-    return Records(check_root(os.fspath(root)), settings, RunOptions(**run), on_progress, wait)
+    source, listed = _source(root, from_list)
+    return Records(source, settings, RunOptions(**run), on_progress, wait, listed)
 
 
 class Records(Iterator[dict[str, Any]]):
@@ -243,8 +281,9 @@ class Records(Iterator[dict[str, Any]]):
         run: RunOptions,
         on_progress: ProgressCallback | None,
         wait: bool,
+        listed: bool = False,
     ) -> None:
-        self._args = (root, settings, run, wait)
+        self._args = (root, settings, run, wait, listed)
         self._on_progress = on_progress
         self._channel = _Channel()
         self._stop = _Stop()
@@ -343,12 +382,13 @@ class Records(Iterator[dict[str, Any]]):
             thread.join()
 
     def _start(self) -> None:
-        root, settings, run, wait = self._args
+        root, settings, run, wait, listed = self._args
         channel = self._channel
         progress = _ProgressEvents(channel) if self._on_progress is not None else None
+        sink = _Handoff(channel)
         self._thread = threading.Thread(
             target=_analysis,
-            args=(root, settings, run, _Handoff(channel), progress, self._stop, wait, channel),
+            args=(root, settings, run, sink, progress, self._stop, wait, channel, listed),
             name="imgbatch-analyze",
             daemon=True,  # an unclosed run must not keep the interpreter from exiting
         )
@@ -400,12 +440,19 @@ def _analysis(
     stop: threading.Event,
     wait: bool,
     channel: _Channel,
+    listed: bool = False,
 ) -> None:
-    """The body of a run's thread: `imgbatch analyze` into the handoff sink."""
+    """The body of a run's thread: `imgbatch analyze` (of ROOT, or of a list: `listed`)
+    into the handoff sink."""
     from imgbatch.pipeline import analyze_root
 
     try:
-        analyze_root(root, settings, run, sink, progress=progress, stop=stop, wait=wait)
+        if listed:
+            from imgbatch.listrun import analyze_list
+
+            analyze_list(root, settings, run, sink, progress, stop, wait)
+        else:
+            analyze_root(root, settings, run, sink, progress=progress, stop=stop, wait=wait)
     except OutputClosed:
         pass  # the caller stopped: the pipeline committed exactly what it had handled
     except WaitInterrupted:

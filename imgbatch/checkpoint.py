@@ -22,7 +22,7 @@ transactions: no value is ever a separate, un-fsynced file):
   ``changes NUL n`` -> the folders (and a large folder's names) that transaction n
   changed, the last CHANGE_LOG of them (`changes`: the search index catches up by them).
 - ``run NUL id`` -> the run record, rewritten every few seconds while it runs.
-- Gemini Batch API jobs (`analyze --batch`, see pipeline/batch.py), from the intent
+- Batch API jobs (`analyze --batch`, see pipeline/batch.py), from the intent
   recorded before anything is sent until their results are collected:
   ``b"batch-jobs"`` -> the ids of the jobs not yet collected, oldest first;
   ``batch NUL id`` -> the job's record (its display name, unique to the submission,
@@ -529,7 +529,7 @@ class Checkpoint:
                 if isinstance(state, list):
                     yield os.fsdecode(parts[2]), {os.fsdecode(parts[3]): tuple(state)}
 
-    # -- Gemini Batch API jobs --------------------------------------------------------
+    # -- Batch API jobs (gemini, openai, anthropic) --------------------------------------
 
     def batch_jobs(self) -> list[dict[str, Any]]:
         """The records of the batch jobs not yet collected (intents included), oldest

@@ -34,10 +34,12 @@ def _main(version: o.Version = False) -> None:
 
 @app.command()
 @o.command_options(
-    f"batch_size {_WALK} hash hash_threads hash_procs hash_cache checkpoint log_every"
+    f"batch_size {_WALK} hash hash_threads hash_procs hash_cache checkpoint log_every "
+    "storage_option download_timeout max_download_size max_attempts"
 )
 def scan(
-    root: Annotated[str, typer.Argument(help="Folder to walk.", show_default=False)],
+    root: o.ListRoot = None,
+    from_list: o.FromList = None,
     **options: Any,
 ) -> None:
     """List every image under ROOT with its content hash: one JSON line per file."""
@@ -45,7 +47,10 @@ def scan(
 
     cmd = o.Shared.pop(options)
     with runtime.command(cmd):
-        runtime.finish(*api.run_scan(root, cmd.load(), show_progress=not cmd.quiet))
+        source, listed = o.one_source(root, from_list)
+        if listed:
+            from imgbatch.listfile import run_scan as run_list
+        runtime.finish(*(run_list if listed else api.run_scan)(source, cmd.load(), not cmd.quiet))
 
 
 @app.command()
@@ -54,11 +59,13 @@ def scan(
     # each sets the setting of whichever provider runs (--model: gemini_model, ...)
     "model base_url prompt prompt_file schema temperature max_output_tokens "
     "media_resolution detail timeout "
-    f"rpm tpm max_wait batch_max_requests batch_max_pending {_WALK} checkpoint log_every",
+    f"rpm tpm max_wait batch_max_requests batch_max_pending {_WALK} checkpoint log_every "
+    "storage_option download_timeout max_download_size",
     o.RUN_OPTIONS,
 )
 def analyze(
-    root: Annotated[str, typer.Argument(help="Folder to analyse.", show_default=False)],
+    root: o.ListRoot = None,
+    from_list: o.FromList = None,
     **options: Any,
 ) -> None:
     """Analyse every new or changed image under ROOT: one JSON line per file, resumable."""
@@ -66,8 +73,11 @@ def analyze(
 
     cmd = o.Shared.pop(options)
     with runtime.command(cmd) as signals:
-        lines, code = api.run_analyze(
-            root,
+        source, listed = o.one_source(root, from_list)
+        if listed:
+            from imgbatch.listrun import run_analyze as run_list
+        lines, code = (run_list if listed else api.run_analyze)(
+            source,
             cmd.load(),
             signals,
             show_progress=not cmd.quiet,
@@ -98,15 +108,19 @@ def watch(
         runtime.finish(*run, signals)
 
 
-def _state(root: str | None, cmd: o.Shared) -> Path:
+def _state(root: str | None, cmd: o.Shared, from_list: str | None = None) -> Path:
     loaded = cmd.load()
+    if from_list is not None:  # a list run's: the list's state folder, or --checkpoint
+        from imgbatch.listfile import list_state
+
+        return list_state(o.one_source(root, from_list)[0], loaded)
     if root is None and not loaded.checkpoint:
         raise UsageError("give the ROOT that was analysed, or --checkpoint DIR")
     return state_dir(root or "", loaded)
 
 
 @app.command()
-@o.command_options("checkpoint")
+@o.command_options("checkpoint", o.FROM_LIST)
 def status(
     root: StateRoot = None,
     json_: Annotated[bool, typer.Option("--json", help="One JSON object, for machines.")] = False,
@@ -118,7 +132,7 @@ def status(
 
     cmd = o.Shared.pop(options)
     with runtime.command(cmd):
-        state = _state(root, cmd)
+        state = _state(root, cmd, options.pop("from_list"))
         current = history.status(state)
         if current is None:
             log.info("no run recorded in %s yet", state)
@@ -145,7 +159,7 @@ def _follow(state: Path, current: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.command()
-@o.command_options("checkpoint")
+@o.command_options("checkpoint", o.FROM_LIST)
 def runs(
     root: StateRoot = None,
     json_: Annotated[bool, typer.Option("--json", help="JSON Lines, one run per line.")] = False,
@@ -157,7 +171,7 @@ def runs(
 
     cmd = o.Shared.pop(options)
     with runtime.command(cmd):
-        past = history.runs(_state(root, cmd), limit)
+        past = history.runs(_state(root, cmd, options.pop("from_list")), limit)
         if json_:
             runtime.print_lines(json.dumps(run, sort_keys=True) for run in past)
         else:
@@ -165,7 +179,8 @@ def runs(
 
 
 @app.command()
-@o.command_options("checkpoint")
+# storage_option: as scan's (nothing is read)
+@o.command_options("checkpoint storage_option", o.FROM_LIST)
 def export(
     root: StateRoot = None,
     format: o.Format = "jsonl",
@@ -194,7 +209,7 @@ def export(
         }
         of_format = {"xmp_naming": xmp_naming, "ls_root_url": ls_root_url, **captioning}
         o.check_export(format, output, status_, dry_run, **of_format)
-        state, results = _state(root, cmd), results_dir(cmd.load())
+        state, results = _state(root, cmd, options.pop("from_list")), results_dir(cmd.load())
         with runtime.stdout() as out:
             if format == "xmp":
                 naming = xmp_naming or "full"
@@ -219,7 +234,7 @@ def export(
 @app.command()
 @o.command_options("checkpoint base_url timeout")
 def search(
-    root: Annotated[str, typer.Argument(help="The ROOT that was analysed.", show_default=False)],
+    root: o.SearchRoot = None,
     query: o.SearchQuery = None,
     tag: o.SearchTag = None,
     color: o.SearchColor = None,
@@ -231,6 +246,7 @@ def search(
     null: o.SearchNull = False,
     semantic: o.Semantic = False,
     hybrid: o.Hybrid = False,
+    from_list: o.FromList = None,
     **options: Any,
 ) -> None:
     """Find stored results (of the last run's settings) by their words (or meaning:
@@ -243,7 +259,9 @@ def search(
             raise UsageError("--format is jsonl or paths; -0 goes with --format paths")
         where = searching.filters(tag or (), color or (), after, before, status_)
         loaded = cmd.load()
-        state, results = state_dir(root, loaded), results_dir(loaded)
+        if from_list is not None and root is not None:  # no ROOT: a word of the query
+            query, root = [root, *(query or [])], None
+        state, results = _state(root, cmd, from_list), results_dir(loaded)
         mode = "hybrid" if hybrid else "semantic" if semantic else "text"
         hits = searching.search(state, query or [], where, limit, results, mode, loaded)
         with runtime.stdout() as out:
@@ -254,7 +272,7 @@ def search(
 
 
 @app.command(name="report")
-@o.command_options("checkpoint")
+@o.command_options("checkpoint storage_option", o.FROM_LIST)
 def html_report(
     root: StateRoot = None,
     output: OutputOpt = None,
@@ -266,10 +284,11 @@ def html_report(
 
     cmd = o.Shared.pop(options)
     with runtime.command(cmd):
-        state, results = _state(root, cmd), results_dir(cmd.load())
+        loaded = cmd.load()
+        state, results = _state(root, cmd, options.pop("from_list")), results_dir(loaded)
         with runtime.stdout() as out:
             sink = cast("IO[bytes]", SinkFile(out))
-            made = write_report(state, results, output, sink, max_thumbnails)
+            made = write_report(state, results, output, sink, max_thumbnails, loaded.storage_option)
         where = f", written to {output}" if output else ""
         runtime.finish(
             [f"report of {made.items:,} items, {made.thumbnails:,} with a thumbnail{where}"], 0
@@ -300,7 +319,7 @@ def index(
 
 
 @app.command()
-@o.command_options("checkpoint")
+@o.command_options("checkpoint", o.FROM_LIST)
 def dupes(
     root: StateRoot = None,
     distance: o.Distance = 8,
@@ -312,8 +331,8 @@ def dupes(
 
     cmd = o.Shared.pop(options)
     with runtime.command(cmd):
-        loaded = cmd.load()
-        found = finder.find(_state(root, cmd), results_dir(loaded), distance, loaded.max_side)
+        loaded, state = cmd.load(), _state(root, cmd, options.pop("from_list"))
+        found = finder.find(state, results_dir(loaded), distance, loaded.max_side)
         runtime.print_lines(json.dumps(group, ensure_ascii=False) for group in found.groups)
         runtime.finish(found.lines(), 0)
 

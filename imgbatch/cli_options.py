@@ -132,8 +132,9 @@ def load(config: str | None, settings: Mapping[str, Any]) -> Settings:
     """The Settings of a command: its setting options (None: not given) over the
     environment, the config file and the defaults."""
     flags = every_provider(settings)
-    if flags.get("exclude") == []:
-        flags["exclude"] = None  # typer gives [] for "not given"
+    for name in ("exclude", "storage_option"):
+        if flags.get(name) == []:
+            flags[name] = None  # typer gives [] for "not given"
     return load_settings(config, flags)
 
 
@@ -176,6 +177,36 @@ StateRoot = Annotated[
     str | None,
     typer.Argument(help="The ROOT that was analysed (or use --checkpoint).", show_default=False),
 ]
+#: ROOT of scan and analyze, or of search, unless --from-list gives a list instead
+ListRoot = Annotated[
+    str | None, typer.Argument(help="The folder (or use --from-list).", show_default=False)
+]
+SearchRoot = Annotated[
+    str | None,
+    typer.Argument(help="The ROOT that was analysed (or use --from-list).", show_default=False),
+]
+
+
+def one_source(root: str | None, from_list: str | None) -> tuple[str, bool]:
+    """What a command reads: ROOT, or the list of --from-list (then True); one of the two."""
+    if (root is None) == (from_list is None):
+        raise UsageError("give ROOT or --from-list FILE (one of the two)")
+    return (root or from_list or ""), from_list is not None
+
+
+#: a list of paths and URLs instead of ROOT (listfile.py)
+FromList = Annotated[
+    str | None,
+    typer.Option(
+        "--from-list",
+        help="Read the items from this list instead of ROOT ('-': stdin): one local path, "
+        "http(s), s3 or gs URL per line, or JSON Lines with a url or path field (the other "
+        "fields are kept under meta).",
+        show_default=False,
+    ),
+]
+#: --from-list for the commands reading a list run's state (status, runs, export)
+FROM_LIST: dict[str, tuple[Any, Any]] = {"from_list": (FromList, None)}
 OutputOpt = Annotated[
     str | None,
     typer.Option(
@@ -236,7 +267,8 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "batch": (
         _flag(
             "--batch",
-            "Gemini Batch API at half the price: collect the jobs that ended, then submit "
+            "The Batch API (gemini, openai, anthropic) at half the price: collect the jobs "
+            "that ended, then submit "
             "the new work as jobs, collected by a later run (results within 24 h).",
         ),
         False,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import math
 import os
 import re
 import sys
@@ -148,7 +149,7 @@ class Settings:
     )
     anthropic_max_output_tokens: int = _s(1024, "anthropic", "cap on answer tokens")
     anthropic_timeout: float = _s(60.0, "anthropic", "seconds per request")
-    # [batch]: analyze --batch, the Gemini Batch API
+    # [batch]: analyze --batch, the Batch APIs (gemini, openai, anthropic)
     batch_max_requests: int = _s(10_000, "batch", "requests per batch job at most")
     batch_max_pending: int = _s(
         50_000, "batch", "requests in jobs not yet collected at most (a run submits up to it)"
@@ -156,10 +157,32 @@ class Settings:
     batch_poll: float = _s(
         30.0, "batch", "first seconds between polls with --batch-wait; backs off to 10x"
     )
+    # [download]: the http(s) URLs of a list (--from-list)
+    download_timeout: float = _s(
+        30.0, "download", "seconds per attempt at a URL of a list (--from-list), body included"
+    )
+    max_download_size: int = _s(
+        50 * 1024 * 1024, "download", "bytes a URL's body may have at most (--from-list)"
+    )
     # [state]
     checkpoint: str = _s("", "state", "state folder; '' = per root under the cache dir")
     results: str = _s(
         "", "state", "shared results store (all roots); '' = imgbatch/results under the cache dir"
+    )
+    # [storage]: bucket roots (s3://, gs://); each KEY = VALUE of the section is a pair
+    storage_option: tuple[str, ...] = _s(
+        (),
+        "storage",
+        "KEY=VALUE passed to the bucket's fsspec filesystem (repeatable): endpoint_url, "
+        "key, secret, token, ...",
+        secret=True,  # may hold credentials: masked in a repr; see key_free
+    )
+    # [prices."MODEL"]: input = ..., output = ... (each model a table of its own)
+    prices: tuple[str, ...] = _s(
+        (),
+        "prices",
+        "MODEL=INPUT/OUTPUT: a model's dollars per million input and output tokens, over "
+        "the built-in table (prices.py); 0 allowed",
     )
     # [output]
     log_every: float = _s(30.0, "output", "seconds between progress lines off a terminal")
@@ -175,6 +198,10 @@ class Settings:
             for f in dataclasses.fields(self)
             if f.metadata.get("secret")
         }
+        # the storage options that are no credential (endpoint_url, region, ...) travel
+        from imgbatch.objectstore import shareable
+
+        blank["storage_option"] = shareable(self.storage_option)
         return dataclasses.replace(self, **blank)
 
     def __repr__(self) -> str:
@@ -224,8 +251,11 @@ SECTIONS = (
     "ollama",
     "anthropic",
     "batch",
+    "download",
     "state",
+    "storage",
     "output",
+    "prices",
 )
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
@@ -322,11 +352,61 @@ def read_config_file(path: Path) -> dict[str, Any]:
     for section, table in data.items():
         if not isinstance(table, dict):
             raise ConfigError(_unknown(path, section, valid + list(SECTIONS)))
+        if section == "storage":  # any fsspec keyword: `endpoint_url = "..."`
+            out["storage_option"] = _storage_pairs(path, table)
+            continue
+        if section == "prices":  # [prices."MODEL"] input = ..., output = ...
+            out["prices"] = _price_entries(path, table)
+            continue
         for key, value in table.items():
             name = _BY_FILE_KEY.get((section, key))
             if name is None:
                 raise ConfigError(_unknown(path, f"{section}.{key}", valid))
             out[name] = _coerce(name, value, f"{path} [{section}] {key}")
+    return out
+
+
+def _storage_pairs(path: Path, table: dict[str, Any]) -> tuple[str, ...]:
+    """The [storage] section as KEY=VALUE pairs (strings, numbers, booleans)."""
+    pairs = []
+    for key, value in table.items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{path} [storage] {key}: expected a string, number or boolean")
+        pairs.append(f"{key}={value}")
+    return tuple(pairs)
+
+
+def _price_entries(path: Path, table: dict[str, Any]) -> tuple[str, ...]:
+    """The [prices] tables as MODEL=INPUT/OUTPUT entries (the form of IMGBATCH_PRICES)."""
+    entries = []
+    for model, price in table.items():
+        where = f"{path} [prices.{model!r}]"
+        if not isinstance(price, dict) or set(price) != {"input", "output"}:
+            raise ConfigError(f"{where}: expected input = DOLLARS and output = DOLLARS")
+        for key, value in price.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{where} {key}: expected dollars per million tokens, >= 0")
+        entries.append(f"{model}={float(price['input'])!r}/{float(price['output'])!r}")
+    return tuple(entries)
+
+
+def price_overrides(entries: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    """The `prices` setting as model -> (input, output) dollars per million tokens."""
+    out: dict[str, tuple[float, float]] = {}
+    for entry in entries:
+        model, _, price = entry.rpartition("=")
+        parts = price.split("/")
+        try:
+            numbers = tuple(float(p) for p in parts)
+        except ValueError:
+            numbers = ()
+        if not (model and len(numbers) == 2 and all(0 <= n < math.inf for n in numbers)):
+            raise ConfigError(
+                f"prices: {entry!r} is not MODEL=INPUT/OUTPUT (dollars per million tokens, >= 0)"
+            )
+        out[model] = (numbers[0], numbers[1])
     return out
 
 
@@ -350,6 +430,7 @@ def load_settings(
     path = config_path(config or env.get("IMGBATCH_CONFIG"), env)
     if path is not None:
         values.update(read_config_file(path))
+    file_storage: tuple[str, ...] = values.get("storage_option", ())
     for name in _FIELDS:
         raw = env.get(env_var(name))
         if raw is not None:
@@ -357,6 +438,8 @@ def load_settings(
     for name, value in (flags or {}).items():
         if value is not None:
             values[name] = _coerce(name, value, f"option --{name.replace('_', '-')}")
+            if name == "storage_option":  # flags add to the file's pairs (later ones win)
+                values[name] = (*file_storage, *values[name])
     if values.get("provider") == "ollama" and (flags or {}).get("rpm") is None:
         # a local server is limited by --workers, not by a quota: [rate] rpm is for paid
         # APIs; [ollama] rpm (default 0, no limit) applies unless --rpm is given
@@ -394,6 +477,9 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{section} detail must be low, high or auto")
     if s.log_every <= 0:
         raise ConfigError("log_every must be positive")
+    price_overrides(s.prices)
+    if s.download_timeout <= 0 or s.max_download_size < 1:
+        raise ConfigError("download timeout must be positive, max_download_size at least 1 byte")
     if s.batch_max_requests < 1 or s.batch_max_pending < 1 or s.batch_poll <= 0:
         raise ConfigError("batch max_requests and max_pending must be at least 1, poll positive")
 
@@ -419,7 +505,7 @@ def state_dir(root: str, settings: Settings, env: Mapping[str, str] | None = Non
         return Path(settings.checkpoint).expanduser()
     env = os.environ if env is None else env
     base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    raw = os.fsencode(os.path.abspath(root))
+    raw = os.fsencode(root_id(root))
     digest = hashlib.sha256(raw).hexdigest()[:16]
     name = (
         re.sub(
@@ -428,6 +514,14 @@ def state_dir(root: str, settings: Settings, env: Mapping[str, str] | None = Non
         or "root"
     )
     return Path(base) / "imgbatch" / f"{name}-{digest}"
+
+
+def root_id(root: str) -> str:
+    """ROOT as its state folder knows it: a folder's absolute path, or a bucket URL
+    (`s3://bucket/prefix/`, the prefix ending in "/")."""
+    from imgbatch import objectstore
+
+    return objectstore.normalize(root) if objectstore.is_url(root) else os.path.abspath(root)
 
 
 def _cache_base(env: Mapping[str, str]) -> Path:

@@ -24,7 +24,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import logging
     import sqlite3
+    from collections.abc import Sequence
     from pathlib import Path
+
+    from imgbatch.objectstore import ObjectInfo
 
 __all__ = [
     "FolderHashes",
@@ -42,6 +45,7 @@ Stamp = tuple[int, int, int, int, str]  # inode, size, mtime_ns, ctime_ns, hash
 FolderHashes = dict[str, Stamp]  # a folder's entry: a stamp per file name
 
 FLUSH_EVERY = 64  # folders per write transaction: a crash loses at most these (it's a cache)
+LOOKUP_BATCH = 500  # objects per hash-cache query (SQLite's bound parameters: 999 at least)
 FORMAT = b"format"  # the cache's mark: statedb.DATA_FORMAT once entries are plain data
 
 #: a hash-cache entry whose mtime or ctime is this close to the moment the file was read
@@ -152,8 +156,26 @@ def merge_entry(
     return None if merged == old else merged
 
 
+#: the entry-name prefix of a bucket object (no folder's relative path starts with NUL)
+_OBJECT = "\0o:"
+
+
+def _decode(mode: int, filename: str | None, value: object) -> object:
+    from imgbatch.statedb import decode
+
+    return decode(mode, filename, value)
+
+
+def _etag_id(etag: str) -> int:
+    """An ETag as the entry's integer field (its ctime_ns slot): 63 bits of a digest."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(etag.encode(), digest_size=8).digest(), "big") >> 1
+
+
 class HashCache:
-    """Folder-keyed hashes of the files below one ROOT."""
+    """Folder-keyed hashes of the files below one ROOT (or, for a bucket ROOT, object-keyed
+    hashes: `object_hash`, `put_object`)."""
 
     def __init__(self, directory: Path) -> None:
         from imgbatch import statedb
@@ -204,6 +226,62 @@ class HashCache:
         except Exception as exc:  # a damaged or refused entry, SQLite: a cache miss
             self.unreadable(str(exc) or type(exc).__name__)
             return None
+
+    # -- bucket objects: one entry each, keyed by the object's key --------------------
+
+    def object_hash(self, key: str, size: int, mtime_ns: int, etag: str) -> str | None:
+        """The hash stored for an object while its listing (size, LastModified, ETag)
+        is the one it was hashed at; None otherwise. An ETag is a version stamp here,
+        never a content hash (multipart uploads and KMS change it)."""
+        entry = self.get(_OBJECT + key)
+        stamp = entry.get("o") if entry else None
+        if stamp is None or stamp[1:4] != (size, mtime_ns, _etag_id(etag)):
+            return None
+        return stamp[4]
+
+    def object_hashes(self, objects: Sequence[ObjectInfo]) -> list[str | None]:
+        """`object_hash` of each object (None where unknown or its listing changed), read
+        in one query per `LOOKUP_BATCH` objects: a re-scan looks a listing page up at once
+        instead of one diskcache get per object (bench s3.lookups: ~17 us an object
+        instead of ~53, on 2 loaded cores)."""
+        found: dict[bytes, FolderHashes | None] = {}
+        keys = [entry_key(_OBJECT + o.key) for o in objects]
+        wanted = []
+        for k in keys:
+            if k in self._pending:
+                found[k] = self._pending[k]
+            else:
+                wanted.append(k)
+        con = self._cache._con
+        for at in range(0, len(wanted), LOOKUP_BATCH):
+            part = list(dict.fromkeys(wanted[at : at + LOOKUP_BATCH]))
+            marks = ",".join("?" * len(part))
+            try:
+                rows = con.execute(
+                    "SELECT key, mode, filename, value FROM Cache"
+                    f" WHERE raw = 1 AND key IN ({marks})",  # placeholders only: no value in it
+                    part,
+                ).fetchall()
+            except Exception as exc:  # SQLite refused: these are misses
+                self.unreadable(str(exc) or type(exc).__name__)
+                continue
+            for key, mode, filename, value in rows:
+                try:
+                    data = _decode(mode, filename, value)
+                    found[bytes(key)] = load_entry(data) if isinstance(data, bytes) else None
+                except Exception as exc:  # a damaged or refused entry: a miss
+                    self.unreadable(str(exc) or type(exc).__name__)
+        out: list[str | None] = []
+        for obj, k in zip(objects, keys, strict=True):
+            entry = found.get(k)
+            stamp = entry.get("o") if entry else None
+            ok = stamp is not None and stamp[1:4] == (obj.size, obj.mtime_ns, _etag_id(obj.etag))
+            out.append(stamp[4] if ok and stamp is not None else None)
+        return out
+
+    def put_object(self, key: str, size: int, mtime_ns: int, etag: str, digest: str) -> None:
+        """Store an object's hash under its listing's stamp (see object_hash)."""
+        self.put(_OBJECT + key, {"o": (0, size, mtime_ns, _etag_id(etag), digest)})
 
     def put(self, rel_dir: str, hashes: FolderHashes) -> None:
         """Store a folder's hashes; written with others in one transaction (~235 us each

@@ -6,11 +6,10 @@ import io
 import math
 import os
 import re
-import stat
 import threading
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, Any, TypedDict
@@ -18,6 +17,7 @@ from typing import IO, Any, TypedDict
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from .errors import DECODER_MISSING, ContentChanged, ErrorCode, ItemError
+from .sources import open_item
 
 __all__ = [
     "DECODER_MISSING",
@@ -121,6 +121,7 @@ def prepare(
     path: str | os.PathLike[str],
     max_side: int = DEFAULT_MAX_SIDE,
     expect_hash: str | None = None,
+    storage_options: tuple[str, ...] = (),
 ) -> PreparedImage:
     """Decode the image at `path` once into a small upright RGB image plus its metadata.
 
@@ -130,6 +131,7 @@ def prepare(
         expect_hash: the xxh3-128 hex digest the scan gave the file. The bytes decoded
             are then the bytes hashed (one read feeds both), and a file that changed
             since its scan raises ContentChanged instead of describing other content.
+        storage_options: KEY=VALUE pairs for a bucket URL's filesystem (sources.open_item).
 
     Raises:
         ItemError: BAD_IMAGE for anything that is not a decodable image (empty,
@@ -139,7 +141,8 @@ def prepare(
     """
     if max_side < 1:
         raise ValueError(f"max_side must be >= 1, got {max_side}")
-    with _open_regular_file(path) as raw, _pillow_errors(), _verified(raw, expect_hash) as fp:
+    opened = open_item(path, storage_options)
+    with opened as raw, _pillow_errors(), _verified(raw, expect_hash) as fp:
         img = _identify(fp)
         with img:
             _check_pixels(img.width, img.height)
@@ -235,27 +238,10 @@ def _verified(raw: IO[bytes], expect_hash: str | None) -> Iterator[IO[bytes]]:
         yield copy
 
 
-@contextmanager
-def _open_regular_file(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
-    """Open a regular file for reading; OSErrors become IO_ERROR, an empty file BAD_IMAGE."""
-    try:
-        # O_NONBLOCK: a FIFO swapped in since the scan must not block the worker forever.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise ItemError(ErrorCode.IO_ERROR, f"cannot open file: {exc.strerror}") from exc
-    try:
-        st = os.fstat(fd)
-    except OSError as exc:
-        os.close(fd)
-        raise ItemError(ErrorCode.IO_ERROR, f"cannot stat file: {exc.strerror}") from exc
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise ItemError(ErrorCode.IO_ERROR, "not a regular file")
-    if st.st_size == 0:
-        os.close(fd)
-        raise ItemError(ErrorCode.BAD_IMAGE, "not a decodable image: empty file")
-    with os.fdopen(fd, "rb") as fp:
-        yield fp
+def _open_regular_file(path: str | os.PathLike[str]) -> AbstractContextManager[IO[bytes]]:
+    """Open an item for reading (sources.open_item: a local regular file, or an object);
+    OSErrors become IO_ERROR, an empty file BAD_IMAGE."""
+    return open_item(path)
 
 
 @contextmanager

@@ -93,6 +93,27 @@ class Excluder:
 _excluders: dict[tuple[str, ...], Excluder] = {}
 
 
+def select_key(rel: str, listing: Listing) -> str | None:
+    """A bucket object's extension when the walk's filters select it, else None. `rel`
+    is its key below ROOT's prefix: each "/"-separated part but the last is a folder, as
+    on disk (hidden parts, `--exclude` of folders and files, image extensions)."""
+    _, include_hidden, all_files, exclude = listing
+    parts = rel.split("/")
+    if any(not p for p in parts):
+        return None  # an empty part ("a//b"): no name a folder walk could give
+    if not include_hidden and any(p.startswith(".") for p in parts):
+        return None
+    if exclude:
+        ex = _excluder(exclude)
+        for i, name in enumerate(parts):
+            if ex.excluded(name, "/".join(parts[: i + 1]), i < len(parts) - 1):
+                return None
+    ext = ext_of(parts[-1])
+    if not all_files and ext not in IMAGE_EXTENSIONS:
+        return None
+    return ext
+
+
 def _excluder(patterns: tuple[str, ...]) -> Excluder:
     ex = _excluders.get(patterns)
     if ex is None:

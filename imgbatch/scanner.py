@@ -15,6 +15,13 @@ buffer. Results are put back in order.
 Memory is bounded by the largest single folder (its entries are sorted) plus a few
 jobs ahead (and large files being hashed); it never grows with the tree.
 
+A bucket ROOT (`s3://bucket/prefix/`, `gs://...`: `Scanner.bucket`) is walked through
+objectstore instead: its listing, a page at a time in key order, filtered as a folder's
+names are (`listing.select_key`); each object's hash from the hash cache (a page's
+objects looked up in one query) while its listing stamp is unchanged, else read as a
+stream by one of `hash_threads` threads, at most 2 x `hash_threads` objects ahead; a
+per-object failure is an IO_ERROR record.
+
 Outcomes for a hostile tree (documented in the README):
 - unreadable folder / unreadable file / file vanished before it was read / file that
   changed while being read / dangling or looping symlink (when following): an error
@@ -41,10 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from imgbatch import hashcache, hashjob, listing, workerproto
+from imgbatch import hashcache, hashjob, listing, objectstore, workerproto
 from imgbatch.config import Settings
 from imgbatch.cpus import SpareCores, cores
-from imgbatch.errors import ErrorCode, UsageError
+from imgbatch.errors import ErrorCode, ItemError, UsageError
 from imgbatch.hashcache import FolderHashes, HashCache, Stamp
 from imgbatch.hashjob import CHUNK, LARGE_FILE, Large, Parts, Rows
 from imgbatch.listing import IMAGE_EXTENSIONS
@@ -297,7 +304,10 @@ _LargeResult = tuple["FileRecord | None", int]
 
 
 def check_root(root: str) -> str:
-    """ROOT as an absolute path; a UsageError if it is missing or not a folder."""
+    """ROOT as an absolute path (a bucket URL: `scheme://bucket/prefix/`, see
+    objectstore.check_root); a UsageError if it is missing or not a folder."""
+    if objectstore.is_url(root):
+        return objectstore.check_root(root)
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         what = "does not exist" if not os.path.lexists(root) else "is not a folder"
@@ -339,6 +349,8 @@ class Scanner:
         self._yielded = 0  # parts yielded so far
         self._yielded_at_wait = 0  # _yielded when on_wait was last called
         self._local = threading.local()
+        #: a bucket ROOT (s3://, gs://): its listing and reads (see _objects)
+        self.bucket = objectstore.is_url(self.root)
 
     # -- the walk ----------------------------------------------------------------
 
@@ -404,15 +416,98 @@ class Scanner:
     # -- hashing -----------------------------------------------------------------
 
     def __iter__(self) -> Iterator[FileRecord]:
+        if self.bucket:
+            return self._objects()
         if self.settings.hash:
             return self._hashed(lines=False)  # type: ignore[return-value]
         return self._listed()
 
     def lines(self) -> Iterator[bytes]:
         """The scan's JSON lines, several records per item (a run of whole lines)."""
+        if self.bucket:
+            return (rec.to_json() for rec in self._objects())
         if self.settings.hash:
             return self._hashed(lines=True)  # type: ignore[return-value]
         return (rec.to_json() for rec in self._listed())
+
+    # -- a bucket ROOT -------------------------------------------------------------
+
+    def _selected(self) -> Iterator[tuple[objectstore.ObjectInfo, str]]:
+        """The objects under ROOT's prefix that the filters select, with their
+        extensions, in key order, as the listing pages come (folder markers left out)."""
+        for page in self._selected_pages():
+            yield from page
+
+    def _selected_pages(self) -> Iterator[list[tuple[objectstore.ObjectInfo, str]]]:
+        """`_selected` a listing page at a time (the hash cache looks a page up at once)."""
+        how = self._listing()
+        start = len(objectstore.split(self.root)[2])
+        for page in objectstore.list_pages(self.root, self.settings.storage_option):
+            chosen = [(info, listing.select_key(info.key[start:], how)) for info in page]
+            yield [(info, ext) for info, ext in chosen if ext is not None]
+
+    def _objects(self) -> Iterator[FileRecord]:
+        """A bucket ROOT's records in key order: each object's hash from the hash cache
+        while its listing stamp (size, LastModified, ETag) is unchanged, else read as a
+        stream by one of `hash_threads` threads; a few objects are read ahead."""
+        stats, cache, pairs = self.stats, self._cache, self.settings.storage_option
+        if not self.settings.hash:
+            for info, ext in self._selected():
+                stats.files += 1
+                stats.bytes += info.size
+                yield FileRecord(info.url, info.size, info.mtime_ns, None, ext=ext)
+            return
+        threads = self.settings.hash_threads
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="imgbatch-get")
+        window: deque[tuple[objectstore.ObjectInfo, str, Future[str] | str]] = deque()
+        try:
+            for page in self._selected_pages():
+                # one hash-cache query per page, not one per object
+                infos = [info for info, _ in page]
+                knowns = [None] * len(page) if cache is None else cache.object_hashes(infos)
+                for (info, ext), known in zip(page, knowns, strict=True):
+                    if known is not None:
+                        stats.cache_hits += 1
+                        window.append((info, ext, known))
+                    else:
+                        future = pool.submit(objectstore.hash_object, info, pairs)
+                        window.append((info, ext, future))
+                    # a window of 2 x threads: reads run ahead while records go out in order
+                    while window and (len(window) > 2 * threads or _ready(window[0][2])):
+                        yield self._object_done(*window.popleft())
+            while window:
+                yield self._object_done(*window.popleft())
+        finally:
+            for _, _, pending in window:
+                if isinstance(pending, Future):
+                    pending.cancel()
+            pool.shutdown(wait=True)
+
+    def _object_done(
+        self, info: objectstore.ObjectInfo, ext: str, pending: Future[str] | str
+    ) -> FileRecord:
+        """An object's record once its hash is known (the hash cache learns it)."""
+        stats = self.stats
+        if isinstance(pending, Future):
+            if not pending.done():
+                self._waiting()
+            try:
+                digest = pending.result()
+            except ItemError as exc:
+                stats.errors += 1
+                rec = error_record(info.url, exc.code, str(exc))
+                rec.size, rec.mtime_ns, rec.ext = info.size, info.mtime_ns, ext
+                self._yielded += 1
+                return rec
+            stats.bytes_read += info.size
+            if self._cache is not None:
+                self._cache.put_object(info.key, info.size, info.mtime_ns, info.etag, digest)
+        else:
+            digest = pending
+        stats.files += 1
+        stats.bytes += info.size
+        self._yielded += 1
+        return FileRecord(info.url, info.size, info.mtime_ns, digest, ext=ext)
 
     def _listed(self) -> Iterator[FileRecord]:
         """Metadata only (`--no-hash`): no file is opened."""
@@ -779,6 +874,11 @@ def _join(folder: str, name: str) -> str:
     return folder + name if folder.endswith("/") else f"{folder}/{name}"
 
 
+def _ready(pending: Future[str] | str) -> bool:
+    """Whether an object's hash is known: from the cache, or read."""
+    return not isinstance(pending, Future) or pending.done()
+
+
 def _done_future(result: _LargeResult) -> Future[_LargeResult]:
     fut: Future[_LargeResult] = Future()
     fut.set_result(result)
@@ -966,7 +1066,14 @@ def count_files(root: str, settings: Settings, stop: threading.Event | None = No
     is opened, nor stat'ed where the listing tells files from folders); None if `stop`
     was set first. Runs beside the work, to give progress a total."""
     n = 0
-    for item in Scanner(root, settings.replace(hash=False))._folders():
+    scanner = Scanner(root, settings.replace(hash=False))
+    if scanner.bucket:
+        for _ in scanner._selected():
+            if stop is not None and stop.is_set():
+                return None
+            n += 1
+        return n
+    for item in scanner._folders():
         if stop is not None and stop.is_set():
             return None
         n += 1 if isinstance(item, FileRecord) else len(item.names)

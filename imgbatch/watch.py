@@ -77,6 +77,8 @@ def run(
     caller exits with the signal's). `poll`: poll ROOT instead of inotify."""
     if settle < 0:
         raise UsageError("--settle must be 0 or more seconds")
+    if "://" in root:  # a bucket ROOT has no file system events to watch
+        raise UsageError(f"watch takes a local folder, not {root}")
     watchfiles = load()  # before the lock or anything else
     sink = JsonlSink(flush_every=100, max_delay=0.1, whole_lines=True)
     signals.graceful = True  # a signal stops the watch; in-flight items finish

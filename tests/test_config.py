@@ -85,12 +85,16 @@ def test_api_keys_never_show_in_the_settings_repr(tmp_path: Path) -> None:
 def test_the_shipped_config_toml_documents_every_setting_with_its_default() -> None:
     shipped = tomllib.loads((REPO / "config.toml").read_text())
     documented = {(s, k): v for s, table in shipped.items() for k, v in table.items()}
+    # [storage] holds any KEY = VALUE pairs, [prices] a table per model (commented examples)
+    free = {"storage_option", "prices"}
     for f in dataclasses.fields(Settings):
+        if f.name in free:
+            continue
         key = file_key(f.name)
         assert key in documented, f"config.toml lacks [{key[0]}] {key[1]}"
         default = list(f.default) if isinstance(f.default, tuple) else f.default
         assert documented[key] == default, f"config.toml's default for {f.name} differs"
-    assert len(documented) == len(dataclasses.fields(Settings))
+    assert len(documented) == len(dataclasses.fields(Settings)) - len(free)
     assert load_settings(REPO / "config.toml", {}, {}) == Settings()
 
 

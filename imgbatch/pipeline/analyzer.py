@@ -97,7 +97,8 @@ class Analyzer:
             raise Abandoned
         start = time.monotonic()
         try:
-            image = prepare(item.rec.path, self.settings.max_side, expect_hash=item.rec.hash)
+            s, rec = self.settings, item.rec
+            image = prepare(rec.path, s.max_side, rec.hash, storage_options=s.storage_option)
             tokens = self.tokens(*image.image.size)
             # encoded once, before a slot is taken: nothing slow between slot and send
             body = self.provider.encode(image)

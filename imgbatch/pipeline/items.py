@@ -24,7 +24,7 @@ class RunOptions:
     emit_all: bool = False  # re-emit stored results of unchanged files
     limit: int | None = None  # stop after this many processed items
     dry_run: bool = False  # list what would be sent, with estimated tokens; send nothing
-    batch: bool = False  # Gemini Batch API jobs: collect those ended, submit the new work
+    batch: bool = False  # Batch API jobs: collect those ended, submit the new work
     batch_wait: bool = False  # with batch: poll until every job has ended, collecting them
 
 

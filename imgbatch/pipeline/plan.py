@@ -54,7 +54,8 @@ class Planner:
         self.checkpoint = checkpoint
         self.fp = fp
         self.options = options
-        self._root_len = len(root.rstrip("/") + "/")  # ROOT "/" included
+        # ROOT "/" included; ROOT "" (a list's items): the whole path is the key
+        self._root_len = len(root.rstrip("/") + "/") if root else 0
         self.counts = counts
         self.run_id = run_id
         self._waiting: dict[str, list[WorkItem]] = {}  # content hash -> copies in flight
@@ -102,7 +103,7 @@ class Planner:
             return Decision(Action.EMIT, item, Outcome.from_stored(stored), True)
         assert rec.hash is not None
         if self.checkpoint.batched(self.fp, rec.hash) is not None:
-            # its request waits in a Gemini Batch API job: neither sent again nor live
+            # its request waits in a Batch API job: neither sent again nor live
             self.counts["in_batch"] += 1
             return _SKIP
         self.counts["processed"] += 1

@@ -19,7 +19,8 @@ from imgbatch.checkpoint import Checkpoint, ItemState
 from imgbatch.errors import DECODER_MISSING, ExitCode, ImgbatchError, ItemError, OutputClosed
 from imgbatch.output import JsonlSink, Progress
 from imgbatch.pipeline.items import CONTENT_ERRORS, Outcome, RunOptions, WorkItem
-from imgbatch.records import json_line
+from imgbatch.prices import FREE, Price, dollars
+from imgbatch.records import FileRecord, json_line
 
 RUN_SAVE_EVERY = 2.0  # seconds between run-record updates (read by `status`)
 MAX_TAGS, TOP_TAGS = 2000, 500  # a run's tag counter: pruned to the top 500 past 2000
@@ -61,6 +62,12 @@ class RunSummary:
     executor: str = "local"
     #: a --batch run's submitted / jobs / pending / collected counts (None: a live run)
     batch: Counter[str] | None = None
+    #: the model's price (prices.lookup; None: unknown, and so is the cost) and the
+    #: estimated dollars of this run's requests, a Batch API answer's at half price
+    price: Price | None = None
+    cost: float = 0.0
+    #: a dry run: each request's cap on answer tokens, its output estimate (at most)
+    max_output_tokens: int = 0
 
     @property
     def failed(self) -> int:
@@ -73,6 +80,11 @@ class RunSummary:
     @property
     def images_per_min(self) -> float:
         return 60 * (self.counts["completed"] + self.counts["failed"]) / max(self.elapsed, 1e-9)
+
+    @property
+    def cost_usd(self) -> float | None:
+        """The estimated dollars of this run's tokens; None when the price is unknown."""
+        return None if self.price is None else round(self.cost, 10)
 
     def expected_total(self) -> int | None:
         """Items this run will write, as far as known: the files listed less the unchanged
@@ -115,6 +127,8 @@ class RunSummary:
             "errors": dict(self.errors),
             "top_errors": [[c, m, n] for (c, m), n in self.messages.most_common(5)],
             "tokens": {"input": self.input_tokens, "output": self.output_tokens},
+            "cost_usd": self.cost_usd,
+            "price": None if self.price is None else self.price.as_dict(),
             "images_per_min": round(self.images_per_min, 1),
             "exit_code": self.exit_code,
             "total": self.expected_total(),
@@ -128,9 +142,10 @@ def summary_lines(s: RunSummary, scanned: int) -> list[str]:
     if s.id == 0:  # a dry run
         return [
             f"dry run: {s.counts['would_send']:,} images would be sent to {s.provider} "
-            f"({s.model}), about {s.input_tokens:,} input tokens for the images; "
+            f"({s.model}), about {s.input_tokens:,} input tokens (images and prompts); "
             f"{s.counts['cached']:,} have stored results, {s.counts['skipped']:,} unchanged "
-            f"(of {scanned:,} files); nothing was sent"
+            f"(of {scanned:,} files); nothing was sent",
+            *([] if s.price is FREE else [dry_run_cost(s)]),
         ]
     lines = [
         f"{s.state.lower()}: {s.counts['completed']:,} ok, {s.counts['failed']:,} failed, "
@@ -139,8 +154,7 @@ def summary_lines(s: RunSummary, scanned: int) -> list[str]:
     ]
     if s.counts["in_batch"]:
         lines.append(
-            f"{s.counts['in_batch']:,} waiting in Gemini Batch API jobs (`analyze --batch` "
-            "collects them)"
+            f"{s.counts['in_batch']:,} waiting in Batch API jobs (`analyze --batch` collects them)"
         )
     if s.batch is not None:
         b = s.batch
@@ -153,10 +167,36 @@ def summary_lines(s: RunSummary, scanned: int) -> list[str]:
     if s.errors:
         lines.append("errors: " + ", ".join(f"{c} {n}" for c, n in s.errors.most_common()))
     if s.input_tokens or s.output_tokens:
-        lines.append(f"tokens: {s.input_tokens:,} in, {s.output_tokens:,} out")
+        lines.append(
+            f"tokens: {s.input_tokens:,} in, {s.output_tokens:,} out; estimated cost "
+            f"{dollars(s.cost_usd)}" + price_note(s.model, s.price)
+        )
     if s.tags:
         lines.append("top tags: " + ", ".join(f"{t} ({n})" for t, n in s.tags.most_common(8)))
     return lines
+
+
+def price_note(model: str, price: Price | None) -> str:
+    """Where a cost came from, for people: the price used, or why there is none."""
+    if price is None:
+        return f' (no price known for {model}: add [prices."{model}"] to the config)'
+    return f" (${price.input:g} in, ${price.output:g} out per million tokens, {price.source})"
+
+
+def dry_run_cost(s: RunSummary) -> str:
+    """A dry run's price line: tokens in, an output bound, dollars live and at batch price."""
+    output = s.counts["would_send"] * s.max_output_tokens
+    if s.price is None:
+        amounts = "unknown"
+    else:
+        live = s.price.cost(s.input_tokens, output)
+        batch = s.price.cost(s.input_tokens, output, batch=True)
+        amounts = f"up to {dollars(live)} live, {dollars(batch)} at the Batch API price (half)"
+    return (
+        f"estimated cost: {amounts}, for about {s.input_tokens:,} input tokens and at most "
+        f"{output:,} output tokens ({s.max_output_tokens:,} an image, the cap on answers)"
+        + price_note(s.model, s.price)
+    )
 
 
 class Recorder:
@@ -195,6 +235,10 @@ class Recorder:
         self._first_uncommitted: float | None = None
         self._last_save = 0.0
         self.in_flight = 0  # set by the run: shown as "processing" in the run record
+        # a dry run's (width, height) of an item, as prepare() would make it (max_side
+        # given); None: the header of the file at its path (a list run measures a URL's
+        # downloaded body: listrun.ListRun)
+        self.measure: Callable[[FileRecord, int], tuple[int, int]] | None = None
 
     def emit(self, item: WorkItem, outcome: Outcome, cached: bool) -> None:
         """Write the line, then commit the item (at-least-once), then count it."""
@@ -227,6 +271,10 @@ class Recorder:
         else:
             s.input_tokens += outcome.input_tokens or 0
             s.output_tokens += outcome.output_tokens or 0
+            if s.price is not None:
+                s.cost += s.price.cost(
+                    outcome.input_tokens or 0, outcome.output_tokens or 0, batch=outcome.batch
+                )
         if self.progress is not None:
             self.progress.update(
                 s.counts["completed"] + s.counts["failed"],
@@ -286,17 +334,25 @@ class Recorder:
         self.sink.write(json_line(out))
 
     def would_send(
-        self, item: WorkItem, max_side: int, estimate: Callable[[int, int], int], remote: bool
+        self,
+        item: WorkItem,
+        max_side: int,
+        estimate: Callable[[int, int], int],
+        remote: bool,
+        prompt_tokens: int = 0,
     ) -> None:
         """A dry run's line: what would be sent and its estimated input tokens, by the
         provider's own rule (`estimate`: Provider.estimate_tokens; the image's header only
-        is read)."""
+        is read) plus the prompt's (`prompt_tokens`)."""
         from imgbatch.imaging import fitted_size
 
         out = item.rec.fields()
         try:
-            w, h = fitted_size(item.rec.path, max_side)
-            tokens = estimate(w, h)
+            if self.measure is not None:
+                w, h = self.measure(item.rec, max_side)
+            else:
+                w, h = fitted_size(item.rec.path, max_side)
+            tokens = estimate(w, h) + prompt_tokens
         except ItemError as exc:
             out.update(status="error", error={"code": exc.code.value, "message": exc.message})
             tokens = 0

@@ -12,20 +12,24 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 from imgbatch.checkpoint import Checkpoint, claim_root
-from imgbatch.config import Settings, results_dir, state_dir
+from imgbatch.config import Settings, results_dir, root_id, state_dir
 from imgbatch.errors import Abandoned, FatalError, ImgbatchError, UsageError
 from imgbatch.hashcache import HashCache
 from imgbatch.output import JsonlSink, Progress
-from imgbatch.pipeline.analyzer import Analyzer
+from imgbatch.pipeline.analyzer import Analyzer, Limiter
 from imgbatch.pipeline.batch import BatchRun
 from imgbatch.pipeline.engines import Engine, make_engine
 from imgbatch.pipeline.items import Outcome, RunOptions, WorkItem
 from imgbatch.pipeline.recorder import RunSummary, summary_lines
 from imgbatch.pipeline.stages import RunContext, RunStages
+from imgbatch.providers.base import Provider
 from imgbatch.records import FileRecord
 from imgbatch.results import ResultStore
 from imgbatch.scanner import check_root
@@ -205,6 +209,94 @@ def _count_beside(root: str, settings: Settings, summary: RunSummary) -> threadi
     return stop
 
 
+@dataclass(frozen=True)
+class Opened:
+    """What `opened` gives a run: its provider, the provider's limiter (remote ones) and
+    the state folder's checkpoint, locked."""
+
+    provider: Provider
+    limiter: Limiter | None
+    checkpoint: Checkpoint
+
+
+@contextmanager
+def opened(
+    state: Path,
+    settings: Settings,
+    claim: Callable[[], None],
+    check: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
+    env: Mapping[str, str] | None = None,
+    wait: bool = False,
+    command: str = "analyze",
+) -> Iterator[Opened]:
+    """What every `analyze` run does first (`analyze_root`, listrun.analyze_list): choose
+    and make the provider and its limiter, open the results store and the checkpoint of
+    `state`, take the lock (as `command`), `claim` the folder, note a killed run.
+
+    `check(name)` refuses a provider, or the run, before anything is created.
+    """
+    from imgbatch.providers import base
+
+    env = os.environ if env is None else env
+    name = base.choose(settings.provider, settings, env)
+    if settings.provider == "auto":
+        log.info(
+            "provider: %s%s",
+            name,
+            " (no API key configured: offline analyzer)"
+            if name == "local"
+            else " (an API key is configured)",
+        )
+    if settings.local_ocr and name != "local":  # OCR is the offline analyzer's
+        log.warning(
+            '--ocr is for the offline analyzer: %s ignores it (its answer\'s "text" '
+            "holds the legible text it reads)",
+            name,
+        )
+    if check is not None:
+        check(name)
+    provider = base.create(name, settings)
+    limiter = None
+    if provider.remote:
+        from imgbatch.ratelimit import AdaptiveLimiter
+
+        # a provider may pace itself otherwise (ollama: unthrottled unless asked)
+        rpm = getattr(provider, "rpm", settings.rpm)
+        limiter = AdaptiveLimiter(rpm, settings.tpm, stop=stop)
+    try:
+        with (
+            ResultStore(results_dir(settings, env)) as results,
+            Checkpoint(state, results=results) as checkpoint,
+        ):
+            # holding the lock migrates an earlier imgbatch's checkpoint (once, in place)
+            checkpoint.lock(command, wait=wait, stop=stop)
+            claim()
+            if checkpoint.mark_dead_runs():
+                log.warning("an earlier run was killed; resuming where it stopped")
+            yield Opened(provider, limiter, checkpoint)
+    finally:
+        provider.close()
+
+
+def run_and_index(pipeline: Pipeline | BatchRun, state: Path) -> RunSummary:
+    """Run, then bring the search index of `state` up to date (not after a dry run); a
+    run-level stop still logs what was done before it is raised."""
+    try:
+        summary = pipeline.run()
+        if not pipeline.options.dry_run:  # `search` then answers at once (issue 22.1)
+            from imgbatch.searchindex import refresh
+
+            refresh(state, pipeline.checkpoint)
+    except ImgbatchError:  # a run-level stop: still say what was done, if anything was
+        seen = pipeline.scanner.stats.seen
+        if seen:  # else the error's one line says it all (a missing bucket, a bad root)
+            for line in summary_lines(pipeline.summary, seen):
+                log.info("%s", line)
+        raise
+    return summary
+
+
 def analyze_root(
     root: str,
     settings: Settings,
@@ -222,80 +314,48 @@ def analyze_root(
     `make` builds the live run (`imgbatch watch`: a `watch.WatchRun`); `command` names
     the lock's holder. Returns the run summary and the number of files scanned.
     """
-    from imgbatch.providers import base
-
     env = os.environ if env is None else env
     state = state_dir(root, settings, env)
-    name = base.choose(settings.provider, settings, env)
-    if settings.provider == "auto":
-        log.info(
-            "provider: %s%s",
-            name,
-            " (no API key configured: offline analyzer)"
-            if name == "local"
-            else " (an API key is configured)",
-        )
-    if settings.local_ocr and name != "local":  # OCR is the offline analyzer's
-        log.warning(
-            '--ocr is for the offline analyzer: %s ignores it (its answer\'s "text" '
-            "holds the legible text it reads)",
-            name,
-        )
-    if options.batch and name != "gemini":
-        raise UsageError(f"--batch needs the gemini provider (the Gemini Batch API), not {name}")
-    check_root(root)  # before anything is created
-    provider = base.create(name, settings)
-    limiter = None
-    if provider.remote:
-        from imgbatch.ratelimit import AdaptiveLimiter
 
-        # a provider may pace itself otherwise (ollama: unthrottled unless asked)
-        rpm = getattr(provider, "rpm", settings.rpm)
-        limiter = AdaptiveLimiter(rpm, settings.tpm, stop=stop)
-    try:
-        with (
-            ResultStore(results_dir(settings, env)) as results,
-            Checkpoint(state, results=results) as checkpoint,
-        ):
-            # holding the lock migrates an earlier imgbatch's checkpoint (once, in place)
-            checkpoint.lock(command, wait=wait, stop=stop)
-            # a dry run records nothing: it checks the root
-            claim_root(state, os.path.abspath(root), record=not options.dry_run)
-            if checkpoint.mark_dead_runs():
-                log.warning("an earlier run was killed; resuming where it stopped")
-            hash_cache = HashCache(state / "hashcache") if settings.hash_cache else None
+    def check(name: str) -> None:
+        if settings.local_ocr and name == "local" and "://" in root:
+            # OCR decodes the full-size file again, by path: objects are not read that way
+            raise UsageError("--ocr is for local folders: not for a bucket ROOT")
+        if options.batch:
+            from imgbatch.providers.batchapi import BATCH_NEEDS, BATCH_PROVIDERS
+
+            if name not in BATCH_PROVIDERS:
+                raise UsageError(f"{BATCH_NEEDS}, not {name}")
+        check_root(root)  # before anything is created
+
+    def claim() -> None:
+        # a dry run records nothing: it checks the root
+        claim_root(state, root_id(root), record=not options.dry_run)
+
+    with opened(state, settings, claim, check, stop, env, wait, command) as run:
+        hash_cache = HashCache(state / "hashcache") if settings.hash_cache else None
+        try:
+            # --batch: Batch API jobs (a dry run is the same either way)
+            batch = options.batch and not options.dry_run
+            ctx = RunContext(
+                root,
+                settings,
+                options,
+                run.provider,
+                run.checkpoint,
+                sink,
+                hash_cache,
+                run.limiter,
+                progress,
+                stop,
+            )
+            pipeline = BatchRun(ctx) if batch else make(ctx)
+            counting = _count_beside(root, settings, pipeline.summary)
             try:
-                # --batch: Gemini Batch API jobs (a dry run is the same either way)
-                batch = options.batch and not options.dry_run
-                ctx = RunContext(
-                    root,
-                    settings,
-                    options,
-                    provider,
-                    checkpoint,
-                    sink,
-                    hash_cache,
-                    limiter,
-                    progress,
-                    stop,
-                )
-                pipeline = BatchRun(ctx) if batch else make(ctx)
-                counting = _count_beside(root, settings, pipeline.summary)
-                try:
-                    summary = pipeline.run()
-                    if not options.dry_run:  # `search` then answers at once (issue 22.1)
-                        from imgbatch.searchindex import refresh
-
-                        refresh(state, checkpoint)
-                except ImgbatchError:  # a run-level stop: still say what was done
-                    for line in summary_lines(pipeline.summary, pipeline.scanner.stats.seen):
-                        log.info("%s", line)
-                    raise
-                finally:
-                    counting.set()
+                summary = run_and_index(pipeline, state)
             finally:
-                if hash_cache is not None:
-                    hash_cache.close()
-            return summary, pipeline.scanner.stats.seen
-    finally:
-        provider.close()
+                counting.set()
+        finally:
+            if hash_cache is not None:
+                hash_cache.close()
+        return summary, pipeline.scanner.stats.seen

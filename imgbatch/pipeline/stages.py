@@ -5,12 +5,13 @@ planned item or a finished one). `run.Pipeline` and `batch.BatchRun` build on it
 
 from __future__ import annotations
 
-import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 from imgbatch.checkpoint import Checkpoint
-from imgbatch.config import Settings
+from imgbatch.config import Settings, price_overrides, root_id
 from imgbatch.errors import UsageError
 from imgbatch.hashcache import HashCache
 from imgbatch.output import JsonlSink, Progress
@@ -18,9 +19,10 @@ from imgbatch.pipeline.analyzer import Limiter
 from imgbatch.pipeline.items import Outcome, RunOptions, WorkItem
 from imgbatch.pipeline.plan import Action, Planner
 from imgbatch.pipeline.recorder import Recorder, RunSummary
+from imgbatch.prices import FREE, Price, lookup
 from imgbatch.providers.base import Provider, fingerprint_id
 from imgbatch.records import FileRecord
-from imgbatch.scanner import Scanner
+from imgbatch.scanner import Scanner, ScanStats
 
 
 @dataclass
@@ -40,6 +42,8 @@ class RunContext:
         stop: set it (e.g. from a signal handler) to stop taking new items; in-flight
             items then get `settings.grace` seconds, or the event's own `grace`
             attribute when it has one that is not None.
+        source: the records to take instead of ROOT's walk (a list: listfile.ListSource);
+            its items are keyed by their path as given, and `root` only names the run.
     """
 
     root: str
@@ -52,6 +56,23 @@ class RunContext:
     limiter: Limiter | None = None
     progress: Progress | None = None
     stop: threading.Event | None = None
+    source: Source | None = None
+
+
+def run_price(provider: Provider, settings: Settings) -> Price | None:
+    """What the provider's tokens cost (prices.lookup by model name, config overrides
+    first); the offline analyzer costs nothing; None when the model's price is unknown."""
+    if not provider.remote:
+        return FREE
+    return lookup(provider.model, price_overrides(settings.prices))
+
+
+class Source(Protocol):
+    """Records to take instead of ROOT's walk, in order, and their counters."""
+
+    stats: ScanStats
+
+    def __iter__(self) -> Iterator[FileRecord]: ...
 
 
 class RunStages:
@@ -69,18 +90,28 @@ class RunStages:
         if not settings.hash:
             raise UsageError("analyze needs content hashes: --no-hash applies to scan only")
         self.ctx = ctx
-        self.root = os.path.abspath(ctx.root)
+        # a folder's absolute path, or a bucket URL; "" for a list: its items are keyed
+        # by their whole path as listed
+        self.root = root_id(ctx.root) if ctx.source is None else ""
         self.settings = settings
         self.options = options
         self.provider = provider
         self.checkpoint = ctx.checkpoint
         self.sink = ctx.sink
         self.stop = ctx.stop or threading.Event()
-        self.scanner = Scanner(self.root, settings, ctx.hash_cache, on_wait=ctx.sink.flush)
+        if ctx.source is None:
+            self.scanner = Scanner(self.root, settings, ctx.hash_cache, on_wait=ctx.sink.flush)
+        else:  # a run reads only a scanner's records and `stats` (what a Source has)
+            self.scanner = cast("Scanner", ctx.source)
         self.fp = fingerprint_id({"provider": provider.name, **provider.fingerprint()})
         run_id = ctx.checkpoint.next_run_id() if record_run else 0
-        self.summary = RunSummary(run_id, provider.name, provider.model, self.fp, self.root)
+        named = self.root or ctx.root  # what the run record calls it (a list: its file)
+        self.summary = RunSummary(run_id, provider.name, provider.model, self.fp, named)
         self.summary.total = options.limit
+        self.summary.price = run_price(provider, settings)
+        if provider.remote:  # a dry run's bound on answer tokens
+            cap = getattr(settings, f"{provider.name}_max_output_tokens", 0)
+            self.summary.max_output_tokens = cap if isinstance(cap, int) else 0
         self.planner = Planner(
             ctx.checkpoint, self.fp, options, self.root, self.summary.counts, run_id
         )
@@ -108,8 +139,9 @@ class RunStages:
             self.recorder.write(d.item, d.outcome, True)
         else:  # Action.DRY
             s = self.settings
+            p = self.provider
             self.recorder.would_send(
-                d.item, s.max_side, self.provider.estimate_tokens, self.provider.remote
+                d.item, s.max_side, p.estimate_tokens, p.remote, p.prompt_tokens
             )
 
     def settle(self, item: WorkItem, outcome: Outcome) -> None:

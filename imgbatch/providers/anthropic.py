@@ -227,8 +227,10 @@ class AnthropicProvider:
 
     def estimate_tokens(self, width: int, height: int) -> int:
         """Input tokens of an image uploaded at this size: Anthropic's rule, width x
-        height / 750."""
-        return max(1, round(width * height / 750))
+        height / 750 (rounded), once an image of a long side over 1568 px is shrunk to
+        it; about 1600 at most (larger ones are shrunk further by the API)."""
+        scale = min(1.0, 1568 / max(width, height))
+        return max(1, min(1600, round(width * scale * (height * scale) / 750)))
 
     @property
     def prompt_tokens(self) -> int:

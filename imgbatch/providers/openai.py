@@ -68,6 +68,7 @@ from imgbatch.errors import (
     QuotaExhaustedError,
 )
 from imgbatch.imaging import PreparedImage, encode_for_upload
+from imgbatch.prices import longest_match
 from imgbatch.providers.base import (
     Analysis,
     Failover,
@@ -127,16 +128,64 @@ def ollama_url(host: str) -> str:
     return f"{scheme}://{name}:{port}{'/' + path if path else ''}/v1"
 
 
-def image_tokens(width: int, height: int, detail: str) -> int:
-    """Input tokens of an image for OpenAI's GPT-4o family: 85 at low detail; otherwise
-    fitted in 2048x2048, then its short side to 768, 170 per 512-px tile plus 85."""
+#: OpenAI's image rules ("Calculating costs" in its Images and vision guide), by model
+#: name as prices.longest_match finds it. Tile models: (base, per 512-px tile) tokens;
+#: any other model, another server's included, is estimated as GPT-4o.
+TILE_MODELS: dict[str, tuple[int, int]] = {
+    "gpt-4o": (85, 170),
+    "gpt-4.1": (85, 170),
+    "gpt-4.5": (85, 170),
+    "gpt-4o-mini": (2833, 5667),
+    "gpt-5": (70, 140),
+    "o1": (75, 150),
+    "o3": (75, 150),
+    "computer-use-preview": (65, 129),
+}
+#: patch models: 32-px patches (at most 1536) times the model's multiplier; `detail`
+#: does not change them
+PATCH_MODELS: dict[str, float] = {
+    "gpt-4.1-mini": 1.62,
+    "gpt-4.1-nano": 2.46,
+    "o4-mini": 1.72,
+    "gpt-5-mini": 1.62,
+    "gpt-5-nano": 2.46,
+}
+MAX_PATCHES = 1536
+
+
+def image_tokens(width: int, height: int, detail: str, model: str = "gpt-4o") -> int:
+    """Input tokens of an image for `model` by OpenAI's documented rules: a tile model
+    (GPT-4o: 85, and 170 per tile) costs its base at low detail, else its base plus a
+    price per 512-px tile once fitted in 2048x2048 and its short side brought to 768; a
+    patch model (gpt-4.1-mini, -nano, o4-mini, gpt-5-mini, -nano) costs its 32-px
+    patches, the image shrunk to at most 1536 of them, times its multiplier (rounded up)."""
+    name = model.rsplit("/", 1)[-1]
+    patch = longest_match(name, PATCH_MODELS)
+    tile = longest_match(name, TILE_MODELS)
+    if patch is not None and len(patch) > len(tile or ""):
+        return math.ceil(_patches(width, height) * PATCH_MODELS[patch])
+    base, per_tile = TILE_MODELS[tile or "gpt-4o"]
     if detail == "low":
-        return 85
+        return base
     scale = min(1.0, 2048 / max(width, height))
     w, h = width * scale, height * scale
     scale = min(1.0, 768 / min(w, h))
     w, h = w * scale, h * scale
-    return 85 + 170 * math.ceil(w / 512) * math.ceil(h / 512)
+    return base + per_tile * math.ceil(w / 512) * math.ceil(h / 512)
+
+
+def _patches(width: int, height: int) -> int:
+    """The 32-px patches covering an image, shrunk (as OpenAI does) to fit MAX_PATCHES."""
+    patches = math.ceil(width / 32) * math.ceil(height / 32)
+    if patches <= MAX_PATCHES:
+        return patches
+    shrink = math.sqrt(32 * 32 * MAX_PATCHES / (width * height))
+    # then shrunk a little more, so that a whole number of patches covers one side
+    w, h = width * shrink / 32, height * shrink / 32
+    shrink *= min(math.floor(w) / w, math.floor(h) / h)
+    return min(
+        MAX_PATCHES, math.ceil(int(width * shrink) / 32) * math.ceil(int(height * shrink) / 32)
+    )
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
@@ -384,9 +433,9 @@ class OpenAIProvider:
         return endpoint_identity(e.url for e in self._endpoints)
 
     def estimate_tokens(self, width: int, height: int) -> int:
-        """Input tokens of an image uploaded at this size: OpenAI's rule (`image_tokens`)
-        at the run's detail; other servers' models are estimated by it too."""
-        return image_tokens(width, height, self.detail)
+        """Input tokens of an image uploaded at this size: OpenAI's rule for the model
+        (`image_tokens`) at the run's detail; other servers' models are estimated as GPT-4o."""
+        return image_tokens(width, height, self.detail, self._model)
 
     @property
     def prompt_tokens(self) -> int:

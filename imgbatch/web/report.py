@@ -83,24 +83,27 @@ class _Tally:
         else:
             self.failed += 1
             self.errors[(rec.get("error") or {}).get("code") or "?"] += 1
-        if not rec.get("exists", True):
+        if rec.get("exists") is False:  # None: an object, not looked up
             self.missing += 1
 
 
-def thumbnail(rec: dict[str, Any]) -> tuple[str | None, tuple[int, int], str | None]:
+def thumbnail(
+    rec: dict[str, Any], storage_options: tuple[str, ...] = ()
+) -> tuple[str | None, tuple[int, int], str | None]:
     """(a JPEG data URI, its size, None), or (None, (0, 0), why there is none).
 
     The bytes decoded must still be the bytes analysed (their hash is checked on the
-    way), or the picture would be shown beside another picture's tags.
+    way), or the picture would be shown beside another picture's tags. A bucket object
+    is read with `storage_options` (KEY=VALUE pairs).
     """
     from imgbatch import imaging
 
-    if not rec.get("exists", True):
+    if rec.get("exists") is False:
         return None, (0, 0), "file no longer exists"
     raw = rec.get("path_bytes_b64")
     path = os.fsdecode(base64.b64decode(raw)) if raw else rec["path"]
     try:
-        prep = imaging.prepare(path, THUMB_SIDE, expect_hash=rec.get("hash"))
+        prep = imaging.prepare(path, THUMB_SIDE, rec.get("hash"), storage_options)
     except ContentChanged:
         return None, (0, 0), "changed since it was analysed"
     except ItemError as exc:
@@ -117,11 +120,19 @@ class Report:
         state: the state folder of ROOT.
         results: the shared results store's folder.
         max_thumbnails: items shown as cards with a thumbnail; the rest are text rows.
+        storage_options: KEY=VALUE pairs reading a bucket ROOT's objects.
     """
 
-    def __init__(self, state: Path, results: Path, max_thumbnails: int = MAX_THUMBNAILS) -> None:
+    def __init__(
+        self,
+        state: Path,
+        results: Path,
+        max_thumbnails: int = MAX_THUMBNAILS,
+        storage_options: tuple[str, ...] = (),
+    ) -> None:
         if max_thumbnails < 0:
             raise UsageError("--max-thumbnails must be at least 0")
+        self.storage_options = storage_options
         self.state = state
         self.results = results
         self.max_thumbnails = max_thumbnails
@@ -201,7 +212,8 @@ class Report:
                 card = self.items < self.max_thumbnails
                 self.items += 1
                 tally.add(rec)
-                window.append((rec, pool.submit(thumbnail, rec) if card else None))
+                thumb = pool.submit(thumbnail, rec, self.storage_options) if card else None
+                window.append((rec, thumb))
                 while window and (len(window) > 2 * THUMB_THREADS or window[0][1] is None):
                     text, opened = self._item(root, *window.popleft(), opened)
                     yield text
@@ -376,12 +388,13 @@ def write_report(
     output: str | None,
     out: IO[bytes],
     max_thumbnails: int = MAX_THUMBNAILS,
+    storage_options: tuple[str, ...] = (),
 ) -> Report:
     """Write the report to `output` (atomically: a reader never sees half a file) or
     `out`; returns it, with its counts."""
     from imgbatch import exports
 
-    report = Report(state, results, max_thumbnails)
+    report = Report(state, results, max_thumbnails, storage_options)
     if output is None:
         report.write(out)
         return report

@@ -68,6 +68,17 @@ def is_secret_variable(name: str) -> bool:
 # -- on the workers --------------------------------------------------------------------
 
 
+def root_visible(root: str) -> bool:
+    """On a worker: whether it sees ROOT (a folder at the same path; for a bucket ROOT,
+    the extra that reads it is installed: a UsageError naming it otherwise)."""
+    from imgbatch import objectstore
+
+    if objectstore.is_url(root):
+        objectstore.check_root(root)
+        return True
+    return os.path.isdir(root)
+
+
 def dask_setup(worker: Any) -> None:
     """A LocalCluster worker's preload (this module): drop the secrets from its
     environment before it runs a task. A worker started with the cluster never had them;
@@ -77,15 +88,22 @@ def dask_setup(worker: Any) -> None:
         del os.environ[name]
 
 
-def prepare_on_worker(path: str, content_hash: str, max_side: int, encoder: Any) -> Any:
+def prepare_on_worker(
+    path: str,
+    content_hash: str,
+    max_side: int,
+    encoder: Any,
+    storage_options: tuple[str, ...] = (),
+) -> Any:
     """Decode (and encode, given the provider's key-free `encoder`) one file on a worker:
     returns (upload, its size), (PreparedImage, None) without an encoder, or an Outcome
-    when the file cannot be decoded."""
+    when the file cannot be decoded. A bucket object is downloaded here, on the worker,
+    with the storage options that are no credential (its own credential chain)."""
     from imgbatch.imaging import prepare
 
     start = time.monotonic()
     try:
-        image = prepare(path, max_side, expect_hash=content_hash)
+        image = prepare(path, max_side, content_hash, storage_options)
         return encoder(image) if encoder is not None else (image, None)
     except ItemError as exc:
         item = WorkItem(FileRecord(path, hash=content_hash), "", "")
@@ -149,7 +167,7 @@ class DaskEngine:
     def _check_root(self, root: str) -> None:
         """Workers read files by path: they must see ROOT where this process does."""
         try:
-            seen = self._client.submit(os.path.isdir, root, pure=False).result(
+            seen = self._client.submit(root_visible, root, pure=False).result(
                 timeout=CONNECT_TIMEOUT
             )
         except Exception as exc:
@@ -175,7 +193,12 @@ class DaskEngine:
         outcome.set_running_or_notify_cancel()
         start = time.monotonic()
         prepared = self._executor.submit(
-            prepare_on_worker, rec.path, rec.hash, self.settings.max_side, self._encoder
+            prepare_on_worker,
+            rec.path,
+            rec.hash,
+            self.settings.max_side,
+            self._encoder,
+            self._worker_settings.storage_option,  # key_free: no credential travels
         )
 
         def send(done: Future[Any]) -> None:  # on the client's thread: hand over at once

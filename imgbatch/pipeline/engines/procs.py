@@ -69,7 +69,10 @@ class OfflineProcesses:
         self.analyzer = analyzer
         self._n = n
         self._threads = threads  # where items go while the processes are not usable
-        self._settings = analyzer.settings.key_free()
+        # a bucket's storage options whole: these processes are this user's, on this
+        # machine, and read the objects as the threads would (no API key needed)
+        storage = analyzer.settings.storage_option
+        self._settings = analyzer.settings.key_free().replace(storage_option=storage)
         self._provider = analyzer.provider.name
         self._pool: ProcessPoolExecutor | None = None
         self._ready = threading.Event()
