@@ -14,7 +14,7 @@ from bench.common import IMGBATCH, Table, child_env, generation_seconds, log
 # each has BENCHMARKS: {name: function(table, quick)}
 MODULES = ["scan", "analyze", "gemini", "gemini_batch", "openai", "dask", "dupes", "search"]
 MODULES += ["ocr", "semantic", "s3"]
-MODULES += ["batch_openai"]
+MODULES += ["batch_openai", "batch_anthropic"]
 
 
 def main(argv: list[str] | None = None) -> int:

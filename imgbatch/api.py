@@ -639,16 +639,21 @@ def find_dupes(
     name is the module imgbatch/dupes.py.)
 
     `distance` is the most bits of 64 a near-duplicate's pHash differs from its keeper's;
-    `options` the settings that say where state lives (`checkpoint`, `results`) and the
-    size pHashes are computed at (`max_side`). Changes no file; stores the pHashes it
+    `options` the settings that say where state lives (`checkpoint`, `results`), the
+    size pHashes are computed at (`max_side`) and how a bucket ROOT's objects are read
+    (`storage_option`, KEY=VALUE pairs). Changes no file; stores the pHashes it
     computes in ROOT's state folder. Raises UsageError for a bad `distance`,
     CheckpointError for unusable state.
     """
     from imgbatch import dupes as finder
 
-    settings = _settings("find_dupes", config, options, {"checkpoint", "results", "max_side"})
+    known = {"checkpoint", "results", "max_side", "storage_option"}
+    settings = _settings("find_dupes", config, options, known)
     state = state_dir(os.fspath(root), settings)
-    return finder.find(state, results_dir(settings), distance, settings.max_side).groups
+    found = finder.find(
+        state, results_dir(settings), distance, settings.max_side, None, settings.storage_option
+    )
+    return found.groups
 
 
 class Done(NamedTuple):

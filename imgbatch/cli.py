@@ -319,7 +319,7 @@ def index(
 
 
 @app.command()
-@o.command_options("checkpoint", o.FROM_LIST)
+@o.command_options("checkpoint storage_option", o.FROM_LIST)
 def dupes(
     root: StateRoot = None,
     distance: o.Distance = 8,
@@ -332,7 +332,8 @@ def dupes(
     cmd = o.Shared.pop(options)
     with runtime.command(cmd):
         loaded, state = cmd.load(), _state(root, cmd, options.pop("from_list"))
-        found = finder.find(state, results_dir(loaded), distance, loaded.max_side)
+        read = (loaded.max_side, None, loaded.storage_option)  # the size, threads, bucket
+        found = finder.find(state, results_dir(loaded), distance, *read)
         runtime.print_lines(json.dumps(group, ensure_ascii=False) for group in found.groups)
         runtime.finish(found.lines(), 0)
 
