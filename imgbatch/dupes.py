@@ -1,11 +1,13 @@
 """`imgbatch dupes`: groups of exact copies and near-duplicates among ROOT's stored files.
 
 The grouping (`Photo`, `near_pairs`, `groups`) is pure: functions over records, no
-files. `find` feeds it the stored records of ROOT (`history.items`, the last run's
-settings) with a perceptual hash for each: the stored offline result's, else one this
-module computed before (`phashes.PhashStore`, by content hash), else one computed now
-from the file with the offline analyzer's own function. It reads only; the one file it
-writes is that store (none for state an earlier imgbatch wrote, read as it is).
+files. `find` feeds it the stored files of ROOT (`history.stored_items`, the last run's
+settings: item states, no export records) with a perceptual hash for each content: one
+this module computed before (`phashes.PhashStore`, by content hash), else the stored
+offline result's (a result is read only then: reading and decoding results was most of
+the time of a `dupes` whose pHashes are known), else one computed now from the file with
+the offline analyzer's own function. It reads only; the one file it writes is that store
+(none for state an earlier imgbatch wrote, read as it is).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from imgbatch.records import iso_utc
+from imgbatch.jsontext import is_clean
+from imgbatch.records import iso_utc, utf8_clean
 
 if TYPE_CHECKING:
+    from imgbatch.history import StoredItem
     from imgbatch.phashes import Answer
 
 log = logging.getLogger("imgbatch")
@@ -233,6 +237,8 @@ class Found:
     computed: int = 0  #: pHashes computed now
     undecodable: int = 0  #: files that are no image Pillow decodes (exact copies only)
     skipped: dict[str, int] = field(default_factory=dict)  #: files left out, by reason
+    #: stored results read for their pHash (only for contents without one from `dupes`)
+    results_read: int = 0
     in_memory: bool = False  #: the computed pHashes could not be stored
 
     def lines(self) -> list[str]:
@@ -284,24 +290,23 @@ def _stored_phash(result: Any) -> tuple[int, int | None, int | None] | None:
     return ph, w if isinstance(w, int) else None, h if isinstance(h, int) else None
 
 
-def _real_path(rec: dict[str, Any]) -> str:
-    raw = rec.get("path_bytes_b64")
-    return os.fsdecode(base64.b64decode(raw)) if raw else str(rec["path"])
-
-
 def find(
     state: Path,
     results: Path | None = None,
     distance: int = DEFAULT_DISTANCE,
     max_side: int = 768,
     threads: int | None = None,
+    storage_options: tuple[str, ...] = (),
 ) -> Found:
     """The duplicate groups among ROOT's stored files (state folder `state`).
 
-    Files gone or changed since the last run are left out (counted in `skipped`). pHashes
-    missing from the stored results are computed on `threads` threads with the offline
-    analyzer's function at `max_side`, and stored in the state folder by content hash
-    (in memory only where the folder cannot be written: `in_memory`).
+    Files gone or changed since the last run are left out (counted in `skipped`). A
+    content's pHash is the one an earlier `dupes` stored, else its stored offline
+    result's (a result is read only then: `results_read`), else computed now on
+    `threads` threads with the offline analyzer's function at `max_side`, and stored in
+    the state folder by content hash (in memory only where the folder cannot be
+    written: `in_memory`). A bucket ROOT's objects are read with `storage_options`
+    (KEY=VALUE pairs, as `analyze` read them).
     """
     from imgbatch import history
     from imgbatch.cpus import cores
@@ -312,7 +317,9 @@ def find(
         raise UsageError(f"--distance must be 0..{MAX_DISTANCE} bits of 64, not {distance}")
     found = Found(groups=[])
     photos: list[Photo] = []
-    todo: dict[str, str] = {}  # content hash -> a path to compute its pHash from
+    # content hash -> (a path to compute its pHash from, the settings' fingerprint if a
+    # copy of it has an ok stored result, else None)
+    contents: dict[str, tuple[str, str | None]] = {}
     # state an earlier imgbatch wrote is read as it is, and nothing is stored beside it
     with (
         history.open_checkpoint(state, legacy_ok=True) as cp,
@@ -328,53 +335,79 @@ def find(
                 old,
                 cp.root() or "ROOT",
             )
-        for rec in history.items(cp):
+        for item in history.stored_items(cp):
             found.files += 1
-            why = _left_out(rec)
+            why = _left_out(item)
             if why:
                 found.skipped[why] = found.skipped.get(why, 0) + 1
                 continue
-            stored = _stored_phash(rec.get("result"))
-            ph, w, h = stored if stored else (None, None, None)
-            if stored:
-                found.from_results += 1
-            elif rec["hash"] not in todo:
-                todo[rec["hash"]] = _real_path(rec)
-            photos.append(
-                Photo(
-                    rec["path"],
-                    rec["hash"],
-                    rec["size"],
-                    w,
-                    h,
-                    rec["mtime"],
-                    ph,
-                    rec.get("path_bytes_b64"),
-                )
-            )
-    # contents with a stored result need nothing computed, whichever copy carried it
-    for p in photos:
-        if p.phash is not None:
-            todo.pop(p.hash, None)
-    keep = old is None
-    known = _phashes(state, todo, max_side, threads or cores(), found, keep) if todo else {}
+            assert item.hash is not None and item.size is not None  # _left_out checked
+            path, raw = item.path, None
+            if not is_clean(path):  # as export records carry such a name
+                path = utf8_clean(path)
+                raw = base64.b64encode(os.fsencode(item.path)).decode("ascii")
+            mtime = None if item.mtime_ns is None else iso_utc(item.mtime_ns)
+            photos.append(Photo(path, item.hash, item.size, mtime=mtime, path_bytes_b64=raw))
+            seen = contents.get(item.hash)
+            if seen is None or (seen[1] is None and item.ok):
+                contents[item.hash] = (item.path, item.fingerprint if item.ok else None)
+        keep = old is None
+        # what an earlier `dupes` stored first: those contents' results are never read
+        known = _stored_phashes(state, contents, max_side) if keep else {}
+        found.known = sum(1 for v in known.values() if v[0] is not None)
+        from_results: set[str] = set()
+        todo: dict[str, str] = {}  # content hash -> a path to compute its pHash from
+        for h, (path, fp) in contents.items():
+            if h in known:
+                continue
+            stored = None
+            if fp is not None:
+                found.results_read += 1
+                result = cp.result(fp, h)
+                stored = _stored_phash(result.get("result") if result else None)
+            if stored is None:
+                todo[h] = path
+                continue
+            known[h] = stored
+            from_results.add(h)
+    found.from_results = sum(1 for p in photos if p.hash in from_results)
+    if todo:
+        known.update(
+            _phashes(state, todo, max_side, threads or cores(), found, keep, storage_options)
+        )
     found.undecodable = sum(1 for v in known.values() if v[0] is None)
     photos = [_with(p, known.get(p.hash)) for p in photos]
     found.groups = groups(photos, distance)
     return found
 
 
+def _stored_phashes(state: Path, contents: Iterable[str], max_side: int) -> dict[str, Answer]:
+    """The answers an earlier `dupes` stored for these contents ({} if it stored none:
+    no store is created only to be read)."""
+    from imgbatch.phashes import NAME, PhashStore
+
+    if not (state / NAME).exists():
+        return {}
+    with PhashStore(state, max_side) as phs:
+        return phs.get_many(contents)
+
+
 def _phashes(
-    state: Path, todo: dict[str, str], max_side: int, threads: int, found: Found, keep: bool
+    state: Path,
+    todo: dict[str, str],
+    max_side: int,
+    threads: int,
+    found: Found,
+    keep: bool,
+    storage_options: tuple[str, ...] = (),
 ) -> dict[str, Answer]:
-    """The pHashes of `todo` (content hash: a path), stored ones or computed now (and
+    """The pHashes of `todo` (content hash: a path, none stored), computed now (and
     stored unless not `keep`: no store is opened then, nothing written)."""
     from imgbatch.phashes import PhashStore, compute
 
+    known: dict[str, Answer] = {}
     with PhashStore(state, max_side) if keep else nullcontext(None) as phs:
-        known = phs.get_many(todo) if phs is not None else {}
-        found.known = sum(1 for v in known.values() if v[0] is not None)
-        missing = [(h, path) for h, path in todo.items() if h not in known]
+        missing = list(todo.items())
         found.in_memory = bool(missing) and not keep
         if missing and phs is not None and not phs.writable:
             found.in_memory = True
@@ -385,7 +418,9 @@ def _phashes(
             )
         # Pillow decodes and resizes without the GIL: threads keep every core busy
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            answers = pool.map(lambda item: compute(item[1], item[0], max_side), missing)
+            answers = pool.map(
+                lambda item: compute(item[1], item[0], max_side, storage_options), missing
+            )
             done: list[tuple[str, int | None, int | None, int | None]] = []
             for (h, _), answer in zip(missing, answers, strict=True):
                 if answer is None:  # unreadable now (changed, I/O): not stored
@@ -401,17 +436,22 @@ def _phashes(
     return known
 
 
-def _left_out(rec: dict[str, Any]) -> str | None:
-    """Why a stored record takes no part (None: it does): gone, changed, never hashed."""
-    if not rec.get("hash") or rec.get("size") is None:
+def _left_out(item: StoredItem) -> str | None:
+    """Why a stored item takes no part (None: it does): gone, changed, never hashed. One
+    stat per file (export's `exists` would be a second)."""
+    if not item.hash or item.size is None:
         return "without a content hash"
-    if not rec.get("exists"):
-        return "gone"
+    if not item.local:  # a URL or object (export cannot look): as recorded
+        return None
     try:
-        st = os.stat(_real_path(rec))
-    except OSError:
+        st = os.stat(item.path)
+    except OSError:  # a dangling link as well: export's `exists`, then no stat
         return "gone"
-    if st.st_size != rec["size"] or iso_utc(st.st_mtime_ns) != rec["mtime"]:
+    if st.st_size != item.size or (
+        st.st_mtime_ns != item.mtime_ns
+        # as recorded to the microsecond, as export's `mtime`
+        and (item.mtime_ns is None or iso_utc(st.st_mtime_ns) != iso_utc(item.mtime_ns))
+    ):
         return "changed"
     return None
 

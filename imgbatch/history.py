@@ -9,22 +9,27 @@ writer, e.g. a cron run in the background. `prune` writes and takes the lock.
 from __future__ import annotations
 
 import heapq
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from imgbatch.checkpoint import Checkpoint
 from imgbatch.config import Settings, results_dir
 from imgbatch.errors import UsageError
 from imgbatch.output import human_duration
+from imgbatch.prices import dollars
 from imgbatch.records import FileRecord
 from imgbatch.results import ResultStore
+from imgbatch.sources import is_url
 
 if TYPE_CHECKING:  # the writers are imported by the exports that use them: search, status
     # and runs start faster without them
     from imgbatch import captions, datasets, exports
+
+log = logging.getLogger("imgbatch")
 
 LIVE_STATES = ("QUEUED", "PROCESSING")
 
@@ -57,6 +62,7 @@ def run_status(cp: Checkpoint, run: dict[str, Any], live: bool) -> dict[str, Any
     """A run record with what a reader derives: ABORTED if its process died, elapsed,
     rate, ETA when a total is known."""
     out = dict(run)
+    out.setdefault("cost_usd", None)  # a run of an imgbatch before prices.py: unknown
     if out.get("state") in LIVE_STATES and not live:
         out["state"] = "ABORTED"  # nobody holds the lock: the process died
     end = out.get("ended") or (time.time() if out["state"] in LIVE_STATES else out["updated"])
@@ -80,7 +86,7 @@ def status(state: Path) -> dict[str, Any] | None:
             return None
         out = run_status(cp, runs[0], cp.locked_by_other())
         jobs = cp.batch_jobs()
-        if jobs:  # analyze --batch: the Gemini Batch API jobs not yet collected
+        if jobs:  # analyze --batch: the Batch API jobs not yet collected
             out["batch_jobs"] = [
                 {k: job.get(k) for k in ("id", "name", "state", "requests", "counts", "submitted")}
                 for job in jobs
@@ -109,7 +115,9 @@ def status_lines(s: dict[str, Any]) -> list[str]:
         f"cached {c.get('cached', 0):,}  processing {c.get('processing', 0):,}  "
         f"unchanged {c.get('skipped', 0):,}",
         f"  rate {s['images_per_min']:,.1f} images/min  tokens "
-        f"{s['tokens']['input']:,} in / {s['tokens']['output']:,} out"
+        f"{s['tokens']['input']:,} in / {s['tokens']['output']:,} out  estimated cost "
+        f"{dollars(s['cost_usd'])}"
+        + (" (batch answers at half price)" if _batch(s) else "")
         + (f"  ETA {human_duration(s['eta_seconds'])}" if s.get("eta_seconds") else ""),
     ]
     if s.get("errors"):
@@ -158,13 +166,13 @@ def run_line(s: dict[str, Any]) -> str:
         f"{human_duration(s['elapsed']):>9}  "
         f"{c.get('completed', 0):>8,} {c.get('failed', 0):>7,} {c.get('cached', 0):>7,}  "
         f"{s['images_per_min']:>9,.1f}  {s['tokens']['input'] + s['tokens']['output']:>10,}"
-        f"  {code:>4}  {top[0][0] + ': ' + top[0][1] if top else ''}"
+        f"  {dollars(s['cost_usd']):>10}  {code:>4}  {top[0][0] + ': ' + top[0][1] if top else ''}"
     )
 
 
 RUNS_HEADER = (
     " run  started           state      mode        elapsed        ok  failed  cached  "
-    "images/min      tokens  exit  top error"
+    "images/min      tokens        cost  exit  top error"
 )
 
 
@@ -202,8 +210,61 @@ def items(
     if limit is not None:
         later = (item for item in chosen if after is None or item[:2] > after)
         chosen = heapq.nsmallest(limit, later, key=lambda item: item[:2])
-    for rel_dir, name, state in chosen:
-        yield record(cp, root, last, rel_dir, name, state)
+    listed = None
+    if root == "":  # a list run's: each item's `meta`, kept beside the checkpoint
+        from imgbatch.listfile import ListMeta
+
+        listed = ListMeta.read(cp.directory)
+    try:
+        for rel_dir, name, state in chosen:
+            rec = record(cp, root, last, rel_dir, name, state)
+            meta = listed.get(os.path.join(rel_dir, name)) if listed is not None else None
+            if meta is not None:
+                rec["meta"] = meta
+            yield rec
+    finally:
+        if listed is not None:
+            listed.close()
+
+
+class StoredItem(NamedTuple):
+    """One stored item of the latest run's settings without its export record
+    (`stored_items`): the path as `record` makes it, the file as scanned, and whether
+    its path can be looked up on disk (`local`: not a URL, a bucket object or a list's
+    relative path, whose `exists` export leaves unknown)."""
+
+    path: str
+    hash: str | None
+    size: int | None
+    mtime_ns: int | None
+    ok: bool
+    local: bool
+    fingerprint: str  #: the settings' fingerprint: `cp.result(fingerprint, hash)` is its result
+
+
+def stored_items(cp: Checkpoint) -> Iterator[StoredItem]:
+    """Every stored item of the latest run's settings, in `items`' order, as `items`
+    sees them but lean: no export record is built, no result is read and nothing is
+    looked up on disk (`dupes` reads 50,000 of these in a fraction of a re-scan and
+    reads a result only where it needs one)."""
+    root = cp.root()
+    last = next((r for r in cp.runs() if r.get("fingerprint")), None)
+    if root is None or last is None:
+        return
+    fp = last["fingerprint"]
+    url_root = is_url(root)
+    for rel_dir, states in cp.iter_folders(fp):
+        # the folder with its separator: a name joins it by concatenation (os.path.join
+        # per item is a tenth of this loop), as os.path.join(root, rel_dir, name) would
+        folder = os.path.join(root, rel_dir, "")
+        for name in sorted(states):
+            content, code, _, size, mtime_ns, _ = states[name]
+            if folder and not os.path.isabs(name):
+                path = folder + name
+            else:
+                path = os.path.join(folder, name)
+            local = not url_root and "://" not in path and os.path.isabs(path)  # as `record`
+            yield StoredItem(path, content, size, mtime_ns, code is None, local, fp)
 
 
 def record(
@@ -214,7 +275,10 @@ def record(
     content, code, _, size, mtime_ns, message = state
     path = os.path.join(root, rel_dir, name)  # an empty rel_dir adds nothing
     rec = FileRecord(path, size, mtime_ns, content).fields()
-    rec["exists"] = os.path.lexists(path)
+    # an object or a URL is not looked up (a request per item), nor a list's relative
+    # path (relative to where `analyze` ran): unknown
+    unknown = is_url(root) or "://" in path or not os.path.isabs(path)
+    rec["exists"] = None if unknown else os.path.lexists(path)
     rec["status"] = "ok" if code is None else "error"
     stored = cp.result(run["fingerprint"], content) if content else None
     rec["provider"] = (stored or run).get("provider")
@@ -270,6 +334,7 @@ def export(
                 raise UsageError(f"nothing was analysed with the checkpoint in {state}")
             # before anything is written: a ROOT outside the folder of hf's output
             if fmt == "hf":
+                _files_beside(cp, "hf")
                 manifest = datasets.HfWriter(root, str(output))
             else:
                 manifest = datasets.LabelStudioWriter(root, ls_root_url)
@@ -291,6 +356,14 @@ def export(
         return exports.write_output(output, write)
 
 
+def _files_beside(cp: Checkpoint, fmt: str) -> None:
+    """A UsageError for a format that writes beside the images when ROOT is a bucket
+    (files beside objects are out of scope)."""
+    root = cp.root()
+    if root is not None and is_url(root):
+        raise UsageError(f"--format {fmt} writes beside the images: not for a bucket ROOT ({root})")
+
+
 def export_sidecars(
     state: Path,
     emit: Callable[[bytes], None],
@@ -305,6 +378,7 @@ def export_sidecars(
 
     writer = exports.SidecarWriter(emit, naming, dry_run)  # first: a missing extra, a bad naming
     with open_checkpoint(state) as cp, open_results(results) as store:
+        _files_beside(cp, "xmp")
         cp.results = store
         return writer.write_all(items(cp, "ok"))
 
@@ -323,6 +397,7 @@ def export_captions(
 
     writer = captions.CaptionWriter(emit, **options)  # first: a bad option
     with open_checkpoint(state) as cp, open_results(results) as store:
+        _files_beside(cp, "captions")
         cp.results = store
         return writer.write_all(items(cp, "ok"))
 
@@ -345,21 +420,38 @@ def forget_batch(state: Path, job_ref: str, wait: bool = False) -> dict[str, Any
 
 
 def prune(state: Path, wait: bool = False) -> int:
-    """Drop items whose file no longer exists; returns how many were dropped."""
+    """Drop items whose file no longer exists; returns how many were dropped.
+
+    A list run's state (`--from-list`: items keyed by their path or URL as listed) is
+    pruned of its absolute local paths only: a URL, a bucket object or a relative path
+    (relative to where `analyze` ran) cannot be checked here and is kept, counted in a
+    warning. Absence is not evidence that an item is gone."""
     with open_checkpoint(state, write=True) as cp:
         cp.lock("prune", wait=wait)
         root = cp.root()
         if root is None:
             return 0
-        dropped = 0
+        if is_url(root):
+            raise UsageError(f"prune looks for files on disk: not for a bucket ROOT ({root})")
+        dropped = unchecked = 0
         for fp in cp.fingerprints():
             # streamed: one folder (or one item of a large folder) at a time; forgetting
             # while iterating is safe (diskcache walks the keys by ranges of keys)
             for rel_dir, states in cp.iter_folders(fp):
-                gone = [n for n in states if not os.path.lexists(os.path.join(root, rel_dir, n))]
+                folder = os.path.join(root, rel_dir)  # a list run's root is ""
+                if "://" in folder or not os.path.isabs(folder):
+                    unchecked += len(states)
+                    continue
+                gone = [n for n in states if not os.path.lexists(os.path.join(folder, n))]
                 if gone:
                     cp.forget(fp, rel_dir, gone)
                     dropped += len(gone)
+        if unchecked:
+            log.warning(
+                "kept %s items of a list that prune cannot check on disk (URLs, bucket "
+                "objects, relative paths)",
+                f"{unchecked:,}",
+            )
         return dropped
 
 

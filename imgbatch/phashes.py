@@ -36,16 +36,19 @@ _SCHEMA = (
 )
 
 
-def compute(path: str, content_hash: str, max_side: int) -> Answer | None:
+def compute(
+    path: str, content_hash: str, max_side: int, storage_options: tuple[str, ...] = ()
+) -> Answer | None:
     """The pHash, width and height of the file at `path` as the offline analyzer computes
     them (the same decoding at `max_side`, the same function): (None, None, None) for a
     file that is no decodable image; None when it cannot be read now or no longer has
-    the content `content_hash` (nothing to store)."""
+    the content `content_hash` (nothing to store). A bucket object is read with
+    `storage_options` (KEY=VALUE pairs, as `analyze` read it)."""
     from imgbatch.imaging import prepare
     from imgbatch.providers.local_features import phash
 
     try:
-        prep = prepare(path, max_side, expect_hash=content_hash)
+        prep = prepare(path, max_side, content_hash, storage_options)
     except ItemError as exc:
         return (None, None, None) if exc.code is ErrorCode.BAD_IMAGE else None
     return int(phash(prep.image.convert("L")), 16), prep.width, prep.height
