@@ -123,8 +123,9 @@ class Cluster:
             stderr=subprocess.DEVNULL,
         )
         self.workers: list[subprocess.Popen[bytes]] = []
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # a loaded machine imports distributed slowly
         while not self.file.exists() and time.monotonic() < deadline:
+            assert self.scheduler.poll() is None, "the scheduler exited"
             time.sleep(0.1)
         assert self.file.exists(), "the scheduler did not start"
 
@@ -153,7 +154,7 @@ class Cluster:
         from distributed import Client
 
         with Client(self.address, timeout=30) as client:
-            client.wait_for_workers(n, timeout=60)
+            client.wait_for_workers(n, timeout=180)
 
     def close(self) -> None:
         for proc in [*self.workers, self.scheduler]:

@@ -322,7 +322,9 @@ def _zombie(pid: int) -> bool:
 
 def test_status_tells_a_live_run_from_a_killed_one(tree: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
-    env = {**os.environ, **FAST_FAKE, "IMGBATCH_TEST_FAKE": json.dumps({"delay": 0.5})}
+    # each answer takes 3 s: the run is still going when `status` looks, however slowly
+    # a loaded machine starts that process (0.5 s was not always enough)
+    env = {**os.environ, **FAST_FAKE, "IMGBATCH_TEST_FAKE": json.dumps({"delay": 3.0})}
     args = ["analyze", "--provider", "fake", "--workers", "1", "--checkpoint", str(state)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.fake_cli", *args, str(tree)],
