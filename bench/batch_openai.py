@@ -6,12 +6,11 @@ CLI runs as a child process pointed at it."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.common import IMGBATCH, Run, Table, check, log, ratio, run, scratch, secs
+from bench.common import Run, Table, analyze_against, check, log, ratio, scratch, secs
 from bench.images import small_jpegs
 
 if TYPE_CHECKING:
@@ -35,21 +34,8 @@ def analyze(
 ) -> tuple[Run, list[dict[str, Any]]]:
     """One `imgbatch analyze --provider openai` run of `root` with state folder `state`
     (its own results store: nothing is answered from another benchmark's results)."""
-    out = state.parent / f"{state.name}-stdout.jsonl"
-    argv = [IMGBATCH, "analyze", str(root), "--provider", "openai", "--checkpoint", str(state)]
-    env = {
-        "IMGBATCH_OPENAI_API_KEY": KEY,
-        "IMGBATCH_OPENAI_BASE_URL": server.base_url,
-        "IMGBATCH_RESULTS": str(state / "results"),
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
-    }
-    r = run([*argv, *opts], env=env, stdout=out, check=False)
-    if r.returncode not in (0, 1):
-        raise RuntimeError(f"imgbatch analyze exited {r.returncode}:\n{r.stderr[-2000:]}")
-    if server.errors:
-        raise RuntimeError(f"the fake server failed:\n{server.errors[0]}")
-    return r, [json.loads(line) for line in out.read_bytes().splitlines() if line.strip()]
+    env = {"IMGBATCH_OPENAI_API_KEY": KEY, "IMGBATCH_OPENAI_BASE_URL": server.base_url}
+    return analyze_against("openai", root, state, env, server.errors, *opts)
 
 
 def submit_and_collect(table: Table, quick: bool) -> None:

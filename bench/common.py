@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 DATA = Path(__file__).resolve().parent / ".data"
 BIN = Path(sys.executable).parent
@@ -176,6 +177,34 @@ def run(
             raise RuntimeError(f"{shlex.join(argv)} exited {proc.returncode}:\n{text[-2000:]}")
         seconds, maxrss = res.read().split()
     return Run(float(seconds), int(maxrss), text, proc.returncode)
+
+
+def analyze_against(
+    provider: str,
+    root: Path,
+    state: Path,
+    env: Mapping[str, str],
+    server_errors: list[str],
+    *opts: str,
+) -> tuple[Run, list[dict[str, Any]]]:
+    """One `imgbatch analyze --provider PROVIDER` run of `root` against a fake server
+    (`env` names it and its key) with state folder `state` and its own results store
+    (nothing is answered from another benchmark's results): the run and its records;
+    an exit other than 0/1, or an error the fake server recorded, raises."""
+    out = state.parent / f"{state.name}-stdout.jsonl"
+    argv = [IMGBATCH, "analyze", str(root), "--provider", provider, "--checkpoint", str(state)]
+    env = {
+        **env,
+        "IMGBATCH_RESULTS": str(state / "results"),
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+    }
+    r = run([*argv, *opts], env=env, stdout=out, check=False)
+    if r.returncode not in (0, 1):
+        raise RuntimeError(f"imgbatch analyze exited {r.returncode}:\n{r.stderr[-2000:]}")
+    if server_errors:
+        raise RuntimeError(f"the fake server failed:\n{server_errors[0]}")
+    return r, [json.loads(line) for line in out.read_bytes().splitlines() if line.strip()]
 
 
 def best_of(

@@ -6,13 +6,12 @@ runs as a child process pointed at it."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.common import IMGBATCH, Run, Table, check, log, mb, ratio, run, scratch, secs
+from bench.common import Run, Table, analyze_against, check, log, mb, ratio, scratch, secs
 from bench.images import small_jpegs
 
 if TYPE_CHECKING:
@@ -37,22 +36,8 @@ def analyze(
 ) -> tuple[Run, list[dict[str, Any]]]:
     """One `imgbatch analyze --provider gemini` run of `root` with state folder `state`
     (its own results store: nothing is answered from another benchmark's results)."""
-    out = state.parent / f"{state.name}-stdout.jsonl"
-    argv = [IMGBATCH, "analyze", str(root), "--provider", "gemini", "--checkpoint", str(state)]
-    env = {
-        "GEMINI_API_KEY": KEY,
-        "GOOGLE_API_KEY": "",
-        "IMGBATCH_GEMINI_BASE_URL": server.url,
-        "IMGBATCH_RESULTS": str(state / "results"),
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
-    }
-    r = run([*argv, *opts], env=env, stdout=out, check=False)
-    if r.returncode not in (0, 1):
-        raise RuntimeError(f"imgbatch analyze exited {r.returncode}:\n{r.stderr[-2000:]}")
-    if server.errors:
-        raise RuntimeError(f"the fake server failed:\n{server.errors[0]}")
-    return r, [json.loads(line) for line in out.read_bytes().splitlines() if line.strip()]
+    env = {"GEMINI_API_KEY": KEY, "GOOGLE_API_KEY": "", "IMGBATCH_GEMINI_BASE_URL": server.url}
+    return analyze_against("gemini", root, state, env, server.errors, *opts)
 
 
 def submit_and_collect(table: Table, quick: bool) -> None:

@@ -216,7 +216,31 @@ class Known:
     mtime_ns: int | None
 
 
-class ListCache:
+class _ItemTable:
+    """A SQLite table by item in the state folder, written from one thread: `_wrote`
+    commits every _COMMIT_EVERY writes, `save` the rest, `close` both."""
+
+    _db: sqlite3.Connection
+    _unsaved = 0
+
+    def _wrote(self, sql: str, row: tuple[Any, ...]) -> None:
+        self._db.execute(sql, row)
+        self._unsaved += 1
+        if self._unsaved >= _COMMIT_EVERY:
+            self.save()
+
+    def save(self) -> None:
+        self._db.commit()
+        self._unsaved = 0
+
+    def close(self) -> None:
+        try:
+            self.save()
+        finally:
+            self._db.close()
+
+
+class ListCache(_ItemTable):
     """`listcache.db` in the state folder: `Known` by item (the path or URL as listed).
 
     Used from one thread (the one consuming the records)."""
@@ -237,7 +261,6 @@ class ListCache:
             self._db.commit()
         except sqlite3.Error as exc:
             raise CheckpointError(f"cannot use {path}: {exc} (delete it to start afresh)") from None
-        self._unsaved = 0
 
     def get(self, item: str) -> Known | None:
         row = self._db.execute(
@@ -247,27 +270,14 @@ class ListCache:
         return None if row is None else Known(*row)
 
     def put(self, item: str, known: Known) -> None:
-        self._db.execute(
+        self._wrote(
             "INSERT OR REPLACE INTO known VALUES (?, ?, ?, ?, ?, ?, ?)",
             (os.fsencode(item), known.stamp, known.etag, known.last_modified, known.hash)
             + (known.size, known.mtime_ns),
         )
-        self._unsaved += 1
-        if self._unsaved >= _COMMIT_EVERY:
-            self.save()
-
-    def save(self) -> None:
-        self._db.commit()
-        self._unsaved = 0
-
-    def close(self) -> None:
-        try:
-            self.save()
-        finally:
-            self._db.close()
 
 
-class ListMeta:
+class ListMeta(_ItemTable):
     """`listmeta.db` in a list run's state folder: the `meta` of each item's last line
     (the checkpoint keeps none), for `export`, `search` and `serve`'s records.
 
@@ -290,7 +300,6 @@ class ListMeta:
                 self._db.commit()
         except sqlite3.Error as exc:
             raise CheckpointError(f"cannot use {path}: {exc} (delete it to start afresh)") from None
-        self._unsaved = 0
 
     @classmethod
     def read(cls, state: Path) -> ListMeta | None:
@@ -309,20 +318,7 @@ class ListMeta:
     def put(self, item: str, meta: dict[str, Any] | None) -> None:
         """Keep an item's meta (None: its line has none now)."""
         text = None if meta is None else json.dumps(meta, ensure_ascii=False)
-        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (os.fsencode(item), text))
-        self._unsaved += 1
-        if self._unsaved >= _COMMIT_EVERY:
-            self.save()
-
-    def save(self) -> None:
-        self._db.commit()
-        self._unsaved = 0
-
-    def close(self) -> None:
-        try:
-            self.save()
-        finally:
-            self._db.close()
+        self._wrote("INSERT OR REPLACE INTO meta VALUES (?, ?)", (os.fsencode(item), text))
 
 
 # -- reading the items ---------------------------------------------------------------
