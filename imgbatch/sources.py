@@ -1,7 +1,8 @@
 """Where an item's bytes come from: `open_item`, the one reading function of every item
 (a local path, or a bucket URL through objectstore), used by imaging to decode it.
 
-A URL list's `http(s)://` items are meant to be added here, beside the bucket schemes.
+A URL list's `http(s)://` items do not come through here: `--from-list` downloads each
+once (httpfetch.py) and hands the bytes it kept to the analysis (listfile.py).
 """
 
 from __future__ import annotations
