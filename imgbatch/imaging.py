@@ -8,8 +8,8 @@ import os
 import re
 import threading
 import warnings
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, Any, TypedDict
@@ -236,12 +236,6 @@ def _verified(raw: IO[bytes], expect_hash: str | None) -> Iterator[IO[bytes]]:
             raise ContentChanged
         copy.seek(0)
         yield copy
-
-
-def _open_regular_file(path: str | os.PathLike[str]) -> AbstractContextManager[IO[bytes]]:
-    """Open an item for reading (sources.open_item: a local regular file, or an object);
-    OSErrors become IO_ERROR, an empty file BAD_IMAGE."""
-    return open_item(path)
 
 
 @contextmanager
@@ -526,12 +520,17 @@ def _degrees(value: Any, ref: Any, negative_ref: str) -> float | None:
     return degrees
 
 
-def fitted_size(path: str | os.PathLike[str], max_side: int = DEFAULT_MAX_SIDE) -> tuple[int, int]:
-    """The size `prepare()` would produce, read from the header only (for --dry-run).
+def fitted_size(
+    path: str | os.PathLike[str],
+    max_side: int = DEFAULT_MAX_SIDE,
+    storage_options: Iterable[str] = (),
+) -> tuple[int, int]:
+    """The size `prepare()` would produce, read from the header only (for --dry-run); a
+    bucket object is read with `storage_options` (KEY=VALUE pairs), as `prepare` reads it.
 
     EXIF rotation is not applied (finding it can cost a full decode, e.g. in PNG): the
     sides may come out swapped, which changes no token estimate.
     """
-    with _open_regular_file(path) as fp, _pillow_errors(), _identify(fp) as img:
+    with open_item(path, storage_options) as fp, _pillow_errors(), _identify(fp) as img:
         _check_pixels(img.width, img.height)
         return _fit(img.size, max_side)

@@ -345,6 +345,26 @@ def test_missing_extra_is_a_usage_error(url: str, module: str, extra: str) -> No
 # -- options and credentials ---------------------------------------------------------
 
 
+def test_a_dry_run_reads_each_header_with_the_storage_options(s3: S3) -> None:
+    """The endpoint only in `--storage-option`: a dry run measures each object there, as
+    the run itself would read it (a 120x90 image: 120*90/750 = 14 tokens for Anthropic,
+    plus the prompt's)."""
+    bucket = s3.bucket({"a.jpg": jpeg(1, (120, 90)), "b.jpg": jpeg(2, (120, 90))})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(CREDS, AWS_EC2_METADATA_DISABLED="true")
+    res = run_cli(
+        ["analyze", f"s3://{bucket}/", "--provider", "anthropic", "--dry-run"]
+        + ["--storage-option", f"endpoint_url={s3.url}"],
+        env={**env, "IMGBATCH_ANTHROPIC_API_KEY": "sk-ant-dry"},
+        timeout=300,
+    )
+    assert res.rc == 0, res.stderr
+    assert [r["status"] for r in res.records] == ["would-send", "would-send"], res.records
+    image_tokens = round(120 * 90 / 750)
+    assert all(r["estimated_tokens"] > image_tokens for r in res.records)
+    assert res.records[0]["estimated_tokens"] == res.records[1]["estimated_tokens"]
+
+
 def test_storage_options_from_flags_and_config_and_no_credential_stored(
     s3: S3, tmp_path: Path
 ) -> None:

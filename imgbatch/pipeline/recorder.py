@@ -11,7 +11,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -340,10 +340,12 @@ class Recorder:
         estimate: Callable[[int, int], int],
         remote: bool,
         prompt_tokens: int = 0,
+        storage_options: Sequence[str] = (),
     ) -> None:
         """A dry run's line: what would be sent and its estimated input tokens, by the
         provider's own rule (`estimate`: Provider.estimate_tokens; the image's header only
-        is read) plus the prompt's (`prompt_tokens`)."""
+        is read, a bucket object's with `storage_options`) plus the prompt's
+        (`prompt_tokens`)."""
         from imgbatch.imaging import fitted_size
 
         out = item.rec.fields()
@@ -351,7 +353,7 @@ class Recorder:
             if self.measure is not None:
                 w, h = self.measure(item.rec, max_side)
             else:
-                w, h = fitted_size(item.rec.path, max_side)
+                w, h = fitted_size(item.rec.path, max_side, storage_options)
             tokens = estimate(w, h) + prompt_tokens
         except ItemError as exc:
             out.update(status="error", error={"code": exc.code.value, "message": exc.message})

@@ -141,8 +141,9 @@ class RunStages:
             s = self.settings
             p = self.provider
             self.recorder.would_send(
-                d.item, s.max_side, p.estimate_tokens, p.remote, p.prompt_tokens
-            )
+                d.item, s.max_side, p.estimate_tokens, p.remote, p.prompt_tokens,
+                s.storage_option,
+            )  # fmt: skip
 
     def settle(self, item: WorkItem, outcome: Outcome) -> None:
         """An item's work ended with `outcome`: its line, then the lines of the copies
