@@ -116,7 +116,9 @@ class Cluster:
         self.scheduler = subprocess.Popen(
             [sys.executable, "-m", "distributed.cli.dask_scheduler"]
             + ["--scheduler-file", str(self.file)]
-            + ["--no-dashboard", "--host", "127.0.0.1", "--preload", "tests.dask_spy"],
+            # a free port: two test workers (xdist) may each run a cluster at once
+            + ["--no-dashboard", "--host", "127.0.0.1", "--port", "0"]
+            + ["--preload", "tests.dask_spy"],
             env=self.env,
             cwd=REPO,
             stdout=subprocess.DEVNULL,
