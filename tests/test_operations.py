@@ -47,6 +47,16 @@ def start_fake(
     )
 
 
+def wait_for_calls(tmp_path: Path, n: int) -> None:
+    """Until the fake provider has started `n` requests (its log gets a line as each
+    begins): however slowly a loaded machine starts the run."""
+    log = tmp_path / "calls.log"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= n):
+        assert time.monotonic() < deadline, f"fewer than {n} requests began in 2 minutes"
+        time.sleep(0.05)
+
+
 def wait_for_lines(proc: subprocess.Popen[bytes], n: int) -> list[dict[str, Any]]:
     assert proc.stdout is not None
     return [json.loads(proc.stdout.readline()) for _ in range(n)]
@@ -76,7 +86,7 @@ class TestSignals:
     def test_after_the_grace_period_in_flight_work_is_abandoned(self, tmp_path: Path) -> None:
         root = tree(tmp_path / "photos", 6)
         proc = start_fake(["--workers", "2", "--grace", "0.5", root], 60.0, tmp_path)
-        time.sleep(1.5)  # both workers are inside a 60 s request
+        wait_for_calls(tmp_path, 2)  # both workers are inside a 60 s request
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
@@ -90,7 +100,7 @@ class TestSignals:
     def test_a_second_signal_exits_at_once(self, tmp_path: Path) -> None:
         root = tree(tmp_path / "photos", 6)
         proc = start_fake(["--workers", "2", "--grace", "60", root], 60.0, tmp_path)
-        time.sleep(1.5)
+        wait_for_calls(tmp_path, 2)
         proc.send_signal(signal.SIGINT)
         time.sleep(0.5)
         started = time.monotonic()
@@ -137,7 +147,8 @@ class TestStatusAndHistory:
 
     def test_status_gives_an_eta_when_the_total_is_known(self, tmp_path: Path) -> None:
         root = tree(tmp_path / "photos", 12)
-        proc = start_fake(["--workers", "1", "--limit", "10", root], 0.4, tmp_path)
+        # 1 s a request: the run is still going when a slowly started `status` looks
+        proc = start_fake(["--workers", "1", "--limit", "10", root], 1.0, tmp_path)
         wait_for_lines(proc, 2)
         time.sleep(2.2)
         s = json.loads(run_cli(["status", root, "--json"]).stdout)
