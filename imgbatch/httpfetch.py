@@ -21,6 +21,7 @@ from urllib.parse import urljoin, urlsplit
 import xxhash
 
 from imgbatch.errors import ErrorCode, ItemError
+from imgbatch.ratelimit import retry_after_seconds
 
 if TYPE_CHECKING:
     import httpx
@@ -235,16 +236,8 @@ def _redirect(current: str, location: str | None) -> str:
 
 def _retry_after(value: str | None) -> float | None:
     """A Retry-After in seconds (a number, or an HTTP date), capped; None if absent."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        when = _http_date_ns(value)
-        if when is None:
-            return None
-        seconds = when / 1e9 - time.time()
-    return min(max(0.0, seconds), _MAX_RETRY_AFTER)
+    seconds = retry_after_seconds(value)
+    return None if seconds is None else min(seconds, _MAX_RETRY_AFTER)
 
 
 def _http_date_ns(value: str | None) -> int | None:

@@ -32,12 +32,32 @@ fixed rates; neither adapts to 429s nor pauses all threads for a server's retry 
 
 from __future__ import annotations
 
+import email.utils
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
 from imgbatch.errors import LimiterClosed
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """An HTTP `Retry-After` value in seconds from `now` (time.time()): a number of
+    seconds or an HTTP date, never negative; None when absent or unreadable."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
 
 MIN_RPM = 1.0
 MARGIN = 0.02  # pace 2% under the rate: threads waking late must not push a window over it

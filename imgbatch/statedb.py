@@ -122,6 +122,16 @@ def open_private(path: Path, flags: int = os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     return os.open(path, flags | os.O_CLOEXEC, 0o600)
 
 
+def write_private(path: Path) -> io.BufferedWriter:
+    """`path` opened for writing from its start, owner-only (0600, also when an older
+    file of that name was wider) and never through a link: a file of state that holds
+    answers (downloaded batch results)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    out = os.fdopen(os.open(path, flags, 0o600), "wb")
+    os.fchmod(out.fileno(), 0o600)
+    return out
+
+
 def _user(uid: int) -> str:
     import pwd
 

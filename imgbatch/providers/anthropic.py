@@ -25,7 +25,6 @@ scrubbed of them.
 from __future__ import annotations
 
 import base64
-import email.utils
 import inspect
 import json
 import logging
@@ -58,6 +57,7 @@ from imgbatch.providers.prompt import (
     loads_strict,
     validate,
 )
+from imgbatch.ratelimit import retry_after_seconds
 
 log = logging.getLogger("imgbatch")
 
@@ -103,17 +103,9 @@ def retry_after(headers: Mapping[str, str], now: float | None = None) -> float |
     the latest `anthropic-ratelimit-*-reset` (RFC 3339) of a quota with none remaining
     (of requests when nothing says which); None when no header says."""
     now = time.time() if now is None else now
-    value = headers.get("retry-after")
-    if value is not None:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            try:
-                when = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
-                when = None
-            if when is not None and when.tzinfo is not None:
-                return max(0.0, when.timestamp() - now)
+    wait = retry_after_seconds(headers.get("retry-after"), now)
+    if wait is not None:
+        return wait
     kinds = ("requests", "tokens", "input-tokens", "output-tokens")
     spent = [k for k in kinds if headers.get(f"anthropic-ratelimit-{k}-remaining") == "0"]
     waits = []

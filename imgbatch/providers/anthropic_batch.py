@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,6 +49,7 @@ from typing import Any, TypeVar, cast
 
 import anthropic
 
+from imgbatch import statedb
 from imgbatch.errors import ConfigError, ErrorCode, ImgbatchError, ItemError
 from imgbatch.providers.anthropic import AnthropicProvider, official
 from imgbatch.providers.base import Analysis
@@ -245,9 +245,7 @@ class AnthropicBatch:
         self._own(key)
         if not status.ended:
             raise NotFound(f"batch {status.name} has not ended")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        with os.fdopen(os.open(destination, flags, 0o600), "wb") as out:
-            os.fchmod(out.fileno(), 0o600)  # an older file of the same name may be wider
+        with statedb.write_private(destination) as out:
 
             def stream(client: anthropic.Anthropic) -> None:
                 with client.messages.batches.with_streaming_response.results(

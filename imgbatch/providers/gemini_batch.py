@@ -33,7 +33,6 @@ import base64
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +41,7 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
+from imgbatch import statedb
 from imgbatch.errors import ErrorCode, ImgbatchError, ItemError
 from imgbatch.providers.base import Analysis, Failover
 from imgbatch.providers.batchapi import ENDED, JobStatus, KeyGone, NotFound, Unavailable  # shared
@@ -296,9 +296,7 @@ class GeminiBatch:
         downloaded (a job has been seen SUCCEEDED before its results file was). The file
         is created owner-only (it holds every description) and never through a link."""
         index = self._index(key)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        with os.fdopen(os.open(destination, flags, 0o600), "wb") as out:
-            os.fchmod(out.fileno(), 0o600)  # an older file of the same name may be wider
+        with statedb.write_private(destination) as out:
             self._call(
                 "downloading the results",
                 index,

@@ -41,14 +41,12 @@ own API and Ollama keep the fingerprints they had before.
 from __future__ import annotations
 
 import base64
-import email.utils
 import json
 import logging
 import math
 import os
 import re
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +82,7 @@ from imgbatch.providers.prompt import (
     loads_strict,
     validate,
 )
+from imgbatch.ratelimit import retry_after_seconds
 
 log = logging.getLogger("imgbatch")
 
@@ -198,17 +197,9 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
             return max(0.0, float(value) / 1000)
         except ValueError:
             pass
-    value = headers.get("retry-after")
-    if value is not None:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            try:
-                when = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
-                when = None
-            if when is not None and when.tzinfo is not None:
-                return max(0.0, when.timestamp() - time.time())
+    wait = retry_after_seconds(headers.get("retry-after"))
+    if wait is not None:
+        return wait
     spent = [
         kind
         for kind in ("requests", "tokens")

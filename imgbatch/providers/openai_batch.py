@@ -30,13 +30,13 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import openai
 
+from imgbatch import statedb
 from imgbatch.errors import AuthError, ConfigError, ErrorCode, ItemError, QuotaExhaustedError
 from imgbatch.providers.base import Analysis
 from imgbatch.providers.batchapi import JobStatus, KeyGone, NotDone, NotFound, Unavailable
@@ -227,9 +227,7 @@ class OpenAIBatch:
         `destination` (owner-only, never through a link); a completed batch with neither
         gives no lines (each item is then `missing`, and submitted again)."""
         index = self._index(key)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        with os.fdopen(os.open(destination, flags, 0o600), "wb") as out:
-            os.fchmod(out.fileno(), 0o600)  # an older file of the same name may be wider
+        with statedb.write_private(destination) as out:
             for file_id in (status.results_file, status.error_file):
                 if not file_id:
                     continue
